@@ -1,0 +1,224 @@
+//! Spawning the real `ringmx` binary on a free loopback port with its own Maildir.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_ringmx");
+pub const HOSTNAME: &str = "mx.test.example";
+
+/// A free TCP port on 127.0.0.1 (the listener is dropped, so a race is possible but rare).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A running `ringmx serve`, killed on drop.
+pub struct Server {
+    pub child: Option<Child>,
+    pub addr: SocketAddr,
+    pub dir: tempfile::TempDir,
+    pub log: PathBuf,
+}
+
+impl Server {
+    /// Starts `ringmx serve --listen 127.0.0.1:PORT --hostname mx.test.example --workers 2
+    /// --store maildir:DIR/maildir` plus `extra` (later flags win for repeatable-free flags; pass
+    /// `--store` yourself to override the store), and waits until it greets.
+    pub fn start(extra: &[&str]) -> Server {
+        Server::try_start(extra).unwrap_or_else(|e| panic!("server did not start: {e}"))
+    }
+
+    pub fn try_start(extra: &[&str]) -> Result<Server, String> {
+        let dir = tempfile::tempdir().unwrap();
+        Server::start_in(dir, extra)
+    }
+
+    /// Like `start`, reusing a directory (restart on the same Maildir).
+    pub fn start_in(dir: tempfile::TempDir, extra: &[&str]) -> Result<Server, String> {
+        let port = free_port();
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let log = dir.path().join(format!("server-{port}.log"));
+        let mut args: Vec<String> = vec![
+            "serve".into(),
+            "--listen".into(),
+            addr.to_string(),
+            "--hostname".into(),
+            HOSTNAME.into(),
+        ];
+        if !extra.iter().any(|a| *a == "--workers") {
+            args.extend(["--workers".into(), "2".into()]);
+        }
+        if !extra.iter().any(|a| *a == "--store") {
+            args.push("--store".into());
+            args.push(format!("maildir:{}", dir.path().join("maildir").display()));
+        }
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let logf = std::fs::File::create(&log).unwrap();
+        let child = Command::new(BIN)
+            .args(&args)
+            .current_dir(dir.path())
+            .env("RUST_LOG", std::env::var("RINGMX_TEST_LOG").unwrap_or_else(|_| "info".into()))
+            .stdin(Stdio::null())
+            .stdout(logf.try_clone().unwrap())
+            .stderr(logf)
+            .spawn()
+            .map_err(|e| format!("spawn {BIN}: {e}"))?;
+        let mut server = Server { child: Some(child), addr, dir, log };
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Some(status) = server.child.as_mut().unwrap().try_wait().unwrap() {
+                server.child = None;
+                return Err(format!("exited with {status}: {}", server.log_text()));
+            }
+            if let Ok(mut s) = TcpStream::connect(addr) {
+                s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                let mut buf = [0u8; 512];
+                if let Ok(n) = s.read(&mut buf) {
+                    if n > 0 && buf.starts_with(b"220") {
+                        let _ = s.write_all(b"QUIT\r\n");
+                        return Ok(server);
+                    }
+                }
+            }
+            if Instant::now() > deadline {
+                return Err(format!("no greeting within 15s: {}", server.log_text()));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn maildir(&self) -> PathBuf {
+        self.dir.path().join("maildir")
+    }
+
+    /// Files in DIR/maildir/new, sorted by name.
+    pub fn new_files(&self) -> Vec<PathBuf> {
+        list_dir(&self.maildir().join("new"))
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().expect("server running").id() as i32
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY-free: kill(2) through the libc-less std is not available; use the kill command.
+        let status = Command::new("kill").arg(format!("-{sig}")).arg(self.pid().to_string()).status().unwrap();
+        assert!(status.success());
+    }
+
+    /// Waits for the process to exit, at most `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(st) = self.child.as_mut()?.try_wait().unwrap() {
+                self.child = None;
+                return Some(st);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Kills the process (SIGKILL) and hands back the directory for a restart.
+    pub fn kill_keep_dir(mut self) -> tempfile::TempDir {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        std::mem::replace(&mut self.dir, tmp)
+    }
+
+    /// Connects a raw client and reads the greeting.
+    pub fn connect(&self) -> Client {
+        Client::connect(self.addr)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+pub fn list_dir(p: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = match std::fs::read_dir(p) {
+        Ok(rd) => rd.map(|e| e.unwrap().path()).collect(),
+        Err(_) => vec![],
+    };
+    v.sort();
+    v
+}
+
+/// A raw-socket SMTP client for transcript-style tests.
+pub struct Client {
+    pub reader: BufReader<TcpStream>,
+    pub stream: TcpStream,
+    pub greeting: String,
+}
+
+impl Client {
+    pub fn connect(addr: SocketAddr) -> Client {
+        let stream = TcpStream::connect(addr).unwrap();
+        stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let reader = BufReader::new(stream.try_clone().unwrap());
+        let mut c = Client { reader, stream, greeting: String::new() };
+        c.greeting = c.reply();
+        c
+    }
+
+    pub fn send(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).unwrap();
+    }
+
+    /// Reads one whole (possibly multi-line) reply; returns all its lines joined by "\n".
+    /// Returns "" on EOF.
+    pub fn reply(&mut self) -> String {
+        let mut all = String::new();
+        loop {
+            let mut line = String::new();
+            match self.reader.read_line(&mut line) {
+                Ok(0) => return all,
+                Ok(_) => {}
+                Err(e) => panic!("reading reply: {e} (so far: {all:?})"),
+            }
+            let done = line.len() < 4 || line.as_bytes()[3] != b'-';
+            all.push_str(line.trim_end_matches(['\r', '\n']));
+            if done {
+                return all;
+            }
+            all.push('\n');
+        }
+    }
+
+    /// Sends one command line (CRLF added) and returns the reply.
+    pub fn cmd(&mut self, line: &str) -> String {
+        self.send(format!("{line}\r\n").as_bytes());
+        self.reply()
+    }
+
+    /// Sends a command and asserts the reply's code.
+    pub fn expect(&mut self, line: &str, code: u16) -> String {
+        let r = self.cmd(line);
+        assert!(r.starts_with(&code.to_string()), "{line:?}: expected {code}, got {r:?}");
+        r
+    }
+
+    /// True when the server has closed the connection (EOF within the read timeout).
+    pub fn closed(&mut self) -> bool {
+        let mut buf = [0u8; 1];
+        matches!(self.reader.read(&mut buf), Ok(0))
+    }
+}

@@ -1,0 +1,4 @@
+//! The one integration test binary: drives the real `ringmx` binary over loopback.
+//! Modules: `common` (spawning the server), then one module per area.
+
+mod common;
