@@ -1,12 +1,24 @@
 //! Raw flags and the TOML file -> a validated `Config`; every limit is resolved here, once.
 //!
-//! CONTRACT (used by `main`/`server`/`worker`; the config author fills in the bodies):
+//! CONTRACT (used by `main`/`server`/`worker`):
 //! `Cli::parse_from_env()` -> `Cli`; `Config::from_cli(cli)` -> `Result<Config, ConfigError>`,
 //! where `ConfigError`'s Display is one line for people: what is wrong and what to do.
-use std::net::SocketAddr;
-use std::path::PathBuf;
+//!
+//! Precedence, highest first: a flag on the command line, the same key in the `--config` file,
+//! the built-in default. Keys in the file are the flag names without the leading dashes
+//! (`max-message-size = 1000`, `listen = ["127.0.0.1:2525"]`); an unknown key is an error, so a
+//! typo never silently leaves a limit at its default.
+//!
+//! Nothing here touches a socket or a file other than the config file: binding and creating the
+//! store happen in `server`, after validation.
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use serde::Deserialize;
 
 use crate::protocol::SessionConfig;
 
@@ -17,6 +29,21 @@ pub enum StoreSpec {
     Maildir(PathBuf),
     /// `discard`: accept and forget (benchmarks).
     Discard,
+}
+
+impl FromStr for StoreSpec {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<StoreSpec, String> {
+        if s == "discard" {
+            return Ok(StoreSpec::Discard);
+        }
+        match s.strip_prefix("maildir:") {
+            Some("") => Err("maildir: needs a directory, e.g. maildir:/var/spool/ringmx".into()),
+            Some(dir) => Ok(StoreSpec::Maildir(PathBuf::from(dir))),
+            None => Err(format!("unknown store {s:?}: use maildir:DIR or discard")),
+        }
+    }
 }
 
 /// The validated configuration for `ringmx serve`.
@@ -38,4 +65,490 @@ pub struct Config {
     pub batch_delay_us_max: u64,
     /// Longest command line, CRLF included (RFC 5321 4.5.3.1.4: 512).
     pub line_bytes_max: usize,
+    /// A tracing-subscriber filter (`info`, `debug`, `ringmx=trace`); `None`: use RUST_LOG,
+    /// else `info`. See `Config::log_filter`.
+    pub log_level: Option<String>,
+}
+
+impl Config {
+    /// The log filter `main` should install: `--log-level` (or the file's `log-level`) wins,
+    /// then the RUST_LOG environment variable, then `info`.
+    pub fn log_filter(&self) -> String {
+        log_filter(self.log_level.as_deref(), std::env::var("RUST_LOG").ok().as_deref())
+    }
+}
+
+fn log_filter(configured: Option<&str>, env: Option<&str>) -> String {
+    configured.or(env).filter(|s| !s.trim().is_empty()).unwrap_or("info").to_string()
+}
+
+/// Why the configuration cannot be used. Display is one line: what is wrong, what to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError(String);
+
+impl ConfigError {
+    fn new(msg: impl Into<String>) -> ConfigError {
+        ConfigError(msg.into())
+    }
+}
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+const ABOUT: &str = "Thread-per-core io_uring inbound SMTP receiver with a durable Maildir store";
+
+const LONG_ABOUT: &str = "\
+ringmx receives mail over SMTP (RFC 5321) on every core at once: one pinned worker thread and one
+io_uring per core, each with its own SO_REUSEPORT listener. A message is acknowledged with 250 only
+once it is on disk (written to tmp/, fsync'd, renamed into new/, directory fsync'd).
+
+Run `ringmx serve --help` for every flag.";
+
+const EXAMPLES: &str = "\
+Examples:
+  # Local testing: accept anything on 127.0.0.1:2525, store under ./ringmx-data/maildir
+  ringmx serve
+
+  # Production-style: port 25 on all addresses, only for two domains
+  ringmx serve --listen 0.0.0.0:25 --listen [::]:25 --hostname mx.example.com \\
+      --accept-domain example.com --accept-domain example.org --store maildir:/var/spool/ringmx
+
+  # Settings from a file (keys are the flag names); flags on the command line win
+  ringmx serve --config /etc/ringmx.toml --workers 4
+
+Example /etc/ringmx.toml:
+  listen = [\"0.0.0.0:25\"]
+  hostname = \"mx.example.com\"
+  store = \"maildir:/var/spool/ringmx\"
+  accept-domain = [\"example.com\"]
+  max-message-size = 52428800";
+
+/// The command line.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "ringmx", version, about = ABOUT, long_about = LONG_ABOUT, after_help = EXAMPLES)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+impl Cli {
+    /// Parses the process's arguments; prints help or an error and exits on bad usage.
+    pub fn parse_from_env() -> Cli {
+        Cli::parse()
+    }
+}
+
+/// What to do.
+#[derive(Debug, Clone, Subcommand)]
+pub enum Command {
+    /// Run the SMTP receiver until SIGTERM or SIGINT.
+    #[command(after_help = EXAMPLES)]
+    Serve(ServeArgs),
+}
+
+/// Flags of `ringmx serve`. Every value is optional here so that the config file can fill in
+/// what the command line leaves out; defaults are applied in `Config::from_cli`.
+#[derive(Debug, Clone, Default, Args)]
+pub struct ServeArgs {
+    /// Read settings from this TOML file. Keys are the flag names without dashes, e.g.
+    /// `max-message-size = 1000` or `listen = ["127.0.0.1:2525"]`. Flags given on the command
+    /// line win over the file; an unknown key is an error.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// Address to listen on, IP:PORT. Repeat for several, e.g. --listen 0.0.0.0:25
+    /// --listen [::]:25. Default: 127.0.0.1:2525.
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Vec<SocketAddr>,
+
+    /// Worker threads, one io_uring each, pinned one per core. Default: the number of CPUs.
+    #[arg(long, value_name = "N")]
+    pub workers: Option<usize>,
+
+    /// Our name in the 220 greeting, the EHLO reply and the Received: header.
+    /// Default: the system host name.
+    #[arg(long, value_name = "NAME")]
+    pub hostname: Option<String>,
+
+    /// Where accepted mail goes: maildir:DIR (durable; creates DIR/tmp, DIR/new, DIR/cur) or
+    /// discard (accept and drop, for benchmarks). Default: maildir:./ringmx-data/maildir.
+    #[arg(long, value_name = "SPEC")]
+    pub store: Option<StoreSpec>,
+
+    /// Accept mail for this recipient domain; RCPT to any other domain gets 550 5.7.1.
+    /// Repeatable. Without it every domain is accepted, which is allowed only when every
+    /// --listen address is loopback (or with --accept-any-recipient).
+    #[arg(long, value_name = "DOMAIN")]
+    pub accept_domain: Vec<String>,
+
+    /// Accept every recipient domain even on a non-loopback listen address (an open relay is
+    /// not possible: ringmx only stores, never forwards).
+    #[arg(long)]
+    pub accept_any_recipient: bool,
+
+    /// Largest message in bytes, advertised as SIZE in the EHLO reply; a bigger one gets
+    /// 552 5.3.4. Default: 26214400 (25 MiB).
+    #[arg(long, value_name = "BYTES")]
+    pub max_message_size: Option<u64>,
+
+    /// Recipients per message; beyond it 452 4.5.3. Default: 100.
+    #[arg(long, value_name = "N")]
+    pub max_recipients: Option<usize>,
+
+    /// Seconds a client may stay silent before 421 4.4.2 and close. Default: 300.
+    #[arg(long, value_name = "SECS")]
+    pub idle_timeout: Option<u64>,
+
+    /// Open connections across all workers; one more gets 421 and is closed. Default: 10000.
+    #[arg(long, value_name = "N")]
+    pub max_connections: Option<usize>,
+
+    /// Open connections from one client IP address; one more gets 421 and is closed.
+    /// Default: 50.
+    #[arg(long, value_name = "N")]
+    pub max_connections_per_ip: Option<usize>,
+
+    /// Client errors (4xx/5xx replies) per session before 421 and close. Default: 10.
+    #[arg(long, value_name = "N")]
+    pub max_errors: Option<u32>,
+
+    /// On SIGTERM/SIGINT, seconds sessions in the middle of DATA get to finish before they are
+    /// sent 421. Default: 30.
+    #[arg(long, value_name = "SECS")]
+    pub shutdown_grace: Option<u64>,
+
+    /// Log filter, e.g. info, debug, ringmx=trace. Default: the RUST_LOG variable, else info.
+    #[arg(long, value_name = "FILTER")]
+    pub log_level: Option<String>,
+
+    /// Group commit: most messages per batch of fsyncs (benchmark tuning). Default: 64.
+    #[arg(long, value_name = "N", hide = true)]
+    pub batch_messages_max: Option<usize>,
+
+    /// Group commit: most microseconds a batch waits for more messages. Default: 2000.
+    #[arg(long, value_name = "US", hide = true)]
+    pub batch_delay_us_max: Option<u64>,
+
+    /// Longest command line in bytes, CRLF included (at least 512). Default: 512.
+    #[arg(long, value_name = "BYTES", hide = true)]
+    pub line_bytes_max: Option<usize>,
+}
+
+/// The `--config` file: the same keys as the flags.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct FileConfig {
+    listen: Option<Vec<String>>,
+    workers: Option<usize>,
+    hostname: Option<String>,
+    store: Option<String>,
+    accept_domain: Option<Vec<String>>,
+    accept_any_recipient: Option<bool>,
+    max_message_size: Option<u64>,
+    max_recipients: Option<usize>,
+    idle_timeout: Option<u64>,
+    max_connections: Option<usize>,
+    max_connections_per_ip: Option<usize>,
+    max_errors: Option<u32>,
+    shutdown_grace: Option<u64>,
+    log_level: Option<String>,
+    batch_messages_max: Option<usize>,
+    batch_delay_us_max: Option<u64>,
+    line_bytes_max: Option<usize>,
+}
+
+impl FileConfig {
+    fn load(path: &Path) -> Result<FileConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigError::new(format!(
+                "cannot read config file {}: {e}; check the --config path",
+                path.display()
+            ))
+        })?;
+        FileConfig::parse(&text, path)
+    }
+
+    fn parse(text: &str, path: &Path) -> Result<FileConfig, ConfigError> {
+        toml::from_str(text).map_err(|e| {
+            // toml's Display draws the offending line over several lines; people get one
+            // line with the position instead.
+            let line = e.span().map(|s| text[..s.start.min(text.len())].lines().count().max(1));
+            let msg = e.message().replace('\n', " ");
+            match line {
+                Some(n) => ConfigError::new(format!("config file {} line {n}: {msg}", path.display())),
+                None => ConfigError::new(format!("config file {}: {msg}", path.display())),
+            }
+        })
+    }
+}
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:2525";
+pub const DEFAULT_STORE_DIR: &str = "./ringmx-data/maildir";
+pub const DEFAULT_MAX_MESSAGE_SIZE: u64 = 26_214_400;
+pub const DEFAULT_MAX_RECIPIENTS: usize = 100;
+pub const DEFAULT_IDLE_TIMEOUT_SECS: u64 = 300;
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+pub const DEFAULT_MAX_CONNECTIONS_PER_IP: usize = 50;
+pub const DEFAULT_MAX_ERRORS: u32 = 10;
+pub const DEFAULT_SHUTDOWN_GRACE_SECS: u64 = 30;
+pub const DEFAULT_BATCH_MESSAGES_MAX: usize = 64;
+pub const DEFAULT_BATCH_DELAY_US_MAX: u64 = 2_000;
+pub const DEFAULT_LINE_BYTES_MAX: usize = 512;
+
+/// Checks `value` against an inclusive range; the error names the flag and the range.
+fn in_range<T>(flag: &str, value: T, min: T, max: T, hint: &str) -> Result<T, ConfigError>
+where
+    T: PartialOrd + std::fmt::Display + Copy,
+{
+    if value < min || value > max {
+        return Err(ConfigError::new(format!(
+            "--{flag} {value} is out of range: use a value from {min} to {max}{hint}"
+        )));
+    }
+    Ok(value)
+}
+
+/// A host name fit for the greeting and the Received: header: LDH labels separated by dots
+/// (underscores tolerated, as some internal names have them), at most 253 characters.
+fn valid_hostname(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        })
+}
+
+/// A recipient domain as given to --accept-domain, lower-cased, without a trailing dot.
+fn normalize_domain(raw: &str) -> Result<String, ConfigError> {
+    let d = raw.trim().trim_end_matches('.').to_ascii_lowercase();
+    if !valid_hostname(&d) {
+        return Err(ConfigError::new(format!(
+            "--accept-domain {raw:?} is not a domain name: give just the domain, e.g. \
+             --accept-domain example.com"
+        )));
+    }
+    Ok(d)
+}
+
+fn system_hostname() -> Result<String, ConfigError> {
+    let name = nix::unistd::gethostname()
+        .map_err(|e| ConfigError::new(format!("cannot read the system host name ({e}): pass --hostname NAME")))?;
+    name.into_string()
+        .map_err(|_| ConfigError::new("the system host name is not UTF-8: pass --hostname NAME"))
+}
+
+fn is_loopback(addr: &SocketAddr) -> bool {
+    match addr.ip() {
+        IpAddr::V4(v4) => v4.is_loopback(),
+        IpAddr::V6(v6) => v6.is_loopback() || v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback()),
+    }
+}
+
+impl Config {
+    /// Merges the command line, the config file and the defaults, then checks every value.
+    pub fn from_cli(cli: Cli) -> Result<Config, ConfigError> {
+        let Command::Serve(args) = cli.command;
+        Config::from_serve_args(args)
+    }
+
+    /// As `from_cli`, for callers (and tests) that already hold the `serve` flags.
+    pub fn from_serve_args(args: ServeArgs) -> Result<Config, ConfigError> {
+        let file = match &args.config {
+            Some(path) => FileConfig::load(path)?,
+            None => FileConfig::default(),
+        };
+        Config::merge(args, file)
+    }
+
+    fn merge(args: ServeArgs, file: FileConfig) -> Result<Config, ConfigError> {
+        let listen = if !args.listen.is_empty() {
+            args.listen
+        } else if let Some(list) = file.listen {
+            list.iter()
+                .map(|s| {
+                    s.parse::<SocketAddr>().map_err(|_| {
+                        ConfigError::new(format!(
+                            "listen address {s:?} in the config file is not IP:PORT: write e.g. \
+                             \"127.0.0.1:2525\" or \"[::1]:2525\""
+                        ))
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()?
+        } else {
+            vec![DEFAULT_LISTEN.parse().expect("default listen address parses")]
+        };
+        if listen.is_empty() {
+            return Err(ConfigError::new("no listen address: give at least one --listen IP:PORT"));
+        }
+        if let Some(a) = listen.iter().find(|a| a.port() == 0) {
+            return Err(ConfigError::new(format!(
+                "--listen {a} has port 0: give the port to listen on, e.g. --listen {}:2525",
+                match a { SocketAddr::V4(v) => v.ip().to_string(), SocketAddr::V6(v) => format!("[{}]", v.ip()) }
+            )));
+        }
+        let mut seen = std::collections::HashSet::new();
+        if let Some(dup) = listen.iter().find(|a| !seen.insert(**a)) {
+            return Err(ConfigError::new(format!("--listen {dup} is given twice: give each address once")));
+        }
+
+        let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        let workers = in_range("workers", args.workers.or(file.workers).unwrap_or(cpus), 1, 1024, "")?;
+
+        let hostname = match args.hostname.or(file.hostname) {
+            Some(h) => h,
+            None => system_hostname()?,
+        };
+        if !valid_hostname(&hostname) {
+            return Err(ConfigError::new(format!(
+                "host name {hostname:?} is not a valid domain name (letters, digits, '-' and '.'): \
+                 pass --hostname NAME, e.g. --hostname mx.example.com"
+            )));
+        }
+
+        let store = match args.store {
+            Some(s) => s,
+            None => match file.store {
+                Some(s) => s.parse::<StoreSpec>().map_err(|e| ConfigError::new(format!("--store in the config file: {e}")))?,
+                None => StoreSpec::Maildir(PathBuf::from(DEFAULT_STORE_DIR)),
+            },
+        };
+
+        let raw_domains = if !args.accept_domain.is_empty() {
+            args.accept_domain
+        } else {
+            file.accept_domain.unwrap_or_default()
+        };
+        let mut domains = Vec::with_capacity(raw_domains.len());
+        for d in &raw_domains {
+            let d = normalize_domain(d)?;
+            if !domains.contains(&d) {
+                domains.push(d);
+            }
+        }
+        let accept_any = args.accept_any_recipient || file.accept_any_recipient.unwrap_or(false);
+        let accept_domains = if !domains.is_empty() {
+            if accept_any {
+                return Err(ConfigError::new(
+                    "--accept-domain and --accept-any-recipient contradict each other: give the \
+                     domains to accept, or --accept-any-recipient to accept all, not both",
+                ));
+            }
+            Some(domains)
+        } else if accept_any {
+            None
+        } else if let Some(open) = listen.iter().find(|a| !is_loopback(a)) {
+            return Err(ConfigError::new(format!(
+                "listen address {open} is not loopback and no --accept-domain is given: name the \
+                 domains you receive mail for with --accept-domain DOMAIN, or pass \
+                 --accept-any-recipient to accept every domain"
+            )));
+        } else {
+            None
+        };
+
+        let max_message_size = in_range(
+            "max-message-size",
+            args.max_message_size.or(file.max_message_size).unwrap_or(DEFAULT_MAX_MESSAGE_SIZE),
+            1,
+            1 << 30,
+            " (a message is held in memory until it is stored)",
+        )?;
+        let max_recipients = in_range(
+            "max-recipients",
+            args.max_recipients.or(file.max_recipients).unwrap_or(DEFAULT_MAX_RECIPIENTS),
+            1,
+            100_000,
+            "",
+        )?;
+        let idle_timeout = in_range(
+            "idle-timeout",
+            args.idle_timeout.or(file.idle_timeout).unwrap_or(DEFAULT_IDLE_TIMEOUT_SECS),
+            1,
+            86_400,
+            " seconds",
+        )?;
+        let connections_max = in_range(
+            "max-connections",
+            args.max_connections.or(file.max_connections).unwrap_or(DEFAULT_MAX_CONNECTIONS),
+            1,
+            1_000_000,
+            "",
+        )?;
+        // A per-IP limit above the total limit can never be reached; it is not worth an error
+        // (lowering --max-connections alone should just work), so it is capped instead.
+        let connections_per_ip_max = in_range(
+            "max-connections-per-ip",
+            args.max_connections_per_ip.or(file.max_connections_per_ip).unwrap_or(DEFAULT_MAX_CONNECTIONS_PER_IP),
+            1,
+            1_000_000,
+            "",
+        )?
+        .min(connections_max);
+        let max_errors =
+            in_range("max-errors", args.max_errors.or(file.max_errors).unwrap_or(DEFAULT_MAX_ERRORS), 1, 10_000, "")?;
+        let shutdown_grace = in_range(
+            "shutdown-grace",
+            args.shutdown_grace.or(file.shutdown_grace).unwrap_or(DEFAULT_SHUTDOWN_GRACE_SECS),
+            0,
+            3_600,
+            " seconds",
+        )?;
+        let batch_messages_max = in_range(
+            "batch-messages-max",
+            args.batch_messages_max.or(file.batch_messages_max).unwrap_or(DEFAULT_BATCH_MESSAGES_MAX),
+            1,
+            4_096,
+            "",
+        )?;
+        let batch_delay_us_max = in_range(
+            "batch-delay-us-max",
+            args.batch_delay_us_max.or(file.batch_delay_us_max).unwrap_or(DEFAULT_BATCH_DELAY_US_MAX),
+            0,
+            1_000_000,
+            " microseconds",
+        )?;
+        let line_bytes_max = in_range(
+            "line-bytes-max",
+            args.line_bytes_max.or(file.line_bytes_max).unwrap_or(DEFAULT_LINE_BYTES_MAX),
+            512,
+            65_536,
+            " (RFC 5321 requires at least 512)",
+        )?;
+        let log_level = args.log_level.or(file.log_level);
+        if let Some(l) = &log_level {
+            if tracing_subscriber::EnvFilter::try_new(l).is_err() {
+                return Err(ConfigError::new(format!(
+                    "--log-level {l:?} is not a log filter: use e.g. info, debug or ringmx=trace"
+                )));
+            }
+        }
+
+        Ok(Config {
+            listen,
+            workers,
+            store,
+            session: Arc::new(SessionConfig {
+                hostname,
+                max_message_size,
+                max_recipients,
+                max_errors,
+                accept_domains,
+            }),
+            idle_timeout: Duration::from_secs(idle_timeout),
+            connections_max,
+            connections_per_ip_max,
+            shutdown_grace: Duration::from_secs(shutdown_grace),
+            batch_messages_max,
+            batch_delay_us_max,
+            line_bytes_max,
+            log_level,
+        })
+    }
 }
