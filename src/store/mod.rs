@@ -170,7 +170,7 @@ mod tests {
         assert_eq!(queue_id(0x1, 0x12, 1, 0, 0), "100012P1W0Q0");
         assert_eq!(queue_id(0x1, 999_999, 1, 0, 0), "1F423FP1W0Q0");
         assert!(base.bytes().all(|b| b.is_ascii_alphanumeric()));
-        assert!(queue_id(u64::from(u32::MAX), 999_999, u32::MAX, 1023, u64::from(u32::MAX)).len() <= 32);
+        assert!(queue_id(u64::from(u32::MAX), 999_999, u32::MAX, 1023, u64::from(u32::MAX)).len() <= 36);
     }
 
     #[test]
