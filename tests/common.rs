@@ -222,3 +222,103 @@ impl Client {
         matches!(self.reader.read(&mut buf), Ok(0))
     }
 }
+
+/// Runs the binary with `args` (nothing else added), stdin closed, killing it if it is still
+/// running after `timeout`. Returns (exit code, stdout, stderr); the code is `None` when the
+/// process had to be killed or died from a signal.
+pub fn run_bin(args: &[&str], cwd: &Path, timeout: Duration) -> (Option<i32>, String, String) {
+    let out_path = cwd.join(format!("run-{}.out", std::process::id()));
+    let err_path = cwd.join(format!("run-{}.err", std::process::id()));
+    let mut child = Command::new(BIN)
+        .args(args)
+        .current_dir(cwd)
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&out_path).unwrap())
+        .stderr(std::fs::File::create(&err_path).unwrap())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {BIN}: {e}"));
+    let deadline = Instant::now() + timeout;
+    let code = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st.code();
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let out = std::fs::read_to_string(&out_path).unwrap_or_default();
+    let err = std::fs::read_to_string(&err_path).unwrap_or_default();
+    let _ = std::fs::remove_file(&out_path);
+    let _ = std::fs::remove_file(&err_path);
+    (code, out, err)
+}
+
+impl Client {
+    /// Reads until EOF (at most the read timeout) and returns everything received.
+    pub fn read_to_close(&mut self) -> String {
+        let mut all = Vec::new();
+        let _ = self.reader.read_to_end(&mut all);
+        String::from_utf8_lossy(&all).into_owned()
+    }
+
+    /// Sends EHLO and asserts the 250.
+    pub fn ehlo(&mut self, name: &str) -> String {
+        self.expect(&format!("EHLO {name}"), 250)
+    }
+}
+
+/// One Maildir file split into the parts ringmx writes: the trace block, then the message.
+#[derive(Debug)]
+pub struct Stored {
+    /// The address inside `Return-Path: <...>`.
+    pub return_path: String,
+    /// The addresses of the `X-Envelope-To: <...>` lines, in order.
+    pub envelope_to: Vec<String>,
+    /// The Received: header unfolded (continuation lines joined with one space), without the
+    /// field name.
+    pub received: String,
+    /// Everything after the Received: header: the message exactly as stored.
+    pub body: Vec<u8>,
+}
+
+/// Splits a stored file; panics with the file's start when it does not have the promised shape
+/// (`Return-Path:` line, `X-Envelope-To:` lines, one folded `Received:` header, each CRLF-ended).
+pub fn parse_stored(bytes: &[u8]) -> Stored {
+    let show = || String::from_utf8_lossy(&bytes[..bytes.len().min(600)]).into_owned();
+    let mut pos = 0;
+    let next_line = |pos: &mut usize| -> &[u8] {
+        let rest = &bytes[*pos..];
+        let end = rest.windows(2).position(|w| w == b"\r\n").unwrap_or_else(|| panic!("no CRLF: {}", show()));
+        *pos += end + 2;
+        &rest[..end]
+    };
+    let first = String::from_utf8_lossy(next_line(&mut pos)).into_owned();
+    let return_path = first
+        .strip_prefix("Return-Path: <")
+        .and_then(|s| s.strip_suffix('>'))
+        .unwrap_or_else(|| panic!("first line is not Return-Path: <...>: {}", show()))
+        .to_string();
+    let mut envelope_to = Vec::new();
+    let mut line;
+    loop {
+        line = String::from_utf8_lossy(next_line(&mut pos)).into_owned();
+        match line.strip_prefix("X-Envelope-To: <").and_then(|s| s.strip_suffix('>')) {
+            Some(a) => envelope_to.push(a.to_string()),
+            None => break,
+        }
+    }
+    let mut received = line
+        .strip_prefix("Received: ")
+        .unwrap_or_else(|| panic!("no Received: after the X-Envelope-To lines: {}", show()))
+        .to_string();
+    while pos < bytes.len() && (bytes[pos] == b' ' || bytes[pos] == b'\t') {
+        let cont = String::from_utf8_lossy(next_line(&mut pos)).into_owned();
+        received.push(' ');
+        received.push_str(cont.trim_start());
+    }
+    Stored { return_path, envelope_to, received, body: bytes[pos..].to_vec() }
+}

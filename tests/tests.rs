@@ -2,3 +2,4 @@
 //! Modules: `common` (spawning the server), then one module per area.
 
 mod common;
+mod smtp;

@@ -1,0 +1,934 @@
+//! End-to-end tests of `ringmx serve` (issue 2) against the real binary on loopback: real
+//! transactions with lettre and raw sockets, the stored Maildir file byte for byte, every reply
+//! code of the protocol, pipelining, the smuggling policy, limits, timeouts, shutdown and
+//! start-up errors. The protocol rules themselves are tested in depth by the sans-I/O session
+//! tests; these prove that the wiring (ring, worker, store, config) keeps those promises.
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+
+use lettre::address::Envelope;
+use lettre::transport::smtp::extension::ClientId;
+use lettre::{SmtpTransport, Transport};
+
+use crate::common::{list_dir, parse_stored, run_bin, Client, Server, Stored, HOSTNAME};
+
+const HELO: &str = "client.example";
+
+fn transport(addr: SocketAddr) -> SmtpTransport {
+    SmtpTransport::builder_dangerous(addr.ip().to_string())
+        .port(addr.port())
+        .hello_name(ClientId::Domain(HELO.into()))
+        .timeout(Some(Duration::from_secs(10)))
+        .build()
+}
+
+/// Sends `raw` with lettre (which dot-stuffs it and appends CRLF.CRLF); returns the 250's text.
+fn lettre_send(addr: SocketAddr, from: &str, to: &[&str], raw: &[u8]) -> String {
+    let env = Envelope::new(
+        Some(from.parse().unwrap()),
+        to.iter().map(|t| t.parse().unwrap()).collect(),
+    )
+    .unwrap();
+    let resp = transport(addr).send_raw(&env, raw).unwrap_or_else(|e| panic!("lettre send: {e}"));
+    assert_eq!(resp.code().to_string(), "250", "{resp:?}");
+    resp.message().collect::<Vec<_>>().join(" ")
+}
+
+/// The queue id from `250 2.0.0 Ok: queued as <id>`.
+fn queue_id(reply: &str) -> String {
+    let at = reply.find("queued as ").unwrap_or_else(|| panic!("no 'queued as' in {reply:?}"));
+    reply[at + "queued as ".len()..].split_whitespace().next().unwrap().to_string()
+}
+
+/// The one file in new/ (asserting there is exactly one and tmp/ is empty).
+fn only_file(server: &Server) -> Vec<u8> {
+    let files = server.new_files();
+    assert_eq!(files.len(), 1, "files in new/: {files:?}");
+    assert_eq!(list_dir(&server.maildir().join("tmp")), Vec::<std::path::PathBuf>::new(), "tmp/ not empty");
+    std::fs::read(&files[0]).unwrap()
+}
+
+/// Checks a Received: header (RFC 5321 4.4): `from <helo> ... [<ip>] ... by <host> with
+/// <ESMTP|SMTP> id <queue id> ...; <RFC 5322 date>`, in that order.
+fn check_received(received: &str, helo: &str, ip: &str, protocol: &str, qid: &str) {
+    let pos = |needle: &str| {
+        received.find(needle).unwrap_or_else(|| panic!("Received: lacks {needle:?}: {received:?}"))
+    };
+    assert!(received.starts_with(&format!("from {helo} ")), "Received: {received:?}");
+    let ip_at = pos(ip);
+    let by_at = pos(&format!(" by {HOSTNAME}"));
+    let with_at = pos(&format!(" with {protocol} "));
+    let id_at = pos(&format!(" id {qid}"));
+    let semi = received.rfind(';').unwrap_or_else(|| panic!("Received: has no '; date': {received:?}"));
+    assert!(ip_at < by_at && by_at < with_at && with_at < id_at && id_at < semi, "order: {received:?}");
+    check_date(received[semi + 1..].trim());
+}
+
+/// An RFC 5322 date-time as Received: needs it: `Tue, 24 Nov 2026 10:32:35 +0000` (the day of
+/// the week is optional in RFC 5322, so it is checked only when present).
+fn check_date(date: &str) {
+    let mut f: Vec<&str> = date.split_whitespace().collect();
+    if f.first().is_some_and(|d| d.ends_with(',')) {
+        let day = f.remove(0).trim_end_matches(',');
+        assert!(["Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun"].contains(&day), "date {date:?}");
+    }
+    assert_eq!(f.len(), 5, "date {date:?}");
+    let mday: u32 = f[0].parse().unwrap_or_else(|_| panic!("date {date:?}"));
+    assert!((1..=31).contains(&mday), "date {date:?}");
+    let months = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"];
+    assert!(months.contains(&f[1]), "date {date:?}");
+    let year: u32 = f[2].parse().unwrap_or_else(|_| panic!("date {date:?}"));
+    assert!(year >= 2024, "date {date:?}");
+    let hms: Vec<&str> = f[3].split(':').collect();
+    assert!(hms.len() == 3 && hms.iter().all(|x| x.len() == 2 && x.bytes().all(|b| b.is_ascii_digit())), "date {date:?}");
+    assert!(f[4].len() == 5 && (f[4].starts_with('+') || f[4].starts_with('-')), "date {date:?}");
+}
+
+/// Every reply after EHLO carries an enhanced status code (RFC 2034): `ddd x.y.z ...`.
+fn assert_enhanced(reply: &str) {
+    for line in reply.lines() {
+        let code = line.get(4..).and_then(|r| r.split_whitespace().next()).unwrap_or("");
+        let parts: Vec<&str> = code.split('.').collect();
+        let ok = parts.len() == 3
+            && parts[0] == &line[..1]
+            && parts.iter().all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()));
+        assert!(ok, "reply without an enhanced status code: {reply:?}");
+    }
+}
+
+fn expect_enh(c: &mut Client, line: &str, code: u16, enhanced: &str) -> String {
+    let r = c.expect(line, code);
+    assert!(r.starts_with(&format!("{code} {enhanced}")), "{line:?}: expected {code} {enhanced}, got {r:?}");
+    r
+}
+
+/// Opens a transaction up to the 354.
+fn open_data(c: &mut Client, from: &str, to: &[&str]) {
+    c.expect(&format!("MAIL FROM:<{from}>"), 250);
+    for t in to {
+        c.expect(&format!("RCPT TO:<{t}>"), 250);
+    }
+    c.expect("DATA", 354);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Full transactions and the stored file.
+
+#[test]
+fn lettre_one_recipient_stored_byte_for_byte() {
+    let server = Server::start(&[]);
+    // Leading dots on several lines (lettre stuffs them; the server must unstuff), a line that is
+    // a lone dot, a line of two dots, and a last line without CRLF.
+    let raw: &[u8] = b"From: Alice <alice@client.example>\r\nTo: bob@dest.example\r\nSubject: one\r\n\r\n\
+.leading dot\r\n..two dots\r\n.\r\n..\r\nmiddle . dot\r\nlast line";
+    let reply = lettre_send(server.addr, "alice@client.example", &["bob@dest.example"], raw);
+    let qid = queue_id(&reply);
+    let st = parse_stored(&only_file(&server));
+    assert_eq!(st.return_path, "alice@client.example");
+    assert_eq!(st.envelope_to, vec!["bob@dest.example"]);
+    check_received(&st.received, HELO, "[127.0.0.1]", "ESMTP", &qid);
+    // The message as the client meant it, plus the CRLF that is part of <CRLF>.<CRLF>.
+    let mut want = raw.to_vec();
+    want.extend_from_slice(b"\r\n");
+    assert_eq!(String::from_utf8_lossy(&st.body), String::from_utf8_lossy(&want));
+}
+
+#[test]
+fn lettre_several_recipients_one_file_in_order() {
+    let server = Server::start(&[]);
+    let email = lettre::Message::builder()
+        .from("Alice <alice@client.example>".parse().unwrap())
+        .to("bob@dest.example".parse().unwrap())
+        .cc("carol@other.example".parse().unwrap())
+        .bcc("dave@dest.example".parse().unwrap())
+        .subject("several")
+        .body(String::from("Hello all.\r\n.dot line\r\n"))
+        .unwrap();
+    let resp = transport(server.addr).send(&email).unwrap();
+    assert_eq!(resp.code().to_string(), "250");
+    let qid = queue_id(&resp.message().collect::<Vec<_>>().join(" "));
+    let st = parse_stored(&only_file(&server));
+    assert_eq!(st.return_path, "alice@client.example");
+    // lettre sends RCPT in To, Cc, Bcc order; one X-Envelope-To per recipient, in that order.
+    assert_eq!(st.envelope_to, vec!["bob@dest.example", "carol@other.example", "dave@dest.example"]);
+    check_received(&st.received, HELO, "[127.0.0.1]", "ESMTP", &qid);
+    let mut want = email.formatted();
+    want.extend_from_slice(b"\r\n");
+    assert_eq!(String::from_utf8_lossy(&st.body), String::from_utf8_lossy(&want));
+}
+
+#[test]
+fn raw_session_unstuffs_dots_and_keeps_bytes_exact() {
+    let server = Server::start(&[]);
+    let mut c = server.connect();
+    assert!(c.greeting.starts_with(&format!("220 {HOSTNAME} ESMTP")), "{:?}", c.greeting);
+    c.ehlo("raw.example");
+    c.expect("MAIL FROM:<>", 250);
+    c.expect("RCPT TO:<rcpt@dest.example>", 250);
+    c.expect("DATA", 354);
+    // The data's first line starts with a dot too (the start of data is the start of a line).
+    // 8-bit bytes and a NUL-free binary-ish tail must come through unchanged.
+    c.send(b"..first\r\nSubject: dots\r\n\r\n...three\r\n..\r\n. \r\nno.dot\r\ncaf\xc3\xa9 \xff\r\n.\r\n");
+    let r = c.reply();
+    assert!(r.starts_with("250"), "{r:?}");
+    let qid = queue_id(&r);
+    c.expect("QUIT", 221);
+    assert!(c.closed());
+    let st = parse_stored(&only_file(&server));
+    assert_eq!(st.return_path, "");
+    assert_eq!(st.envelope_to, vec!["rcpt@dest.example"]);
+    check_received(&st.received, "raw.example", "[127.0.0.1]", "ESMTP", &qid);
+    assert_eq!(
+        st.body,
+        b".first\r\nSubject: dots\r\n\r\n..three\r\n.\r\n \r\nno.dot\r\ncaf\xc3\xa9 \xff\r\n".to_vec()
+    );
+}
+
+#[test]
+fn helo_session_is_smtp_and_ehlo_resets_transaction() {
+    let server = Server::start(&[]);
+    let mut c = server.connect();
+    let r = c.expect("HELO old.example", 250);
+    assert!(!r.contains('\n'), "HELO must get a one-line 250: {r:?}");
+    open_data(&mut c, "a@old.example", &["b@dest.example"]);
+    c.send(b"Subject: helo\r\n\r\nbody\r\n.\r\n");
+    let r = c.reply();
+    assert!(r.starts_with("250"), "{r:?}");
+    let st = parse_stored(&only_file(&server));
+    check_received(&st.received, "old.example", "[127.0.0.1]", "SMTP", &queue_id(&r));
+    assert_eq!(st.body, b"Subject: helo\r\n\r\nbody\r\n");
+
+    // A new EHLO drops the open transaction: DATA has no recipient, a new MAIL is not nested.
+    c.expect("MAIL FROM:<a@old.example>", 250);
+    c.expect("RCPT TO:<b@dest.example>", 250);
+    c.ehlo("new.example");
+    c.expect("DATA", 503);
+    c.expect("MAIL FROM:<a@new.example>", 250);
+    c.expect("RSET", 250);
+    c.expect("DATA", 503);
+}
+
+#[test]
+fn concurrent_clients_all_stored_once() {
+    let server = Server::start(&[]);
+    let addr = server.addr;
+    let threads: Vec<_> = (0..4)
+        .map(|t| {
+            std::thread::spawn(move || {
+                (0..5)
+                    .map(|i| {
+                        let body = format!("Subject: m{t}-{i}\r\n\r\nthread {t} message {i}\r\n.dot\r\n");
+                        let r = lettre_send(addr, "s@client.example", &[&format!("r{t}@dest.example")], body.as_bytes());
+                        (queue_id(&r), body)
+                    })
+                    .collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    let mut sent: Vec<(String, String)> = threads.into_iter().flat_map(|h| h.join().unwrap()).collect();
+    let files = server.new_files();
+    assert_eq!(files.len(), 20, "{files:?}");
+    let mut names: Vec<String> = files.iter().map(|f| f.file_name().unwrap().to_string_lossy().into_owned()).collect();
+    for n in &names {
+        // Maildir convention: <seconds>.<unique>.<host>, no info part in new/.
+        let parts: Vec<&str> = n.split('.').collect();
+        assert!(parts.len() >= 3 && parts[0].bytes().all(|b| b.is_ascii_digit()) && !n.contains(":2,"), "name {n:?}");
+    }
+    names.dedup();
+    assert_eq!(names.len(), 20);
+    let mut got: Vec<(String, String)> = files
+        .iter()
+        .map(|f| {
+            let st = parse_stored(&std::fs::read(f).unwrap());
+            let qid = st.received.split(" id ").nth(1).unwrap().split([' ', ';']).next().unwrap().to_string();
+            (qid, String::from_utf8(st.body).unwrap())
+        })
+        .collect();
+    for s in &mut sent {
+        s.1.push_str("\r\n");
+    }
+    sent.sort();
+    got.sort();
+    assert_eq!(got, sent, "every message stored once, under the queue id its 250 named");
+}
+
+#[test]
+fn tmp_leftovers_are_removed_at_startup_and_names_never_collide() {
+    let server = Server::start(&[]);
+    lettre_send(server.addr, "a@client.example", &["b@dest.example"], b"Subject: 1\r\n\r\none");
+    let first = server.new_files();
+    assert_eq!(first.len(), 1);
+    let dir = server.kill_keep_dir();
+    let leftover = dir.path().join("maildir/tmp/1700000000.crash.leftover");
+    std::fs::write(&leftover, b"half a message").unwrap();
+    let server = Server::start_in(dir, &[]).unwrap();
+    assert!(!leftover.exists(), "a tmp/ leftover from a crash must be deleted at start-up");
+    assert_eq!(server.new_files(), first, "new/ is never touched at start-up");
+    lettre_send(server.addr, "a@client.example", &["b@dest.example"], b"Subject: 2\r\n\r\ntwo");
+    let files = server.new_files();
+    assert_eq!(files.len(), 2, "{files:?}");
+    assert!(files.contains(&first[0]));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Commands and reply codes.
+
+#[test]
+fn ehlo_advertises_extensions_and_size() {
+    let server = Server::start(&["--max-message-size", "123456"]);
+    let mut c = server.connect();
+    let r = c.ehlo("client.example");
+    let lines: Vec<&str> = r.lines().collect();
+    assert!(lines[0].starts_with(&format!("250-{HOSTNAME}")), "{r:?}");
+    for (i, l) in lines.iter().enumerate() {
+        let sep = if i + 1 == lines.len() { ' ' } else { '-' };
+        assert!(l.starts_with("250") && l.as_bytes()[3] == sep as u8, "line {i} of {r:?}");
+    }
+    let keywords: Vec<&str> = lines[1..].iter().map(|l| &l[4..]).collect();
+    for k in ["PIPELINING", "SIZE 123456", "8BITMIME", "ENHANCEDSTATUSCODES", "SMTPUTF8"] {
+        assert!(keywords.contains(&k), "EHLO lacks {k:?}: {r:?}");
+    }
+    drop(server);
+
+    let server = Server::start(&[]);
+    let r = server.connect().ehlo("client.example");
+    assert!(r.lines().any(|l| &l[4..] == "SIZE 26214400"), "default SIZE: {r:?}");
+}
+
+#[test]
+fn simple_commands_and_enhanced_codes() {
+    let server = Server::start(&[]);
+    let mut c = server.connect();
+    c.ehlo("client.example");
+    for (cmd, code) in [
+        ("NOOP", 250),
+        ("VRFY someone", 252),
+        ("HELP", 214),
+        ("RSET", 250),
+        ("noop", 250),
+        ("MAIL FROM:<a@client.example> SIZE=100 BODY=8BITMIME", 250),
+        ("RCPT TO:<postmaster>", 250),
+        ("RCPT TO:<Postmaster@Dest.Example>", 250),
+        ("RSET", 250),
+        ("MAIL FROM:<j\u{f6}rg@client.example> SMTPUTF8", 250),
+        ("RCPT TO:<m\u{fc}ller@dest.example>", 250),
+        ("DATA", 354),
+    ] {
+        let r = c.expect(cmd, code);
+        if code != 354 {
+            assert_enhanced(&r);
+        }
+    }
+    c.send("Subject: utf8\r\n\r\nGr\u{fc}\u{df}e\r\n.\r\n".as_bytes());
+    let r = c.reply();
+    assert!(r.starts_with("250"), "{r:?}");
+    assert_enhanced(&r);
+    let r = c.expect("QUIT", 221);
+    assert_enhanced(&r);
+    assert!(c.closed(), "QUIT must close the connection");
+    let st = parse_stored(&only_file(&server));
+    assert_eq!(st.return_path, "j\u{f6}rg@client.example");
+    assert_eq!(st.envelope_to, vec!["m\u{fc}ller@dest.example"]);
+    assert_eq!(st.body, "Subject: utf8\r\n\r\nGr\u{fc}\u{df}e\r\n".as_bytes());
+}
+
+#[test]
+fn unknown_syntax_and_sequence_errors() {
+    let server = Server::start(&["--max-errors", "100"]);
+    let mut c = server.connect();
+    // Before HELO/EHLO.
+    c.expect("MAIL FROM:<a@client.example>", 503);
+    c.expect("EHLO", 501);
+    c.expect("HELO", 501);
+    c.ehlo("client.example");
+    expect_enh(&mut c, "FOO bar", 500, "5.5.2");
+    expect_enh(&mut c, "MAILFROM:<a@b.example>", 500, "5.5.2");
+    c.expect("NOOP", 250);
+    // Sequence.
+    assert_enhanced(&c.expect("RCPT TO:<b@dest.example>", 503));
+    assert_enhanced(&c.expect("DATA", 503));
+    c.expect("MAIL FROM:<a@client.example>", 250);
+    assert_enhanced(&c.expect("DATA", 503));
+    assert_enhanced(&c.expect("MAIL FROM:<again@client.example>", 503));
+    // Syntax.
+    for bad in ["RCPT TO:<unterminated@dest.example", "RCPT TO:", "RCPT", "RCPT TO:<>"] {
+        assert_enhanced(&c.expect(bad, 501));
+    }
+    c.expect("RSET", 250);
+    for bad in ["MAIL FROM:<unterminated@client.example", "MAIL", "MAIL FROM:"] {
+        assert_enhanced(&c.expect(bad, 501));
+    }
+    // Unknown MAIL parameter.
+    assert_enhanced(&c.expect("MAIL FROM:<a@client.example> FOO=BAR", 555));
+    // The session still works after all that.
+    open_data(&mut c, "a@client.example", &["b@dest.example"]);
+    c.send(b"x\r\n.\r\n");
+    assert!(c.reply().starts_with("250"));
+    assert_eq!(server.new_files().len(), 1);
+}
+
+#[test]
+fn size_parameter_over_limit_gets_552() {
+    let server = Server::start(&["--max-message-size", "1000"]);
+    let mut c = server.connect();
+    c.ehlo("client.example");
+    expect_enh(&mut c, "MAIL FROM:<a@client.example> SIZE=1001", 552, "5.3.4");
+    c.expect("MAIL FROM:<a@client.example> SIZE=1000", 250);
+    c.expect("RCPT TO:<b@dest.example>", 250);
+}
+
+#[test]
+fn message_over_max_size_gets_552_and_is_not_stored() {
+    let server = Server::start(&["--max-message-size", "1000"]);
+    let mut c = server.connect();
+    c.ehlo("client.example");
+    // Well over the limit (2 MiB against 1000 bytes): read and dropped, then 552, session goes on.
+    open_data(&mut c, "a@client.example", &["b@dest.example"]);
+    let line = format!("{}\r\n", "x".repeat(998));
+    for _ in 0..2048 {
+        c.send(line.as_bytes());
+    }
+    c.send(b".\r\n");
+    let r = c.reply();
+    assert!(r.starts_with("552 5.3.4"), "{r:?}");
+    assert_eq!(server.new_files().len(), 0);
+    assert_eq!(list_dir(&server.maildir().join("tmp")).len(), 0, "nothing left in tmp/");
+    // Just over: still refused.
+    open_data(&mut c, "a@client.example", &["b@dest.example"]);
+    c.send(format!("{}\r\n.\r\n", "y".repeat(1100)).as_bytes());
+    let r = c.reply();
+    assert!(r.starts_with("552 5.3.4"), "{r:?}");
+    // Under the limit on the same connection: stored.
+    open_data(&mut c, "a@client.example", &["b@dest.example"]);
+    c.send(format!("{}\r\n.\r\n", "z".repeat(500)).as_bytes());
+    let r = c.reply();
+    assert!(r.starts_with("250"), "{r:?}");
+    assert_eq!(parse_stored(&only_file(&server)).body, format!("{}\r\n", "z".repeat(500)).as_bytes());
+}
+
+#[test]
+fn recipients_over_limit_get_452_and_the_rest_are_kept() {
+    let server = Server::start(&["--max-recipients", "2"]);
+    let mut c = server.connect();
+    c.ehlo("client.example");
+    c.expect("MAIL FROM:<a@client.example>", 250);
+    c.expect("RCPT TO:<r1@dest.example>", 250);
+    c.expect("RCPT TO:<r2@dest.example>", 250);
+    expect_enh(&mut c, "RCPT TO:<r3@dest.example>", 452, "4.5.3");
+    c.expect("DATA", 354);
+    c.send(b"two only\r\n.\r\n");
+    assert!(c.reply().starts_with("250"));
+    assert_eq!(parse_stored(&only_file(&server)).envelope_to, vec!["r1@dest.example", "r2@dest.example"]);
+}
+
+#[test]
+fn accept_domain_refuses_others_with_550() {
+    let server = Server::start(&["--accept-domain", "dest.example", "--accept-domain", "second.example"]);
+    let mut c = server.connect();
+    c.ehlo("client.example");
+    c.expect("MAIL FROM:<a@client.example>", 250);
+    expect_enh(&mut c, "RCPT TO:<x@other.example>", 550, "5.7.1");
+    expect_enh(&mut c, "RCPT TO:<x@sub.dest.example.evil>", 550, "5.7.1");
+    c.expect("RCPT TO:<x@dest.example>", 250);
+    c.expect("RCPT TO:<Y@DEST.Example>", 250);
+    c.expect("RCPT TO:<z@second.example>", 250);
+    c.expect("RCPT TO:<postmaster>", 250);
+    c.expect("DATA", 354);
+    c.send(b"hi\r\n.\r\n");
+    assert!(c.reply().starts_with("250"));
+    assert_eq!(
+        parse_stored(&only_file(&server)).envelope_to,
+        vec!["x@dest.example", "Y@DEST.Example", "z@second.example", "postmaster"]
+    );
+}
+
+#[test]
+fn overlong_command_line_gets_500_5_5_6_and_session_goes_on() {
+    let server = Server::start(&[]);
+    let mut c = server.connect();
+    c.ehlo("client.example");
+    // Exactly 512 octets with CRLF is allowed (RFC 5321 4.5.3.1.4); 513 is over.
+    let at_limit = format!("NOOP {}", "a".repeat(512 - 2 - 5));
+    assert_eq!(at_limit.len() + 2, 512);
+    let r = c.cmd(&at_limit);
+    assert!(!r.contains("5.5.6"), "a 512-octet line is within the limit: {r:?}");
+    let over = format!("NOOP {}", "a".repeat(513 - 2 - 5));
+    expect_enh(&mut c, &over, 500, "5.5.6");
+    c.expect("NOOP", 250);
+    // A huge line (100 KB, arriving in many reads) is discarded whole: one 500, then the next
+    // command is answered, not the tail of the line.
+    let huge = format!("MAIL FROM:<{}@client.example>", "b".repeat(100_000));
+    expect_enh(&mut c, &huge, 500, "5.5.6");
+    c.expect("MAIL FROM:<a@client.example>", 250);
+}
+
+#[test]
+fn too_many_errors_get_421_and_close() {
+    let server = Server::start(&["--max-errors", "3"]);
+    let mut c = server.connect();
+    c.ehlo("client.example");
+    let mut replies = Vec::new();
+    for _ in 0..4 {
+        c.send(b"BOGUS\r\n");
+        let r = c.reply();
+        let stop = r.is_empty() || r.starts_with("421");
+        replies.push(r);
+        if stop {
+            break;
+        }
+    }
+    // The limit's own error may be answered by the 421 or be followed by it; either way the
+    // client gets at most `max-errors` 500s, then 421, then the connection closes.
+    let n500 = replies.iter().filter(|r| r.starts_with("500")).count();
+    let last = replies.last().unwrap().clone();
+    let last = if last.starts_with("421") { last } else { c.reply() };
+    assert!(last.starts_with("421"), "expected 421 after 3 errors, got {replies:?} then {last:?}");
+    assert!((2..=3).contains(&n500), "{replies:?}");
+    assert!(c.closed(), "connection must close after the 421");
+    // Other clients are not affected.
+    server.connect().expect("NOOP", 250);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Pipelining and the data boundary.
+
+#[test]
+fn pipelined_commands_are_answered_in_order() {
+    let server = Server::start(&[]);
+    let mut c = server.connect();
+    c.send(b"EHLO pipe.example\r\nMAIL FROM:<a@client.example>\r\nRCPT TO:<b@dest.example>\r\nFOO\r\nRCPT TO:<c@dest.example>\r\nVRFY x\r\nDATA\r\n");
+    let r = c.reply();
+    assert!(r.starts_with("250-") && r.contains("PIPELINING"), "{r:?}");
+    for code in ["250", "250", "500", "250", "252", "354"] {
+        let r = c.reply();
+        assert!(r.starts_with(code), "expected {code}, got {r:?}");
+    }
+    // The data, the end of data, the next transaction and QUIT, all in one write.
+    c.send(b"Subject: p\r\n\r\nhello\r\n.\r\nMAIL FROM:<d@client.example>\r\nRCPT TO:<e@dest.example>\r\nDATA\r\nsecond\r\n.\r\nQUIT\r\n");
+    for code in ["250", "250", "250", "354", "250", "221"] {
+        let r = c.reply();
+        assert!(r.starts_with(code), "expected {code}, got {r:?}");
+    }
+    assert!(c.closed());
+    let mut bodies: Vec<(Vec<String>, Vec<u8>)> = server
+        .new_files()
+        .iter()
+        .map(|f| {
+            let st = parse_stored(&std::fs::read(f).unwrap());
+            (st.envelope_to, st.body)
+        })
+        .collect();
+    bodies.sort();
+    assert_eq!(
+        bodies,
+        vec![
+            (vec!["b@dest.example".to_string(), "c@dest.example".to_string()], b"Subject: p\r\n\r\nhello\r\n".to_vec()),
+            (vec!["e@dest.example".to_string()], b"second\r\n".to_vec()),
+        ]
+    );
+}
+
+#[test]
+fn bytes_after_data_in_the_same_packet_are_message_data() {
+    let server = Server::start(&[]);
+    let mut c = server.connect();
+    c.send(b"EHLO pipe.example\r\nMAIL FROM:<a@client.example>\r\nRCPT TO:<b@dest.example>\r\nDATA\r\nRCPT TO:<not-a-command@dest.example>\r\nQUIT\r\n.\r\nNOOP\r\n");
+    for code in ["250", "250", "250", "354", "250", "250"] {
+        let r = c.reply();
+        assert!(r.starts_with(code), "expected {code}, got {r:?}");
+    }
+    let st = parse_stored(&only_file(&server));
+    assert_eq!(st.envelope_to, vec!["b@dest.example"]);
+    assert_eq!(st.body, b"RCPT TO:<not-a-command@dest.example>\r\nQUIT\r\n");
+}
+
+/// The known SMTP smuggling end-of-data variants (bare LF / bare CR around the dot).
+const SMUGGLING: &[&[u8]] = &[
+    b"\n.\n",
+    b"\n.\r\n",
+    b"\r\n.\n",
+    b"\r.\r\n",
+    b"\r\n.\r",
+    b"\r.\r",
+    b"\n.\r",
+    b"\r.\n",
+];
+
+#[test]
+fn smuggling_variants_never_end_data_and_are_rejected() {
+    let server = Server::start(&[]);
+    for v in SMUGGLING {
+        let mut c = server.connect();
+        c.ehlo("client.example");
+        open_data(&mut c, "a@client.example", &["b@dest.example"]);
+        let mut msg = b"Subject: outer\r\n\r\nbefore".to_vec();
+        msg.extend_from_slice(v);
+        msg.extend_from_slice(b"MAIL FROM:<evil@client.example>\r\nRCPT TO:<victim@dest.example>\r\nDATA\r\nSubject: smuggled\r\n\r\nevil\r\n");
+        msg.extend_from_slice(b"\r\n.\r\nHELP\r\n");
+        c.send(&msg);
+        // Exactly one reply for the whole message, then HELP's: the smuggled commands were data.
+        let r = c.reply();
+        assert!(r.starts_with("550 5.6.11"), "variant {v:?}: expected 550 5.6.11, got {r:?}");
+        let r = c.reply();
+        assert!(r.starts_with("214"), "variant {v:?}: next reply must be HELP's, got {r:?}");
+        // The session goes on normally.
+        open_data(&mut c, "a@client.example", &["b@dest.example"]);
+        c.send(b"clean\r\n.\r\n");
+        let r = c.reply();
+        assert!(r.starts_with("250"), "variant {v:?}: {r:?}");
+    }
+    // Only the clean messages were stored.
+    let files = server.new_files();
+    assert_eq!(files.len(), SMUGGLING.len());
+    for f in files {
+        assert_eq!(parse_stored(&std::fs::read(f).unwrap()).body, b"clean\r\n");
+    }
+}
+
+#[test]
+fn smuggling_split_across_reads_is_still_caught() {
+    let server = Server::start(&[]);
+    let mut c = server.connect();
+    c.stream.set_nodelay(true).unwrap();
+    c.ehlo("client.example");
+    open_data(&mut c, "a@client.example", &["b@dest.example"]);
+    for part in [&b"Subject: s\r\n\r\nbefore\n"[..], b".", b"\n", b"MAIL FROM:<e@client.example>\r\n", b"\r\n.", b"\r\n"] {
+        c.send(part);
+        std::thread::sleep(Duration::from_millis(30));
+    }
+    let r = c.reply();
+    assert!(r.starts_with("550 5.6.11"), "{r:?}");
+    c.expect("NOOP", 250);
+    assert_eq!(server.new_files().len(), 0);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Timeouts and connection limits.
+
+#[test]
+fn idle_timeout_sends_421_4_4_2_and_closes() {
+    let server = Server::start(&["--idle-timeout", "1"]);
+    // A client that keeps talking is not cut off.
+    let mut busy = server.connect();
+    busy.ehlo("client.example");
+    // An idle one, mid-transaction.
+    let mut idle = server.connect();
+    idle.ehlo("client.example");
+    idle.expect("MAIL FROM:<a@client.example>", 250);
+    let start = Instant::now();
+    for _ in 0..6 {
+        std::thread::sleep(Duration::from_millis(400));
+        busy.expect("NOOP", 250);
+    }
+    let r = idle.reply();
+    assert!(r.starts_with(&format!("421 4.4.2 {HOSTNAME}")), "{r:?}");
+    assert!(idle.closed());
+    assert!(start.elapsed() < Duration::from_secs(6));
+    busy.expect("NOOP", 250);
+    // A client that never says anything gets the same.
+    let mut silent = server.connect();
+    let t = Instant::now();
+    let r = silent.reply();
+    assert!(r.starts_with("421 4.4.2"), "{r:?}");
+    assert!(t.elapsed() >= Duration::from_millis(900) && t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    assert!(silent.closed());
+}
+
+/// Connects until the greeting is a 220 (a slot held by a client that just left is released
+/// asynchronously), at most 3 s.
+fn connect_220(addr: SocketAddr) -> Client {
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let c = Client::connect(addr);
+        if c.greeting.starts_with("220") {
+            return c;
+        }
+        assert!(Instant::now() < deadline, "no slot was released: {:?}", c.greeting);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn assert_refused_421(addr: SocketAddr) {
+    let mut c = Client::connect(addr);
+    assert!(c.greeting.starts_with("421"), "one connection over the limit must get 421, got {:?}", c.greeting);
+    assert!(c.closed());
+}
+
+#[test]
+fn max_connections_across_workers() {
+    let server = Server::start(&["--max-connections", "3", "--workers", "2"]);
+    let mut held: Vec<Client> = (0..3).map(|_| connect_220(server.addr)).collect();
+    assert_refused_421(server.addr);
+    // The held sessions still work.
+    for c in &mut held {
+        c.expect("NOOP", 250);
+    }
+    // A client that leaves gives its slot back (QUIT or just a dropped connection).
+    held.pop().unwrap().expect("QUIT", 221);
+    held.push(connect_220(server.addr));
+    assert_refused_421(server.addr);
+    drop(held.pop());
+    held.push(connect_220(server.addr));
+}
+
+#[test]
+fn max_connections_per_ip() {
+    let server = Server::start(&["--max-connections-per-ip", "2"]);
+    let mut held: Vec<Client> = (0..2).map(|_| connect_220(server.addr)).collect();
+    assert_refused_421(server.addr);
+    // Another address of the loopback range is counted on its own.
+    let other = connect_from("127.0.0.2", server.addr);
+    match other {
+        Some(mut o) => {
+            assert!(o.greeting.starts_with("220"), "another IP must not be limited: {:?}", o.greeting);
+            o.expect("NOOP", 250);
+        }
+        None => eprintln!("skipping the 127.0.0.2 part: cannot bind 127.0.0.2 here"),
+    }
+    held.pop().unwrap().expect("QUIT", 221);
+    held.push(connect_220(server.addr));
+    assert_refused_421(server.addr);
+}
+
+/// A client bound to a chosen local address, or `None` when the host cannot bind it.
+fn connect_from(local: &str, to: SocketAddr) -> Option<Client> {
+    use socket2::{Domain, Socket, Type};
+    let s = Socket::new(Domain::IPV4, Type::STREAM, None).ok()?;
+    s.bind(&format!("{local}:0").parse::<SocketAddr>().unwrap().into()).ok()?;
+    s.connect(&to.into()).ok()?;
+    let stream: TcpStream = s.into();
+    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let reader = std::io::BufReader::new(stream.try_clone().unwrap());
+    let mut c = Client { reader, stream, greeting: String::new() };
+    c.greeting = c.reply();
+    Some(c)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Shutdown.
+
+/// After SIGTERM the listeners close: new connections are refused (within 3 s).
+fn assert_listeners_closed(addr: SocketAddr) {
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        match TcpStream::connect_timeout(&addr, Duration::from_secs(1)) {
+            Err(_) => return,
+            Ok(mut s) => {
+                // Accepted just before the close: it must be turned away, not served.
+                s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+                let mut buf = [0u8; 256];
+                let n = s.read(&mut buf).unwrap_or(0);
+                let got = String::from_utf8_lossy(&buf[..n]).into_owned();
+                assert!(n == 0 || got.starts_with("421"), "served after SIGTERM: {got:?}");
+            }
+        }
+        assert!(Instant::now() < deadline, "still accepting connections 3 s after SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn shutdown_421() -> String {
+    format!("421 4.3.2 {HOSTNAME} Service shutting down")
+}
+
+#[test]
+fn sigterm_closes_idle_sessions_and_lets_data_finish() {
+    let mut server = Server::start(&[]);
+    let mut fresh = server.connect();
+    let mut idle = server.connect();
+    idle.ehlo("client.example");
+    let mut in_tx = server.connect();
+    in_tx.ehlo("client.example");
+    in_tx.expect("MAIL FROM:<a@client.example>", 250);
+    let mut data = server.connect();
+    data.ehlo("client.example");
+    open_data(&mut data, "a@client.example", &["b@dest.example"]);
+    data.send(b"Subject: during shutdown\r\n\r\nfirst half\r\n");
+    std::thread::sleep(Duration::from_millis(100));
+
+    server.signal(15);
+    for (name, c) in [("fresh", &mut fresh), ("idle", &mut idle), ("in transaction", &mut in_tx)] {
+        let r = c.reply();
+        assert_eq!(r, shutdown_421(), "{name} session");
+        assert!(c.closed(), "{name} session must be closed after the 421");
+    }
+    assert_listeners_closed(server.addr);
+    // The session in DATA finishes its message: stored and acknowledged, then 421.
+    data.send(b"second half\r\n.\r\n");
+    let r = data.reply();
+    assert!(r.starts_with("250"), "{r:?}");
+    assert_eq!(data.reply(), shutdown_421());
+    assert!(data.closed());
+    let st = server.wait_exit(Duration::from_secs(10)).expect("exits after the last session");
+    assert!(st.success(), "exit status {st}");
+    let stored = parse_stored(&only_file(&server));
+    assert_eq!(stored.body, b"Subject: during shutdown\r\n\r\nfirst half\r\nsecond half\r\n");
+}
+
+#[test]
+fn sigint_shuts_down_like_sigterm() {
+    let mut server = Server::start(&[]);
+    let mut c = server.connect();
+    c.ehlo("client.example");
+    server.signal(2);
+    assert_eq!(c.reply(), shutdown_421());
+    assert!(c.closed());
+    let st = server.wait_exit(Duration::from_secs(10)).expect("exits");
+    assert!(st.success(), "exit status {st}");
+}
+
+#[test]
+fn shutdown_grace_ends_stalled_data_with_421_and_stores_nothing() {
+    let mut server = Server::start(&["--shutdown-grace", "1"]);
+    let mut data = server.connect();
+    data.ehlo("client.example");
+    open_data(&mut data, "a@client.example", &["b@dest.example"]);
+    data.send(b"Subject: never finished\r\n\r\npartial");
+    std::thread::sleep(Duration::from_millis(100));
+    let t = Instant::now();
+    server.signal(15);
+    let r = data.reply();
+    assert_eq!(r, shutdown_421());
+    assert!(t.elapsed() >= Duration::from_millis(800), "421 came before the grace period: {:?}", t.elapsed());
+    assert!(data.closed());
+    let st = server.wait_exit(Duration::from_secs(10)).expect("exits after the grace period");
+    assert!(st.success(), "exit status {st}");
+    assert_eq!(server.new_files().len(), 0, "an unfinished message is never stored");
+    assert_eq!(list_dir(&server.maildir().join("tmp")).len(), 0, "no partial file left in tmp/");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Start-up, CLI and stores.
+
+/// Exit code 1 and one line that holds every word of `words` (case-insensitive); no panic.
+fn assert_startup_error(args: &[&str], words: &[&str]) {
+    let dir = tempfile::tempdir().unwrap();
+    let (code, out, err) = run_bin(args, dir.path(), Duration::from_secs(10));
+    let all = format!("{out}{err}");
+    assert!(!all.contains("panicked"), "{args:?} panicked: {all}");
+    assert_eq!(code, Some(1), "{args:?}: expected exit 1 (None: still running after 10 s); output: {all}");
+    let found = all.lines().any(|l| {
+        let l = l.to_lowercase();
+        words.iter().all(|w| l.contains(&w.to_lowercase()))
+    });
+    assert!(found, "{args:?}: no one line says {words:?}; output: {all}");
+}
+
+#[test]
+fn port_in_use_is_one_line_and_exit_1() {
+    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let store = format!("maildir:{}", dir.path().join("m").display());
+    assert_startup_error(&["serve", "--listen", &addr, "--store", &store], &[&addr, "in use"]);
+}
+
+#[test]
+fn second_instance_on_the_same_port_fails() {
+    // SO_REUSEPORT lets the same user bind a port twice; a second ringmx must not silently share
+    // (and split) the first one's traffic.
+    let server = Server::start(&[]);
+    let addr = server.addr.to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let store = format!("maildir:{}", dir.path().join("m").display());
+    assert_startup_error(&["serve", "--listen", &addr, "--store", &store], &[&addr, "in use"]);
+    server.connect().expect("NOOP", 250);
+}
+
+#[test]
+fn unwritable_store_is_one_line_and_exit_1() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("a-file");
+    std::fs::write(&file, b"").unwrap();
+    let store = format!("maildir:{}/maildir", file.display());
+    let listen = format!("127.0.0.1:{}", crate::common::free_port());
+    assert_startup_error(&["serve", "--listen", &listen, "--store", &store], &[&file.display().to_string()]);
+}
+
+#[test]
+fn public_listen_needs_a_recipient_policy() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = format!("maildir:{}", dir.path().join("m").display());
+    let listen = format!("0.0.0.0:{}", crate::common::free_port());
+    assert_startup_error(
+        &["serve", "--listen", &listen, "--store", &store],
+        &["--accept-domain", "--accept-any-recipient"],
+    );
+}
+
+#[test]
+fn bad_flags_and_values_are_one_line_and_exit_1() {
+    assert_startup_error(&["serve", "--no-such-flag"], &["--no-such-flag"]);
+    assert_startup_error(&["serve", "--listen", "not-an-address"], &["not-an-address"]);
+    assert_startup_error(&["serve", "--max-recipients", "many"], &["many"]);
+    assert_startup_error(&["serve", "--store", "sqlite:/tmp/x"], &["sqlite:/tmp/x"]);
+}
+
+#[test]
+fn help_mentions_every_flag() {
+    let flags = [
+        "--config",
+        "--listen",
+        "--workers",
+        "--hostname",
+        "--store",
+        "--accept-domain",
+        "--accept-any-recipient",
+        "--max-message-size",
+        "--max-recipients",
+        "--idle-timeout",
+        "--max-connections",
+        "--max-connections-per-ip",
+        "--max-errors",
+        "--shutdown-grace",
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    for args in [&["serve", "--help"][..], &["--help"][..]] {
+        let (code, out, err) = run_bin(args, dir.path(), Duration::from_secs(10));
+        assert_eq!(code, Some(0), "{args:?}: {out}{err}");
+        for f in flags {
+            assert!(out.contains(f), "`ringmx {}` does not mention {f}:\n{out}", args.join(" "));
+        }
+    }
+}
+
+#[test]
+fn discard_store_accepts_and_writes_nothing() {
+    let server = Server::start(&["--store", "discard"]);
+    for i in 0..3 {
+        lettre_send(server.addr, "a@client.example", &["b@dest.example"], format!("Subject: {i}\r\n\r\nx").as_bytes());
+    }
+    let entries: Vec<_> = list_dir(server.dir.path())
+        .into_iter()
+        .filter(|p| !p.file_name().unwrap().to_string_lossy().starts_with("server-"))
+        .collect();
+    assert_eq!(entries, Vec::<std::path::PathBuf>::new(), "discard must not write files");
+}
+
+#[test]
+fn ipv6_listen_works() {
+    let port = match TcpListener::bind("[::1]:0") {
+        Ok(l) => l.local_addr().unwrap().port(),
+        Err(e) => {
+            eprintln!("skipping ipv6_listen_works: this host has no ::1 ({e})");
+            return;
+        }
+    };
+    let v6 = format!("[::1]:{port}");
+    let server = Server::start(&["--listen", &v6]);
+    let addr: SocketAddr = v6.parse().unwrap();
+    let mut c = Client::connect(addr);
+    assert!(c.greeting.starts_with("220"), "{:?}", c.greeting);
+    c.ehlo("v6.example");
+    open_data(&mut c, "a@client.example", &["b@dest.example"]);
+    c.send(b"over v6\r\n.\r\n");
+    let r = c.reply();
+    assert!(r.starts_with("250"), "{r:?}");
+    let st: Stored = parse_stored(&only_file(&server));
+    check_received(&st.received, "v6.example", "::1]", "ESMTP", &queue_id(&r));
+    assert_eq!(st.body, b"over v6\r\n");
+    // The IPv4 listener of the same server still works.
+    server.connect().expect("NOOP", 250);
+    let _ = std::io::stdout().flush();
+}
