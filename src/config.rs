@@ -277,7 +277,7 @@ impl FileConfig {
         toml::from_str(text).map_err(|e| {
             // toml's Display draws the offending line over several lines; people get one
             // line with the position instead.
-            let line = e.span().map(|s| text[..s.start.min(text.len())].lines().count().max(1));
+            let line = e.span().and_then(|s| text.get(..s.start)).map(|before| before.matches('\n').count() + 1);
             let msg = e.message().replace('\n', " ");
             match line {
                 Some(n) => ConfigError::new(format!("config file {} line {n}: {msg}", path.display())),
@@ -550,5 +550,275 @@ impl Config {
             line_bytes_max,
             log_level,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    fn parse(args: &[&str]) -> Result<Config, ConfigError> {
+        let mut argv = vec!["ringmx", "serve"];
+        argv.extend_from_slice(args);
+        Config::from_cli(Cli::try_parse_from(argv).expect("flags parse"))
+    }
+
+    fn err(args: &[&str]) -> String {
+        let e = parse(args).expect_err("config should be refused").to_string();
+        assert!(!e.contains('\n'), "error must be one line: {e}");
+        e
+    }
+
+    fn with_file(text: &str, args: &[&str]) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ringmx.toml");
+        std::fs::write(&path, text).unwrap();
+        let mut all = vec!["--config", path.to_str().unwrap()];
+        all.extend_from_slice(args);
+        parse(&all)
+    }
+
+    #[test]
+    fn clap_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn defaults_match_the_documented_ones() {
+        let c = parse(&["--hostname", "mx.example.com"]).unwrap();
+        assert_eq!(c.listen, vec!["127.0.0.1:2525".parse::<SocketAddr>().unwrap()]);
+        assert_eq!(c.workers, std::thread::available_parallelism().unwrap().get());
+        assert_eq!(c.store, StoreSpec::Maildir(PathBuf::from("./ringmx-data/maildir")));
+        assert_eq!(c.session.hostname, "mx.example.com");
+        assert_eq!(c.session.max_message_size, 26_214_400);
+        assert_eq!(c.session.max_recipients, 100);
+        assert_eq!(c.session.max_errors, 10);
+        assert_eq!(c.session.accept_domains, None);
+        assert_eq!(c.idle_timeout, Duration::from_secs(300));
+        assert_eq!(c.connections_max, 10_000);
+        assert_eq!(c.connections_per_ip_max, 50);
+        assert_eq!(c.shutdown_grace, Duration::from_secs(30));
+        assert_eq!((c.batch_messages_max, c.batch_delay_us_max, c.line_bytes_max), (64, 2_000, 512));
+        assert_eq!(c.log_level, None);
+    }
+
+    #[test]
+    fn default_hostname_is_the_system_one() {
+        let sys = nix::unistd::gethostname().unwrap().into_string().unwrap();
+        match parse(&[]) {
+            Ok(c) => assert_eq!(c.session.hostname, sys),
+            // A host whose name is not a domain name must be told to pass --hostname.
+            Err(e) => assert!(!valid_hostname(&sys) && e.to_string().contains("--hostname"), "{e}"),
+        }
+    }
+
+    #[test]
+    fn every_flag_is_read() {
+        let c = parse(&[
+            "--listen", "127.0.0.1:25", "--listen", "[::1]:2525", "--workers", "3", "--hostname", "mx.a.example",
+            "--store", "discard", "--accept-domain", "Example.COM.", "--accept-domain", "b.example",
+            "--max-message-size", "1000", "--max-recipients", "7", "--idle-timeout", "9", "--max-connections", "20",
+            "--max-connections-per-ip", "4", "--max-errors", "3", "--shutdown-grace", "0", "--log-level", "debug",
+            "--batch-messages-max", "8", "--batch-delay-us-max", "0", "--line-bytes-max", "1024",
+        ])
+        .unwrap();
+        assert_eq!(c.listen, vec!["127.0.0.1:25".parse().unwrap(), "[::1]:2525".parse::<SocketAddr>().unwrap()]);
+        assert_eq!(c.workers, 3);
+        assert_eq!(c.store, StoreSpec::Discard);
+        assert_eq!(c.session.hostname, "mx.a.example");
+        assert_eq!(c.session.accept_domains, Some(vec!["example.com".to_string(), "b.example".to_string()]));
+        assert_eq!(c.session.max_message_size, 1000);
+        assert_eq!(c.session.max_recipients, 7);
+        assert_eq!(c.idle_timeout, Duration::from_secs(9));
+        assert_eq!((c.connections_max, c.connections_per_ip_max), (20, 4));
+        assert_eq!(c.session.max_errors, 3);
+        assert_eq!(c.shutdown_grace, Duration::ZERO);
+        assert_eq!(c.log_level.as_deref(), Some("debug"));
+        assert_eq!((c.batch_messages_max, c.batch_delay_us_max, c.line_bytes_max), (8, 0, 1024));
+    }
+
+    #[test]
+    fn store_spec_parses_maildir_and_discard_only() {
+        assert_eq!("maildir:/x/y".parse::<StoreSpec>(), Ok(StoreSpec::Maildir("/x/y".into())));
+        assert_eq!("discard".parse::<StoreSpec>(), Ok(StoreSpec::Discard));
+        assert!("maildir:".parse::<StoreSpec>().is_err());
+        assert!("mbox:/x".parse::<StoreSpec>().unwrap_err().contains("maildir:DIR or discard"));
+        let e = Cli::try_parse_from(["ringmx", "serve", "--store", "/var/mail"]).unwrap_err().to_string();
+        assert!(e.contains("maildir:DIR or discard"), "{e}");
+    }
+
+    #[test]
+    fn open_listen_address_needs_a_recipient_policy() {
+        let e = err(&["--hostname", "mx", "--listen", "0.0.0.0:25"]);
+        assert!(e.contains("--accept-domain") && e.contains("--accept-any-recipient"), "{e}");
+        assert!(e.contains("0.0.0.0:25"), "{e}");
+        // One open address among loopback ones is enough to require it.
+        let e = err(&["--hostname", "mx", "--listen", "127.0.0.1:25", "--listen", "[2001:db8::1]:25"]);
+        assert!(e.contains("--accept-domain") && e.contains("--accept-any-recipient"), "{e}");
+
+        let c = parse(&["--hostname", "mx", "--listen", "0.0.0.0:25", "--accept-any-recipient"]).unwrap();
+        assert_eq!(c.session.accept_domains, None);
+        let c = parse(&["--hostname", "mx", "--listen", "0.0.0.0:25", "--accept-domain", "a.example"]).unwrap();
+        assert_eq!(c.session.accept_domains, Some(vec!["a.example".to_string()]));
+        // All loopback (v4, v6, v4-mapped v6): every recipient accepted without flags.
+        for l in ["127.0.0.1:25", "127.8.9.10:25", "[::1]:25", "[::ffff:127.0.0.1]:25"] {
+            assert_eq!(parse(&["--hostname", "mx", "--listen", l]).unwrap().session.accept_domains, None, "{l}");
+        }
+        let e = err(&["--hostname", "mx", "--accept-domain", "a.example", "--accept-any-recipient"]);
+        assert!(e.contains("contradict"), "{e}");
+    }
+
+    #[test]
+    fn out_of_range_values_are_refused_naming_the_flag() {
+        for (flag, bad) in [
+            ("--workers", "0"),
+            ("--workers", "100000"),
+            ("--max-message-size", "0"),
+            ("--max-message-size", "99999999999"),
+            ("--max-recipients", "0"),
+            ("--idle-timeout", "0"),
+            ("--idle-timeout", "1000000"),
+            ("--max-connections", "0"),
+            ("--max-connections-per-ip", "0"),
+            ("--max-errors", "0"),
+            ("--shutdown-grace", "86400"),
+            ("--batch-messages-max", "0"),
+            ("--batch-delay-us-max", "5000000"),
+            ("--line-bytes-max", "100"),
+        ] {
+            let e = err(&["--hostname", "mx", flag, bad]);
+            assert!(e.starts_with(&format!("{flag} {bad} is out of range: use a value from ")), "{flag}: {e}");
+        }
+        // Negative and non-numeric values are refused by the flag parser itself.
+        assert!(Cli::try_parse_from(["ringmx", "serve", "--workers", "-1"]).is_err());
+        assert!(Cli::try_parse_from(["ringmx", "serve", "--idle-timeout", "5m"]).is_err());
+    }
+
+    #[test]
+    fn per_ip_limit_is_capped_by_the_total() {
+        let c = parse(&["--hostname", "mx", "--max-connections", "10"]).unwrap();
+        assert_eq!(c.connections_per_ip_max, 10);
+    }
+
+    #[test]
+    fn bad_names_and_addresses_are_refused() {
+        let e = err(&["--hostname", "bad host\r\nX: y"]);
+        assert!(e.contains("--hostname"), "{e}");
+        let e = err(&["--hostname", ""]);
+        assert!(e.contains("--hostname"), "{e}");
+        let e = err(&["--hostname", "mx", "--accept-domain", "user@example.com"]);
+        assert!(e.contains("--accept-domain") && e.contains("example.com"), "{e}");
+        let e = err(&["--hostname", "mx", "--listen", "127.0.0.1:0"]);
+        assert!(e.contains("port 0"), "{e}");
+        let e = err(&["--hostname", "mx", "--listen", "127.0.0.1:25", "--listen", "127.0.0.1:25"]);
+        assert!(e.contains("twice"), "{e}");
+        let e = err(&["--hostname", "mx", "--log-level", "ringmx=nonsense=2"]);
+        assert!(e.contains("--log-level"), "{e}");
+        assert!(Cli::try_parse_from(["ringmx", "serve", "--listen", "localhost"]).is_err());
+    }
+
+    #[test]
+    fn file_sets_keys_and_flags_win() {
+        let file = r#"
+            listen = ["127.0.0.1:2600", "[::1]:2600"]
+            workers = 3
+            hostname = "file.example"
+            store = "discard"
+            max-message-size = 1000
+            max-recipients = 5
+            idle-timeout = 7
+            max-connections = 99
+            max-connections-per-ip = 9
+            max-errors = 4
+            shutdown-grace = 2
+            accept-domain = ["a.example"]
+            log-level = "warn"
+            batch-messages-max = 16
+            batch-delay-us-max = 100
+            line-bytes-max = 1000
+        "#;
+        let c = with_file(file, &[]).unwrap();
+        assert_eq!(c.listen.len(), 2);
+        assert_eq!(c.workers, 3);
+        assert_eq!(c.session.hostname, "file.example");
+        assert_eq!(c.store, StoreSpec::Discard);
+        assert_eq!(c.session.max_message_size, 1000);
+        assert_eq!(c.session.max_recipients, 5);
+        assert_eq!(c.idle_timeout, Duration::from_secs(7));
+        assert_eq!((c.connections_max, c.connections_per_ip_max), (99, 9));
+        assert_eq!(c.session.max_errors, 4);
+        assert_eq!(c.shutdown_grace, Duration::from_secs(2));
+        assert_eq!(c.session.accept_domains, Some(vec!["a.example".to_string()]));
+        assert_eq!(c.log_level.as_deref(), Some("warn"));
+        assert_eq!((c.batch_messages_max, c.batch_delay_us_max, c.line_bytes_max), (16, 100, 1000));
+
+        let c = with_file(
+            file,
+            &["--workers", "5", "--listen", "127.0.0.1:2700", "--accept-domain", "b.example", "--store", "maildir:/m"],
+        )
+        .unwrap();
+        assert_eq!(c.workers, 5);
+        assert_eq!(c.listen, vec!["127.0.0.1:2700".parse::<SocketAddr>().unwrap()]);
+        assert_eq!(c.session.accept_domains, Some(vec!["b.example".to_string()]));
+        assert_eq!(c.store, StoreSpec::Maildir("/m".into()));
+        assert_eq!(c.session.max_message_size, 1000, "keys without a flag still come from the file");
+    }
+
+    #[test]
+    fn file_values_are_validated_like_flags() {
+        let e = with_file("max-errors = 0\nhostname = \"mx\"", &[]).unwrap_err().to_string();
+        assert!(e.contains("--max-errors 0 is out of range"), "{e}");
+        let e = with_file("listen = [\"nowhere\"]\nhostname = \"mx\"", &[]).unwrap_err().to_string();
+        assert!(e.contains("\"nowhere\"") && e.contains("IP:PORT"), "{e}");
+        let e = with_file("store = \"mbox\"\nhostname = \"mx\"", &[]).unwrap_err().to_string();
+        assert!(e.contains("maildir:DIR or discard"), "{e}");
+        let e = with_file("listen = [\"0.0.0.0:25\"]\nhostname = \"mx\"", &[]).unwrap_err().to_string();
+        assert!(e.contains("--accept-domain") && e.contains("--accept-any-recipient"), "{e}");
+        let c = with_file("listen = [\"0.0.0.0:25\"]\naccept-any-recipient = true", &["--hostname", "mx"]).unwrap();
+        assert_eq!(c.session.accept_domains, None);
+    }
+
+    #[test]
+    fn unknown_or_mistyped_file_keys_are_errors_naming_the_key_and_line() {
+        let e = with_file("hostname = \"mx\"\nmax-mesage-size = 10\n", &[]).unwrap_err().to_string();
+        assert!(e.contains("max-mesage-size") && e.contains("line 2"), "{e}");
+        assert!(!e.contains('\n'), "{e}");
+        let e = with_file("workers = \"four\"", &[]).unwrap_err().to_string();
+        assert!(e.contains("line 1"), "{e}");
+        assert!(!e.contains('\n'), "{e}");
+        let e = with_file("this is not toml", &[]).unwrap_err().to_string();
+        assert!(e.starts_with("config file "), "{e}");
+        let e = parse(&["--config", "/nonexistent/ringmx.toml"]).unwrap_err().to_string();
+        assert!(e.contains("/nonexistent/ringmx.toml") && e.contains("--config"), "{e}");
+    }
+
+    #[test]
+    fn help_explains_every_flag_with_an_example() {
+        let mut cmd = Cli::command();
+        let top = cmd.render_long_help().to_string();
+        assert!(top.contains("serve") && top.contains("Examples:"), "{top}");
+        let serve = cmd.find_subcommand_mut("serve").unwrap().render_long_help().to_string();
+        for flag in [
+            "--config <FILE>", "--listen <ADDR>", "--workers <N>", "--hostname <NAME>", "--store <SPEC>",
+            "--accept-domain <DOMAIN>", "--accept-any-recipient", "--max-message-size <BYTES>",
+            "--max-recipients <N>", "--idle-timeout <SECS>", "--max-connections <N>",
+            "--max-connections-per-ip <N>", "--max-errors <N>", "--shutdown-grace <SECS>",
+        ] {
+            assert!(serve.contains(flag), "serve --help lacks {flag}:\n{serve}");
+        }
+        for default in ["127.0.0.1:2525", "maildir:./ringmx-data/maildir", "26214400", "300", "10000", "50"] {
+            assert!(serve.contains(default), "serve --help lacks default {default}");
+        }
+        assert!(serve.contains("ringmx serve --listen 0.0.0.0:25"), "{serve}");
+        assert!(!serve.contains("--batch-messages-max"), "tuning flags stay hidden");
+    }
+
+    #[test]
+    fn log_filter_prefers_the_flag_then_rust_log_then_info() {
+        assert_eq!(log_filter(Some("debug"), Some("warn")), "debug");
+        assert_eq!(log_filter(None, Some("warn")), "warn");
+        assert_eq!(log_filter(None, None), "info");
+        assert_eq!(log_filter(None, Some("")), "info");
     }
 }
