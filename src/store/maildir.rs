@@ -326,9 +326,10 @@ fn address_literal(ip: std::net::IpAddr) -> String {
 ///
 /// ```text
 /// Received: from <helo> ([<ip>])
-/// 	by <hostname> with ESMTP id <queue id>
-/// 	for <rcpt>; <RFC 5322 date>
+///     by <hostname> with ESMTP id <queue id>
+///     for <rcpt>; <RFC 5322 date>
 /// ```
+/// Each continuation line starts with CRLF TAB (folding white space).
 /// The `for` clause appears only with exactly one recipient (several would reveal the other
 /// recipients to each). The protocol is SMTP after HELO, ESMTP after EHLO and UTF8SMTP when the
 /// transaction used SMTPUTF8 (RFC 6531 section 3.7.3).
