@@ -49,20 +49,20 @@ fn only_file(server: &Server) -> Vec<u8> {
     std::fs::read(&files[0]).unwrap()
 }
 
-/// Checks a Received: header (RFC 5321 4.4): `from <helo> ... [<ip>] ... by <host> with
-/// <ESMTP|SMTP> id <queue id> ...; <RFC 5322 date>`, in that order.
-fn check_received(received: &str, helo: &str, ip: &str, protocol: &str, qid: &str) {
-    let pos = |needle: &str| {
-        received.find(needle).unwrap_or_else(|| panic!("Received: lacks {needle:?}: {received:?}"))
-    };
-    assert!(received.starts_with(&format!("from {helo} ")), "Received: {received:?}");
-    let ip_at = pos(ip);
-    let by_at = pos(&format!(" by {HOSTNAME}"));
-    let with_at = pos(&format!(" with {protocol} "));
-    let id_at = pos(&format!(" id {qid}"));
-    let semi = received.rfind(';').unwrap_or_else(|| panic!("Received: has no '; date': {received:?}"));
-    assert!(ip_at < by_at && by_at < with_at && with_at < id_at && id_at < semi, "order: {received:?}");
-    check_date(received[semi + 1..].trim());
+/// Checks the Received: header (RFC 5321 4.4) of a stored file, as `store::maildir` documents
+/// it: `from <helo> (<ip literal>) by <host> with <ESMTP|SMTP|UTF8SMTP> id <queue id>`, then
+/// `for <rcpt>` when there is exactly one recipient, then `; <RFC 5322 date>`.
+fn check_received(st: &Stored, helo: &str, ip_literal: &str, protocol: &str, qid: &str) {
+    let (head, date) = st
+        .received
+        .rsplit_once("; ")
+        .unwrap_or_else(|| panic!("Received: has no '; date': {:?}", st.received));
+    let mut want = format!("from {helo} ({ip_literal}) by {HOSTNAME} with {protocol} id {qid}");
+    if let [one] = st.envelope_to.as_slice() {
+        want.push_str(&format!(" for <{one}>"));
+    }
+    assert_eq!(head, want, "Received: (unfolded)");
+    check_date(date);
 }
 
 /// An RFC 5322 date-time as Received: needs it: `Tue, 24 Nov 2026 10:32:35 +0000` (the day of
@@ -127,7 +127,7 @@ fn lettre_one_recipient_stored_byte_for_byte() {
     let st = parse_stored(&only_file(&server));
     assert_eq!(st.return_path, "alice@client.example");
     assert_eq!(st.envelope_to, vec!["bob@dest.example"]);
-    check_received(&st.received, HELO, "[127.0.0.1]", "ESMTP", &qid);
+    check_received(&st, HELO, "[127.0.0.1]", "ESMTP", &qid);
     // The message as the client meant it, plus the CRLF that is part of <CRLF>.<CRLF>.
     let mut want = raw.to_vec();
     want.extend_from_slice(b"\r\n");
@@ -152,7 +152,7 @@ fn lettre_several_recipients_one_file_in_order() {
     assert_eq!(st.return_path, "alice@client.example");
     // lettre sends RCPT in To, Cc, Bcc order; one X-Envelope-To per recipient, in that order.
     assert_eq!(st.envelope_to, vec!["bob@dest.example", "carol@other.example", "dave@dest.example"]);
-    check_received(&st.received, HELO, "[127.0.0.1]", "ESMTP", &qid);
+    check_received(&st, HELO, "[127.0.0.1]", "ESMTP", &qid);
     let mut want = email.formatted();
     want.extend_from_slice(b"\r\n");
     assert_eq!(String::from_utf8_lossy(&st.body), String::from_utf8_lossy(&want));
@@ -178,7 +178,7 @@ fn raw_session_unstuffs_dots_and_keeps_bytes_exact() {
     let st = parse_stored(&only_file(&server));
     assert_eq!(st.return_path, "");
     assert_eq!(st.envelope_to, vec!["rcpt@dest.example"]);
-    check_received(&st.received, "raw.example", "[127.0.0.1]", "ESMTP", &qid);
+    check_received(&st, "raw.example", "[127.0.0.1]", "ESMTP", &qid);
     assert_eq!(
         st.body,
         b".first\r\nSubject: dots\r\n\r\n..three\r\n.\r\n \r\nno.dot\r\ncaf\xc3\xa9 \xff\r\n".to_vec()
@@ -196,7 +196,7 @@ fn helo_session_is_smtp_and_ehlo_resets_transaction() {
     let r = c.reply();
     assert!(r.starts_with("250"), "{r:?}");
     let st = parse_stored(&only_file(&server));
-    check_received(&st.received, "old.example", "[127.0.0.1]", "SMTP", &queue_id(&r));
+    check_received(&st, "old.example", "[127.0.0.1]", "SMTP", &queue_id(&r));
     assert_eq!(st.body, b"Subject: helo\r\n\r\nbody\r\n");
 
     // A new EHLO drops the open transaction: DATA has no recipient, a new MAIL is not nested.
@@ -254,18 +254,26 @@ fn concurrent_clients_all_stored_once() {
 }
 
 #[test]
-fn tmp_leftovers_are_removed_at_startup_and_names_never_collide() {
+fn tmp_leftovers_of_a_crash_are_removed_at_startup_and_names_never_collide() {
     let server = Server::start(&[]);
-    lettre_send(server.addr, "a@client.example", &["b@dest.example"], b"Subject: 1\r\n\r\none");
+    let r1 = lettre_send(server.addr, "a@client.example", &["b@dest.example"], b"Subject: 1\r\n\r\none");
     let first = server.new_files();
     assert_eq!(first.len(), 1);
+    let pid = server.pid();
     let dir = server.kill_keep_dir();
-    let leftover = dir.path().join("maildir/tmp/1700000000.crash.leftover");
-    std::fs::write(&leftover, b"half a message").unwrap();
+    // A half-written file of the killed process, in ringmx's naming convention
+    // (<secs>.M<usecs>P<pid>Q<n>W<worker>.<host>): never acknowledged, so it goes.
+    let orphan = dir.path().join(format!("maildir/tmp/1700000000.M1P{pid}Q7W0.mx"));
+    std::fs::write(&orphan, b"Return-Path: <a@client.example>\r\nhalf a mess").unwrap();
+    // A fresh file of some other delivery program sharing the Maildir: not ours, kept.
+    let foreign = dir.path().join("maildir/tmp/1700000000.123_456.otherhost");
+    std::fs::write(&foreign, b"someone else's").unwrap();
     let server = Server::start_in(dir, &[]).unwrap();
-    assert!(!leftover.exists(), "a tmp/ leftover from a crash must be deleted at start-up");
+    assert!(!orphan.exists(), "a tmp/ leftover of a dead ringmx must be deleted at start-up");
+    assert!(foreign.exists(), "another program's fresh tmp/ file must be left alone");
     assert_eq!(server.new_files(), first, "new/ is never touched at start-up");
-    lettre_send(server.addr, "a@client.example", &["b@dest.example"], b"Subject: 2\r\n\r\ntwo");
+    let r2 = lettre_send(server.addr, "a@client.example", &["b@dest.example"], b"Subject: 2\r\n\r\ntwo");
+    assert_ne!(queue_id(&r1), queue_id(&r2), "queue ids are unique across restarts");
     let files = server.new_files();
     assert_eq!(files.len(), 2, "{files:?}");
     assert!(files.contains(&first[0]));
@@ -321,13 +329,14 @@ fn simple_commands_and_enhanced_codes() {
         }
     }
     c.send("Subject: utf8\r\n\r\nGr\u{fc}\u{df}e\r\n.\r\n".as_bytes());
-    let r = c.reply();
-    assert!(r.starts_with("250"), "{r:?}");
-    assert_enhanced(&r);
+    let r_data = c.reply();
+    assert!(r_data.starts_with("250"), "{r_data:?}");
+    assert_enhanced(&r_data);
     let r = c.expect("QUIT", 221);
     assert_enhanced(&r);
     assert!(c.closed(), "QUIT must close the connection");
     let st = parse_stored(&only_file(&server));
+    check_received(&st, HELO, "[127.0.0.1]", "UTF8SMTP", &queue_id(&r_data));
     assert_eq!(st.return_path, "j\u{f6}rg@client.example");
     assert_eq!(st.envelope_to, vec!["m\u{fc}ller@dest.example"]);
     assert_eq!(st.body, "Subject: utf8\r\n\r\nGr\u{fc}\u{df}e\r\n".as_bytes());
@@ -361,6 +370,8 @@ fn unknown_syntax_and_sequence_errors() {
     }
     // Unknown MAIL parameter.
     assert_enhanced(&c.expect("MAIL FROM:<a@client.example> FOO=BAR", 555));
+    // A non-ASCII address needs SMTPUTF8 (RFC 6531).
+    expect_enh(&mut c, "MAIL FROM:<j\u{f6}rg@client.example>", 553, "5.6.7");
     // The session still works after all that.
     open_data(&mut c, "a@client.example", &["b@dest.example"]);
     c.send(b"x\r\n.\r\n");
@@ -584,6 +595,25 @@ fn smuggling_variants_never_end_data_and_are_rejected() {
     for f in files {
         assert_eq!(parse_stored(&std::fs::read(f).unwrap()).body, b"clean\r\n");
     }
+}
+
+#[test]
+fn bare_lf_or_cr_anywhere_rejects_the_message() {
+    // The documented policy (src/protocol/data.rs): a message with any bare CR or bare LF is read
+    // to its real end and rejected whole with 550 5.6.11; nothing of it is stored.
+    let server = Server::start(&[]);
+    let mut c = server.connect();
+    c.ehlo("client.example");
+    for body in [&b"Subject: lf\n\nunix line ends\n"[..], b"Subject: cr\r\n\r\nold mac\rline\r\n"] {
+        open_data(&mut c, "a@client.example", &["b@dest.example"]);
+        c.send(body);
+        c.send(b"\r\n.\r\n");
+        let r = c.reply();
+        assert!(r.starts_with("550 5.6.11"), "{body:?}: {r:?}");
+    }
+    c.expect("NOOP", 250);
+    assert_eq!(server.new_files().len(), 0);
+    assert_eq!(list_dir(&server.maildir().join("tmp")).len(), 0);
 }
 
 #[test]
@@ -926,7 +956,7 @@ fn ipv6_listen_works() {
     let r = c.reply();
     assert!(r.starts_with("250"), "{r:?}");
     let st: Stored = parse_stored(&only_file(&server));
-    check_received(&st.received, "v6.example", "::1]", "ESMTP", &queue_id(&r));
+    check_received(&st, "v6.example", "[IPv6:::1]", "ESMTP", &queue_id(&r));
     assert_eq!(st.body, b"over v6\r\n");
     // The IPv4 listener of the same server still works.
     server.connect().expect("NOOP", 250);
