@@ -107,7 +107,22 @@ ringmx receives mail over SMTP (RFC 5321) on every core at once: one pinned work
 io_uring per core, each with its own SO_REUSEPORT listener. A message is acknowledged with 250 only
 once it is on disk (written to tmp/, fsync'd, renamed into new/, directory fsync'd).
 
-Run `ringmx serve --help` for every flag.";
+Flags of `ringmx serve` (details: `ringmx serve --help`):
+  --config FILE               TOML file with the same keys as the flags; flags win
+  --listen ADDR               IP:PORT, repeatable; default 127.0.0.1:2525; IPv6 as [::1]:2525
+  --workers N                 worker threads, one per core; default: number of CPUs
+  --hostname NAME             greeting, EHLO reply, Received: header; default: system host name
+  --store SPEC                maildir:DIR | discard; default maildir:./ringmx-data/maildir
+  --accept-domain DOMAIN      repeatable; RCPT to any other domain gets 550 5.7.1
+  --accept-any-recipient      accept every domain when a listen address is not loopback
+  --max-message-size BYTES    default 26214400; advertised as SIZE; over it 552 5.3.4
+  --max-recipients N          default 100; beyond it 452 4.5.3
+  --idle-timeout SECS         default 300; then 421 4.4.2 and close
+  --max-connections N         default 10000; over it 421 and close
+  --max-connections-per-ip N  default 50; over it 421 and close
+  --max-errors N              default 10; then 421 and close
+  --shutdown-grace SECS       default 30; time for messages in progress at SIGTERM/SIGINT
+  --log-level FILTER          e.g. info, debug, ringmx=trace; default: RUST_LOG, else info";
 
 const EXAMPLES: &str = "\
 Examples:
@@ -798,6 +813,9 @@ mod tests {
         let mut cmd = Cli::command();
         let top = cmd.render_long_help().to_string();
         assert!(top.contains("serve") && top.contains("Examples:"), "{top}");
+        for flag in ["--config FILE", "--listen ADDR", "--max-connections-per-ip N", "--shutdown-grace SECS"] {
+            assert!(top.contains(flag), "ringmx --help lacks {flag}");
+        }
         let serve = cmd.find_subcommand_mut("serve").unwrap().render_long_help().to_string();
         for flag in [
             "--config <FILE>", "--listen <ADDR>", "--workers <N>", "--hostname <NAME>", "--store <SPEC>",
