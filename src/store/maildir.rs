@@ -666,6 +666,48 @@ mod tests {
         assert!(root.join("tmp").is_dir() && root.join("new").is_dir() && root.join("cur").is_dir());
     }
 
+    proptest::proptest! {
+        /// Whatever the client sent as HELO, MAIL FROM and RCPT TO, the header block is exactly
+        /// our header lines: each CRLF starts a known header or a fold, no bare CR or LF, no
+        /// line over RFC 5322's 998 characters.
+        #[test]
+        fn header_block_is_well_formed_for_any_envelope(
+            helo in "\\PC{0,300}|[\\x00-\\x7f]{0,300}",
+            from in "\\PC{0,1200}|[\\x00-\\x7f]{0,300}",
+            rcpts in proptest::collection::vec("\\PC{0,300}|[\\x00-\\x7f]{0,300}", 1..4),
+            esmtp: bool,
+            smtputf8: bool,
+            secs in 0u64..10_000_000_000,
+        ) {
+            let env = Envelope {
+                helo,
+                esmtp,
+                peer: "192.0.2.7:40000".parse().unwrap(),
+                mail_from: from,
+                rcpt_to: rcpts.clone(),
+                body_8bitmime: false,
+                smtputf8,
+            };
+            let h = String::from_utf8(header_block(&env, "mx.test.example", "QID", at(secs, 0))).unwrap();
+            proptest::prop_assert!(h.ends_with("\r\n"));
+            let body = &h[..h.len() - 2];
+            let lines: Vec<&str> = body.split("\r\n").collect();
+            let mut headers = Vec::new();
+            for l in &lines {
+                proptest::prop_assert!(!l.contains('\r') && !l.contains('\n'), "bare CR/LF in {:?}", l);
+                proptest::prop_assert!(l.chars().count() <= 998);
+                if !l.starts_with('\t') {
+                    headers.push(l.split_once(": ").map(|(name, _)| name).unwrap_or(l));
+                }
+            }
+            let mut want = vec!["Return-Path"];
+            want.extend(std::iter::repeat_n("X-Envelope-To", rcpts.len()));
+            want.push("Received");
+            proptest::prop_assert_eq!(headers, want);
+            proptest::prop_assert!(h.contains(" id QID"));
+        }
+    }
+
     #[test]
     fn pid_of_name_only_reads_our_convention() {
         assert_eq!(pid_of_name("1700000000.M12P345Q6W7.host"), Some(345));
