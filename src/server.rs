@@ -1,1 +1,252 @@
-//! (to be written)
+//! Start-up checks, spawning and pinning one worker per core, signals and shutdown. Does no
+//! per-connection work.
+//!
+//! Start-up order, so that every failure is one clear line before any worker runs: probe
+//! io_uring, recover and open the store, bind every listener (all workers' SO_REUSEPORT
+//! sockets), block SIGTERM/SIGINT, then spawn the workers. A signal thread waits for
+//! SIGTERM/SIGINT and wakes every worker through its eventfd (read through the worker's ring);
+//! each worker then closes its listeners, says 421 to idle sessions, lets sessions in DATA finish
+//! within --shutdown-grace, and exits once its last connection is closed. `run` returns when all
+//! workers have.
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use nix::sys::signal::{SigSet, Signal};
+use socket2::{Domain, Protocol, Socket, Type};
+
+use crate::config::Config;
+use crate::ring::{EventFd, Ring};
+use crate::store::Store;
+use crate::worker::{Shared, Worker, WorkerReport};
+
+/// Why the server could not start or run. Display is one line for people.
+#[derive(Debug)]
+pub enum ServerError {
+    Ring(crate::ring::SetupError),
+    Store(crate::store::StoreError),
+    Bind { addr: SocketAddr, source: std::io::Error },
+    Other(String),
+}
+
+impl std::fmt::Display for ServerError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ServerError::Ring(e) => write!(f, "{e}"),
+            ServerError::Store(e) => write!(f, "{e}"),
+            ServerError::Bind { addr, source } => {
+                let hint = match source.raw_os_error() {
+                    Some(libc::EADDRINUSE) => "another process is listening there; stop it or choose another --listen address",
+                    Some(libc::EADDRNOTAVAIL) => "this host has no such address; choose one of its addresses for --listen",
+                    Some(libc::EACCES) => "ports below 1024 need root or CAP_NET_BIND_SERVICE; use a higher port or grant the capability",
+                    _ => "check the --listen address",
+                };
+                write!(f, "cannot listen on {addr}: {source}; {hint}")
+            }
+            ServerError::Other(s) => f.write_str(s),
+        }
+    }
+}
+
+impl std::error::Error for ServerError {}
+
+/// One listening socket for `addr`; `reuseport` lets every worker have its own.
+fn listener(addr: SocketAddr, reuseport: bool) -> std::io::Result<Socket> {
+    let domain = if addr.is_ipv6() { Domain::IPV6 } else { Domain::IPV4 };
+    let s = Socket::new(domain, Type::STREAM.cloexec(), Some(Protocol::TCP))?;
+    if addr.is_ipv6() {
+        // [::]:25 and 0.0.0.0:25 may both be given; each should take only its own family.
+        s.set_only_v6(true)?;
+    }
+    s.set_reuse_address(true)?;
+    if reuseport {
+        s.set_reuse_port(true)?;
+    }
+    s.bind(&addr.into())?;
+    if reuseport {
+        s.listen(1024)?;
+    }
+    Ok(s)
+}
+
+/// Binds `workers` SO_REUSEPORT sockets per address. First checks each address with a plain
+/// socket: another process's SO_REUSEPORT listener would otherwise silently share the port with
+/// us. A port 0 is resolved once so that every worker listens on the same port.
+fn bind_all(addrs: &[SocketAddr], workers: usize) -> Result<Vec<Vec<Socket>>, ServerError> {
+    let mut per_worker: Vec<Vec<Socket>> = (0..workers).map(|_| Vec::new()).collect();
+    for &addr in addrs {
+        let mut addr = addr;
+        if addr.port() != 0 {
+            listener(addr, false).map_err(|source| ServerError::Bind { addr, source })?;
+        }
+        for (i, socks) in per_worker.iter_mut().enumerate() {
+            let s = listener(addr, true).map_err(|source| ServerError::Bind { addr, source })?;
+            if i == 0 && addr.port() == 0 {
+                if let Some(a) = s.local_addr().ok().and_then(|a| a.as_socket()) {
+                    addr = a;
+                }
+            }
+            socks.push(s);
+        }
+    }
+    Ok(per_worker)
+}
+
+/// The CPUs this process may run on, in order.
+fn allowed_cpus() -> Vec<usize> {
+    use nix::sched::{sched_getaffinity, CpuSet};
+    use nix::unistd::Pid;
+    match sched_getaffinity(Pid::from_raw(0)) {
+        Ok(set) => (0..CpuSet::count()).filter(|&c| set.is_set(c).unwrap_or(false)).collect(),
+        Err(_) => Vec::new(),
+    }
+}
+
+fn pin_to(cpu: usize) {
+    use nix::sched::{sched_setaffinity, CpuSet};
+    use nix::unistd::Pid;
+    let mut set = CpuSet::new();
+    if set.set(cpu).is_ok() {
+        if let Err(e) = sched_setaffinity(Pid::from_raw(0), &set) {
+            tracing::warn!("cannot pin worker to CPU {cpu}: {e}");
+        }
+    }
+}
+
+/// Runs the server until SIGTERM/SIGINT and a finished shutdown.
+pub fn run(cfg: Config) -> Result<(), ServerError> {
+    Ring::probe().map_err(ServerError::Ring)?;
+    let recovered = Store::recover(&cfg.store).map_err(ServerError::Store)?;
+    if recovered > 0 {
+        tracing::info!("removed {recovered} unacknowledged file(s) left in tmp/ by an earlier run");
+    }
+    let workers = cfg.workers.max(1);
+    let mut stores = Vec::with_capacity(workers);
+    for i in 0..workers {
+        stores.push(Store::open(&cfg.store, i, &cfg.session.hostname).map_err(ServerError::Store)?);
+    }
+    let listeners = bind_all(&cfg.listen, workers)?;
+
+    // Block the shutdown signals before any thread starts, so every thread inherits the mask and
+    // only the signal thread ever takes them.
+    let mut signals = SigSet::empty();
+    signals.add(Signal::SIGTERM);
+    signals.add(Signal::SIGINT);
+    signals.thread_block().map_err(|e| ServerError::Other(format!("cannot block signals: {e}")))?;
+    // Sends use MSG_NOSIGNAL; this covers anything else that writes to a closed socket.
+    let _ = block_sigpipe();
+
+    let cfg = Arc::new(cfg);
+    let shared = Arc::new(Shared::new(cfg.clone()));
+    let cpus = allowed_cpus();
+    let mut wakes = Vec::with_capacity(workers);
+    let mut handles = Vec::with_capacity(workers);
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
+    for (i, (socks, store)) in listeners.into_iter().zip(stores).enumerate() {
+        let wake = Arc::new(EventFd::new().map_err(|e| ServerError::Other(format!("cannot create an eventfd: {e}")))?);
+        wakes.push(wake.clone());
+        let shared = shared.clone();
+        let cpu = if cpus.is_empty() { None } else { Some(cpus[i % cpus.len()]) };
+        let ready = ready_tx.clone();
+        let h = std::thread::Builder::new()
+            .name(format!("ringmx-w{i}"))
+            .spawn(move || -> WorkerReport {
+                if let Some(cpu) = cpu {
+                    pin_to(cpu);
+                }
+                match Worker::new(i, shared, socks, store, wake) {
+                    Ok(w) => {
+                        let _ = ready.send(Ok(()));
+                        w.run()
+                    }
+                    Err(e) => {
+                        let _ = ready.send(Err(e.to_string()));
+                        WorkerReport::default()
+                    }
+                }
+            })
+            .map_err(|e| ServerError::Other(format!("cannot start worker thread: {e}")))?;
+        handles.push(h);
+    }
+    drop(ready_tx);
+    let mut failed = None;
+    for _ in 0..workers {
+        match ready_rx.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => failed = Some(e),
+            Err(_) => failed = Some("a worker thread died during start-up".into()),
+        }
+    }
+    if let Some(e) = failed {
+        for w in &wakes {
+            w.notify();
+        }
+        for h in handles {
+            let _ = h.join();
+        }
+        return Err(ServerError::Other(e));
+    }
+    tracing::info!(
+        listen = ?cfg.listen,
+        workers,
+        store = ?cfg.store,
+        hostname = %cfg.session.hostname,
+        "ringmx ready"
+    );
+
+    let signal_wakes = wakes.clone();
+    std::thread::Builder::new()
+        .name("ringmx-signals".into())
+        .spawn(move || {
+            if let Ok(sig) = signals.wait() {
+                tracing::info!("{sig:?} received: shutting down");
+            }
+            for w in &signal_wakes {
+                w.notify();
+            }
+            // A second signal means "now": leave without waiting for the grace period.
+            if let Ok(sig) = signals.wait() {
+                tracing::warn!("{sig:?} received again: exiting at once");
+                std::process::exit(1);
+            }
+        })
+        .map_err(|e| ServerError::Other(format!("cannot start the signal thread: {e}")))?;
+
+    let mut total = WorkerReport::default();
+    let mut panicked = false;
+    for h in handles {
+        match h.join() {
+            Ok(r) => {
+                total.connections += r.connections;
+                total.messages += r.messages;
+                total.bytes += r.bytes;
+                total.failed += r.failed;
+            }
+            Err(_) => {
+                // One worker died: stop the others cleanly rather than run at reduced capacity.
+                panicked = true;
+                for w in &wakes {
+                    w.notify();
+                }
+            }
+        }
+    }
+    tracing::info!(
+        connections = total.connections,
+        messages = total.messages,
+        bytes = total.bytes,
+        failed = total.failed,
+        "ringmx stopped"
+    );
+    if panicked {
+        return Err(ServerError::Other("a worker thread failed; see the log above".into()));
+    }
+    Ok(())
+}
+
+/// Blocks SIGPIPE in this thread and the threads it starts: for a server that never waits for
+/// it, blocking has the effect of ignoring it, without an `unsafe` sigaction call.
+fn block_sigpipe() -> nix::Result<()> {
+    let mut set = SigSet::empty();
+    set.add(Signal::SIGPIPE);
+    set.thread_block()
+}

@@ -1,1 +1,1142 @@
-//! (to be written)
+//! One worker per core: a pinned thread with its own ring, its own SO_REUSEPORT listeners and a
+//! slab of connections. It wires sessions to the ring and the store and never parses bytes
+//! itself.
+//!
+//! The loop: wait on the ring (with a deadline for timers and the group-commit batch), handle
+//! each reaped completion, then flush the replies of every connection that got input in this
+//! round, so pipelined commands that arrived together get one send.
+//!
+//! Back-pressure: a connection stops feeding its session while a message commits, or while its
+//! unsent replies exceed `OUT_CAP` (the client is not reading). Input that arrives meanwhile is
+//! kept in the connection's pending buffer; beyond `PENDING_CAP` the multishot receive is
+//! cancelled and re-armed once the buffer drained below half of it.
+//!
+//! Group commit (maildir): each message's tmp file is opened, written, fsync'd, closed and
+//! renamed into new/ as its own chain of ring ops, started at once. Messages join the open
+//! batch; the batch closes when it holds `batch_messages_max` messages, when
+//! `batch_delay_us_max` passed since its first message, or when no earlier batch is still in
+//! flight (nothing to wait for, so a lone message is not delayed). A closed batch, once all its
+//! messages are renamed or failed, gets one fsync of new/; only then does every session of the
+//! batch get its answer. Failed messages are unlinked from tmp/ and answered 452 or 451.
+use std::collections::HashMap;
+use std::ffi::CString;
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use crate::config::Config;
+use crate::protocol::{CommitResult, Envelope, Feed, Phase, Session};
+use crate::ring::{
+    AcceptOutcome, Completion, EventFd, FileOutcome, Op, RecvOutcome, Ring, SendOutcome, Token,
+};
+use crate::store::{commit_result_for_errno, Store};
+
+/// Unsent replies beyond which a connection stops feeding its session (the client is not
+/// reading its replies).
+const OUT_CAP: usize = 64 * 1024;
+/// Unfed input beyond which the receive is paused.
+const PENDING_CAP: usize = 64 * 1024;
+/// Provided receive buffers per worker, and their size.
+const RECV_BUFS: u16 = 1024;
+const RECV_BUF_LEN: u32 = 16 * 1024;
+/// How often idle timers and deadlines are checked.
+const TICK: Duration = Duration::from_millis(250);
+/// A closing connection whose last send does not finish in this time is cut.
+const CLOSE_LINGER: Duration = Duration::from_secs(10);
+
+// Token kinds.
+const K_ACCEPT: u8 = 1;
+const K_RECV: u8 = 2;
+const K_SEND: u8 = 3;
+const K_CLOSE: u8 = 4;
+const K_IGNORE: u8 = 5;
+const K_WAKE: u8 = 6;
+const K_COMMIT: u8 = 7;
+const K_DIRSYNC: u8 = 8;
+
+/// State shared by all workers, touched only at accept and close.
+pub struct Shared {
+    pub cfg: Arc<Config>,
+    /// Open connections across all workers.
+    pub connections: AtomicUsize,
+    pub per_ip: PerIpCounts,
+}
+
+impl Shared {
+    pub fn new(cfg: Arc<Config>) -> Shared {
+        Shared { cfg, connections: AtomicUsize::new(0), per_ip: PerIpCounts::new(16) }
+    }
+
+    /// Takes a connection slot for `ip`, or says which limit is full.
+    fn admit(&self, ip: IpAddr) -> bool {
+        let n = self.connections.fetch_add(1, Ordering::Relaxed) + 1;
+        if n > self.cfg.connections_max {
+            self.connections.fetch_sub(1, Ordering::Relaxed);
+            return false;
+        }
+        if !self.per_ip.acquire(ip, self.cfg.connections_per_ip_max) {
+            self.connections.fetch_sub(1, Ordering::Relaxed);
+            return false;
+        }
+        true
+    }
+
+    fn release(&self, ip: IpAddr) {
+        self.per_ip.release(ip);
+        self.connections.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Connections per client address, sharded so that workers accepting at once rarely meet.
+pub struct PerIpCounts {
+    shards: Vec<Mutex<HashMap<IpAddr, u32>>>,
+}
+
+impl PerIpCounts {
+    pub fn new(shards: usize) -> PerIpCounts {
+        PerIpCounts { shards: (0..shards.max(1)).map(|_| Mutex::new(HashMap::new())).collect() }
+    }
+
+    fn shard(&self, ip: IpAddr) -> &Mutex<HashMap<IpAddr, u32>> {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        ip.hash(&mut h);
+        &self.shards[(h.finish() as usize) % self.shards.len()]
+    }
+
+    /// Counts one more connection from `ip` unless it already has `max`.
+    pub fn acquire(&self, ip: IpAddr, max: usize) -> bool {
+        let mut m = self.shard(ip).lock().unwrap_or_else(|p| p.into_inner());
+        let n = m.entry(ip).or_insert(0);
+        if *n as usize >= max {
+            return false;
+        }
+        *n += 1;
+        true
+    }
+
+    pub fn release(&self, ip: IpAddr) {
+        let mut m = self.shard(ip).lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = m.get_mut(&ip) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&ip);
+            }
+        }
+    }
+
+    pub fn count(&self, ip: IpAddr) -> u32 {
+        self.shard(ip).lock().unwrap_or_else(|p| p.into_inner()).get(&ip).copied().unwrap_or(0)
+    }
+}
+
+/// What a worker did, reported when it exits.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct WorkerReport {
+    pub connections: u64,
+    pub messages: u64,
+    pub bytes: u64,
+    pub failed: u64,
+}
+
+/// Why a connection ended, for the session-end log line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum EndReason {
+    Quit,
+    PeerClosed,
+    Reset,
+    Timeout,
+    Shutdown,
+    TooMany,
+    Error,
+}
+
+impl EndReason {
+    fn as_str(self) -> &'static str {
+        match self {
+            EndReason::Quit => "closed",
+            EndReason::PeerClosed => "peer closed",
+            EndReason::Reset => "reset",
+            EndReason::Timeout => "idle timeout",
+            EndReason::Shutdown => "shutdown",
+            EndReason::TooMany => "too many connections",
+            EndReason::Error => "error",
+        }
+    }
+}
+
+struct Conn {
+    fd: RawFd,
+    generation: u32,
+    peer: SocketAddr,
+    session: Session,
+    /// Replies not yet handed to the kernel.
+    out: Vec<u8>,
+    /// The buffer of the send in flight comes back here to be reused.
+    spare: Vec<u8>,
+    send_id: Option<u64>,
+    /// The multishot receive in flight, if any.
+    recv_id: Option<u64>,
+    recv_cancelled: bool,
+    /// Input received but not yet fed to the session.
+    pending: Vec<u8>,
+    paused: bool,
+    committing: bool,
+    /// No more input will come (EOF); close once the pending input is answered.
+    eof: bool,
+    /// Send what is in `out`, then close.
+    closing: bool,
+    closing_since: Option<Instant>,
+    close_pushed: bool,
+    /// Holds a place in the global and per-IP counts.
+    admitted: bool,
+    reason: EndReason,
+    last_active: Instant,
+    started: Instant,
+}
+
+/// A message on its way to disk.
+struct CommitEntry {
+    conn: Token,
+    batch: usize,
+    queue_id: String,
+    tmp_path: CString,
+    new_path: CString,
+    fd: RawFd,
+    step: Step,
+    total: usize,
+    envelope: Envelope,
+    result: Option<CommitResult>,
+    /// Header block and body, from `prepare` until the write is pushed.
+    staged: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    Open,
+    Write,
+    Fsync,
+    Close,
+    Rename,
+    Unlink,
+    /// Renamed into new/ (or failed and cleaned up): waits for its batch's directory fsync.
+    Done,
+}
+
+struct Batch {
+    entries: Vec<usize>,
+    opened: Instant,
+    closed: bool,
+    dir_sync_pushed: bool,
+}
+
+/// Fixed-capacity free-list slab with per-slot generations.
+struct Slab<T> {
+    items: Vec<Option<T>>,
+    generations: Vec<u32>,
+    free: Vec<u32>,
+    len: usize,
+}
+
+impl<T> Slab<T> {
+    fn new() -> Slab<T> {
+        Slab { items: Vec::new(), generations: Vec::new(), free: Vec::new(), len: 0 }
+    }
+    /// A free slot and its generation (the slot is not yet filled).
+    fn vacant(&mut self) -> (u32, u32) {
+        let slot = match self.free.pop() {
+            Some(s) => s,
+            None => {
+                self.items.push(None);
+                self.generations.push(0);
+                (self.items.len() - 1) as u32
+            }
+        };
+        (slot, self.generations[slot as usize])
+    }
+    fn fill(&mut self, slot: u32, item: T) {
+        debug_assert!(self.items[slot as usize].is_none());
+        self.items[slot as usize] = Some(item);
+        self.len += 1;
+    }
+    fn get_mut(&mut self, slot: u32, generation: u32) -> Option<&mut T> {
+        let s = slot as usize;
+        if s < self.items.len() && self.generations[s] == generation {
+            self.items[s].as_mut()
+        } else {
+            None
+        }
+    }
+    fn remove(&mut self, slot: u32) -> Option<T> {
+        let item = self.items.get_mut(slot as usize)?.take()?;
+        self.generations[slot as usize] = self.generations[slot as usize].wrapping_add(1) & Token::GEN_MASK;
+        self.free.push(slot);
+        self.len -= 1;
+        Some(item)
+    }
+}
+
+/// Everything one worker owns.
+pub struct Worker {
+    index: usize,
+    cfg: Arc<Config>,
+    shared: Arc<Shared>,
+    ring: Ring,
+    listeners: Vec<Option<socket2::Socket>>,
+    accept_ids: Vec<Option<u64>>,
+    wake: Arc<EventFd>,
+    store: Store,
+    conns: Slab<Conn>,
+    commits: Slab<CommitEntry>,
+    batches: Slab<Batch>,
+    open_batch: Option<usize>,
+    /// Connections that got input or replies this round.
+    dirty: Vec<(u32, u32)>,
+    shutting_down: bool,
+    grace_deadline: Option<Instant>,
+    forced: bool,
+    next_tick: Instant,
+    report: WorkerReport,
+    input_scratch: Vec<u8>,
+    /// Ops planned while the ring was borrowed; pushed by `flush_dirty`.
+    to_push: Vec<(Token, Op)>,
+}
+
+impl Worker {
+    /// Builds the worker's ring (in the calling thread: the ring belongs to it).
+    pub fn new(
+        index: usize,
+        shared: Arc<Shared>,
+        listeners: Vec<socket2::Socket>,
+        store: Store,
+        wake: Arc<EventFd>,
+    ) -> Result<Worker, crate::ring::SetupError> {
+        let ring = Ring::new(4096, RECV_BUFS, RECV_BUF_LEN)?;
+        let cfg = shared.cfg.clone();
+        let n = listeners.len();
+        Ok(Worker {
+            index,
+            cfg,
+            shared,
+            ring,
+            listeners: listeners.into_iter().map(Some).collect(),
+            accept_ids: vec![None; n],
+            wake,
+            store,
+            conns: Slab::new(),
+            commits: Slab::new(),
+            batches: Slab::new(),
+            open_batch: None,
+            dirty: Vec::new(),
+            shutting_down: false,
+            grace_deadline: None,
+            forced: false,
+            next_tick: Instant::now() + TICK,
+            report: WorkerReport::default(),
+            input_scratch: Vec::new(),
+            to_push: Vec::new(),
+        })
+    }
+
+    /// Runs until shutdown has finished every connection.
+    pub fn run(mut self) -> WorkerReport {
+        for i in 0..self.listeners.len() {
+            self.arm_accept(i);
+        }
+        self.arm_wake();
+        loop {
+            let now = Instant::now();
+            let timeout = self.next_deadline(now).saturating_duration_since(now);
+            if let Err(e) = self.ring.wait(Some(timeout)) {
+                tracing::error!(worker = self.index, "waiting on the ring failed: {e}");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let mut handled = 0;
+            while let Some(c) = self.ring.next() {
+                self.handle(c);
+                handled += 1;
+                if handled >= 4096 {
+                    break;
+                }
+            }
+            let now = Instant::now();
+            self.progress_batches(now);
+            if now >= self.next_tick {
+                self.tick(now);
+                self.next_tick = now + TICK;
+            }
+            self.flush_dirty();
+            if self.shutting_down
+                && self.conns.len == 0
+                && self.commits.len == 0
+                && self.listeners.iter().all(|l| l.is_none())
+            {
+                // Let cancelled ops and closes finish so no buffer is freed under the kernel.
+                self.ring.submit();
+                let deadline = Instant::now() + Duration::from_secs(2);
+                while self.ring.in_flight() > 0 && Instant::now() < deadline {
+                    let _ = self.ring.wait(Some(Duration::from_millis(50)));
+                    while let Some(c) = self.ring.next() {
+                        self.handle(c);
+                    }
+                }
+                break;
+            }
+        }
+        if let Store::Discard(d) = &self.store {
+            self.report.messages = d.messages();
+            self.report.bytes = d.bytes();
+        }
+        self.report
+    }
+
+    fn next_deadline(&self, now: Instant) -> Instant {
+        let mut d = self.next_tick;
+        if let Some(b) = self.open_batch.and_then(|b| self.batches.items[b].as_ref()) {
+            d = d.min(b.opened + Duration::from_micros(self.cfg.batch_delay_us_max));
+        }
+        if let Some(g) = self.grace_deadline {
+            if !self.forced {
+                d = d.min(g);
+            }
+        }
+        if !self.dirty.is_empty() {
+            d = now;
+        }
+        d.max(now)
+    }
+
+    fn arm_accept(&mut self, i: usize) {
+        if self.shutting_down {
+            return;
+        }
+        if let Some(l) = &self.listeners[i] {
+            let fd = l.as_raw_fd();
+            self.accept_ids[i] = Some(self.ring.push(Token::new(K_ACCEPT, i as u32, 0), Op::AcceptMulti { fd }));
+        }
+    }
+
+    fn arm_wake(&mut self) {
+        self.ring.push(Token::new(K_WAKE, 0, 0), Op::ReadEventFd { fd: self.wake.fd(), buf: Box::new([0; 8]) });
+    }
+
+    fn handle(&mut self, c: Completion) {
+        match c.token.kind() {
+            K_ACCEPT => self.on_accept(c),
+            K_RECV => self.on_recv(c),
+            K_SEND => self.on_send(c),
+            K_CLOSE => self.on_closed(c),
+            K_WAKE => self.on_wake(c),
+            K_COMMIT => self.on_commit_step(c),
+            K_DIRSYNC => self.on_dir_synced(c),
+            K_IGNORE => {}
+            _ => {
+                // A completion the ring could not match to an op still may carry a buffer.
+                if let Some(bid) = c.bid {
+                    self.ring.recycle(bid);
+                }
+            }
+        }
+    }
+
+    // ---- accept -------------------------------------------------------------------------
+
+    fn on_accept(&mut self, c: Completion) {
+        let i = c.token.slot() as usize;
+        let finished = c.op.is_some();
+        match AcceptOutcome::from_result(c.res) {
+            AcceptOutcome::Accepted(fd) => self.accepted(fd),
+            AcceptOutcome::Transient => {}
+            AcceptOutcome::Exhausted => {
+                tracing::warn!(worker = self.index, "accept: out of descriptors or memory; connections wait in the backlog");
+            }
+            AcceptOutcome::Canceled => {}
+            AcceptOutcome::Unexpected(e) => {
+                tracing::error!(worker = self.index, "unexpected errno {e} from accept");
+            }
+        }
+        if finished {
+            self.accept_ids[i] = None;
+            if self.shutting_down {
+                // The listener goes away only now: the kernel no longer uses it.
+                self.listeners[i] = None;
+            } else {
+                if matches!(AcceptOutcome::from_result(c.res), AcceptOutcome::Exhausted) {
+                    // Give descriptors a moment to free up instead of spinning.
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                self.arm_accept(i);
+            }
+        }
+    }
+
+    fn accepted(&mut self, fd: RawFd) {
+        let Some(peer) = crate::ring::peer_addr(fd) else {
+            // Reset before we looked: nothing to answer.
+            crate::ring::close_now(fd);
+            return;
+        };
+        crate::ring::set_nodelay(fd);
+        self.report.connections += 1;
+        let now = Instant::now();
+        let (slot, generation) = self.conns.vacant();
+        let mut conn = Conn {
+            fd,
+            generation,
+            peer,
+            session: Session::new(self.cfg.session.clone(), peer),
+            out: Vec::new(),
+            spare: Vec::new(),
+            send_id: None,
+            recv_id: None,
+            recv_cancelled: false,
+            pending: Vec::new(),
+            paused: false,
+            committing: false,
+            eof: false,
+            closing: false,
+            closing_since: None,
+            close_pushed: false,
+            admitted: false,
+            reason: EndReason::Quit,
+            last_active: now,
+            started: now,
+        };
+        let host = &self.cfg.session.hostname;
+        if self.shutting_down {
+            conn.out.extend_from_slice(format!("421 4.3.2 {host} Service shutting down\r\n").as_bytes());
+            conn.reason = EndReason::Shutdown;
+            conn.closing = true;
+        } else if !self.shared.admit(peer.ip()) {
+            tracing::info!(client = %peer.ip(), "refused: too many connections");
+            conn.out.extend_from_slice(format!("421 4.7.0 {host} Too many connections\r\n").as_bytes());
+            conn.reason = EndReason::TooMany;
+            conn.closing = true;
+        } else {
+            conn.admitted = true;
+            conn.session.greet(&mut conn.out);
+            conn.recv_id = Some(self.ring.push(Token::new(K_RECV, slot, generation), Op::RecvMulti { fd }));
+        }
+        if conn.closing {
+            conn.closing_since = Some(now);
+        }
+        self.conns.fill(slot, conn);
+        self.dirty.push((slot, generation));
+    }
+
+    // ---- receive ------------------------------------------------------------------------
+
+    fn on_recv(&mut self, c: Completion) {
+        let (slot, generation) = (c.token.slot(), c.token.generation());
+        let finished = c.op.is_some();
+        let outcome = RecvOutcome::from_result(c.res, c.bid);
+        let Some(conn) = self.conns.get_mut(slot, generation) else {
+            if let Some(bid) = c.bid {
+                self.ring.recycle(bid);
+            }
+            return;
+        };
+        if finished {
+            conn.recv_id = None;
+        }
+        match outcome {
+            RecvOutcome::Data { bid, len } => {
+                conn.last_active = Instant::now();
+                if conn.closing {
+                    self.ring.recycle(bid);
+                } else {
+                    let data = self.ring.buf(bid, len);
+                    if conn.committing || !conn.pending.is_empty() || conn.out.len() > OUT_CAP {
+                        conn.pending.extend_from_slice(data);
+                    } else {
+                        feed_from(conn, data, &mut self.store, &mut self.commits, &mut self.batches, &mut self.open_batch, slot, &self.cfg, &mut self.to_push);
+                    }
+                    self.ring.recycle(bid);
+                }
+                if finished && !conn.closing && !conn.eof {
+                    // The multishot receive ended after data (the kernel may do so): re-arm.
+                    Self::rearm(&mut self.ring, conn, slot);
+                }
+            }
+            RecvOutcome::Eof => {
+                conn.eof = true;
+                if !conn.committing && conn.pending.is_empty() && !conn.closing {
+                    conn.closing = true;
+                    conn.reason = EndReason::PeerClosed;
+                }
+            }
+            RecvOutcome::NoBuffers | RecvOutcome::Retry => {
+                if !conn.closing && !conn.paused {
+                    Self::rearm(&mut self.ring, conn, slot);
+                }
+            }
+            RecvOutcome::Canceled => {}
+            RecvOutcome::PeerClosed => {
+                conn.closing = true;
+                conn.reason = EndReason::Reset;
+                conn.out.clear();
+                conn.pending.clear();
+            }
+            RecvOutcome::Unexpected(e) => {
+                tracing::warn!(client = %conn.peer.ip(), "unexpected errno {e} from recv");
+                conn.closing = true;
+                conn.reason = EndReason::Error;
+            }
+        }
+        if conn.pending.len() > PENDING_CAP && !conn.paused && !conn.closing {
+            // Too much unanswered input: stop reading until the session catches up.
+            conn.paused = true;
+            if let (Some(id), false) = (conn.recv_id, conn.recv_cancelled) {
+                conn.recv_cancelled = true;
+                self.ring.push(Token::new(K_IGNORE, slot, generation), Op::Cancel { target: id });
+            }
+        }
+        self.dirty.push((slot, generation));
+    }
+
+    fn rearm(ring: &mut Ring, conn: &mut Conn, slot: u32) {
+        if conn.recv_id.is_none() {
+            conn.recv_cancelled = false;
+            conn.recv_id = Some(ring.push(Token::new(K_RECV, slot, conn.generation), Op::RecvMulti { fd: conn.fd }));
+        }
+    }
+
+    /// Feeds the pending input of a connection as far as the session takes it.
+    fn pump(&mut self, slot: u32, generation: u32) {
+        let Some(conn) = self.conns.get_mut(slot, generation) else { return };
+        if conn.closing || conn.committing || conn.pending.is_empty() || conn.out.len() > OUT_CAP {
+            return;
+        }
+        let mut input = std::mem::take(&mut conn.pending);
+        feed_from(conn, &input, &mut self.store, &mut self.commits, &mut self.batches, &mut self.open_batch, slot, &self.cfg, &mut self.to_push);
+        // `feed_from` left what it could not feed in `conn.pending` (empty before the call).
+        input.clear();
+        if conn.pending.is_empty() {
+            self.input_scratch = input;
+        }
+        if conn.paused && conn.pending.len() < PENDING_CAP / 2 && !conn.closing {
+            conn.paused = false;
+            if conn.recv_id.is_none() && !conn.eof {
+                Self::rearm(&mut self.ring, conn, slot);
+            }
+        }
+        if conn.eof && !conn.committing && conn.pending.is_empty() && !conn.closing {
+            conn.closing = true;
+            conn.reason = EndReason::PeerClosed;
+        }
+        self.dirty.push((slot, generation));
+    }
+
+    // ---- send and close -----------------------------------------------------------------
+
+    fn flush_dirty(&mut self) {
+        for (token, op) in std::mem::take(&mut self.to_push) {
+            self.ring.push(token, op);
+        }
+        let dirty = std::mem::take(&mut self.dirty);
+        for &(slot, generation) in &dirty {
+            self.flush(slot, generation);
+        }
+        let mut dirty = dirty;
+        dirty.clear();
+        if self.dirty.is_empty() {
+            self.dirty = dirty;
+        }
+    }
+
+    fn flush(&mut self, slot: u32, generation: u32) {
+        let Some(conn) = self.conns.get_mut(slot, generation) else { return };
+        if conn.session.phase() == Phase::Closed && !conn.closing {
+            conn.closing = true;
+        }
+        if conn.closing && conn.closing_since.is_none() {
+            conn.closing_since = Some(Instant::now());
+        }
+        if conn.send_id.is_none() && !conn.out.is_empty() && conn.reason != EndReason::Reset {
+            let mut buf = std::mem::take(&mut conn.spare);
+            std::mem::swap(&mut buf, &mut conn.out);
+            conn.send_id = Some(self.ring.push(Token::new(K_SEND, slot, generation), Op::Send { fd: conn.fd, buf, off: 0 }));
+        }
+        if conn.closing {
+            self.finish_close(slot, generation);
+        }
+    }
+
+    /// Once a closing connection has no send in flight, cancels its receive; once that is
+    /// gone too, closes the socket. The slot is freed when the close completes.
+    fn finish_close(&mut self, slot: u32, generation: u32) {
+        let Some(conn) = self.conns.get_mut(slot, generation) else { return };
+        if conn.close_pushed {
+            return;
+        }
+        if let (Some(id), false) = (conn.recv_id, conn.recv_cancelled) {
+            conn.recv_cancelled = true;
+            self.ring.push(Token::new(K_IGNORE, slot, generation), Op::Cancel { target: id });
+        }
+        if conn.send_id.is_some() || conn.recv_id.is_some() {
+            return;
+        }
+        conn.close_pushed = true;
+        self.ring.push(Token::new(K_CLOSE, slot, generation), Op::Close { fd: conn.fd });
+    }
+
+    fn on_send(&mut self, c: Completion) {
+        let (slot, generation) = (c.token.slot(), c.token.generation());
+        let Some(conn) = self.conns.get_mut(slot, generation) else { return };
+        let Some(Op::Send { fd, buf, off }) = c.op else { return };
+        conn.send_id = None;
+        match SendOutcome::from_result(c.res) {
+            SendOutcome::Sent(n) => {
+                let off = off + n;
+                if off < buf.len() && n > 0 {
+                    // Short send: push the rest from where the kernel stopped.
+                    conn.send_id = Some(self.ring.push(c.token, Op::Send { fd, buf, off }));
+                    return;
+                }
+                let mut buf = buf;
+                buf.clear();
+                conn.spare = buf;
+            }
+            SendOutcome::Retry => {
+                conn.send_id = Some(self.ring.push(c.token, Op::Send { fd, buf, off }));
+                return;
+            }
+            SendOutcome::PeerClosed | SendOutcome::Canceled => {
+                conn.closing = true;
+                conn.reason = EndReason::Reset;
+                conn.out.clear();
+                conn.pending.clear();
+            }
+            SendOutcome::Unexpected(e) => {
+                tracing::warn!(client = %conn.peer.ip(), "unexpected errno {e} from send");
+                conn.closing = true;
+                conn.reason = EndReason::Error;
+                conn.out.clear();
+            }
+        }
+        // Replies may have piled up behind the send, and input behind the replies.
+        self.pump(slot, generation);
+        self.dirty.push((slot, generation));
+    }
+
+    fn on_closed(&mut self, c: Completion) {
+        let (slot, generation) = (c.token.slot(), c.token.generation());
+        if self.conns.get_mut(slot, generation).is_none() {
+            return;
+        }
+        let conn = self.conns.remove(slot).expect("checked");
+        if conn.admitted {
+            self.shared.release(conn.peer.ip());
+        }
+        if conn.admitted || conn.reason != EndReason::TooMany {
+            let stats = conn.session.stats();
+            tracing::info!(
+                client = %conn.peer.ip(),
+                duration_ms = conn.started.elapsed().as_millis() as u64,
+                messages = stats.messages_accepted,
+                rejected = stats.messages_rejected,
+                commands = stats.commands,
+                errors = stats.errors,
+                result = conn.reason.as_str(),
+                "session end"
+            );
+        }
+    }
+
+    // ---- shutdown and timers ------------------------------------------------------------
+
+    fn on_wake(&mut self, _c: Completion) {
+        if self.shutting_down {
+            return;
+        }
+        tracing::info!(worker = self.index, "shutting down");
+        self.shutting_down = true;
+        self.grace_deadline = Some(Instant::now() + self.cfg.shutdown_grace);
+        for i in 0..self.listeners.len() {
+            match self.accept_ids[i] {
+                Some(id) => {
+                    self.ring.push(Token::new(K_IGNORE, 0, 0), Op::Cancel { target: id });
+                }
+                None => self.listeners[i] = None,
+            }
+        }
+        self.shutdown_sessions(false);
+    }
+
+    fn shutdown_sessions(&mut self, force: bool) {
+        let mut touched = Vec::new();
+        for (slot, item) in self.conns.items.iter_mut().enumerate() {
+            let Some(conn) = item else { continue };
+            if conn.closing {
+                continue;
+            }
+            if conn.session.on_shutdown(&mut conn.out, force) {
+                conn.closing = true;
+                conn.reason = EndReason::Shutdown;
+                conn.pending.clear();
+            }
+            touched.push((slot as u32, conn.generation));
+        }
+        self.dirty.extend(touched);
+    }
+
+    fn tick(&mut self, now: Instant) {
+        if let Some(g) = self.grace_deadline {
+            if now >= g && !self.forced {
+                self.forced = true;
+                self.shutdown_sessions(true);
+            }
+        }
+        let idle = self.cfg.idle_timeout;
+        let mut touched = Vec::new();
+        for (slot, item) in self.conns.items.iter_mut().enumerate() {
+            let Some(conn) = item else { continue };
+            if conn.closing {
+                let stuck = conn.closing_since.is_some_and(|t| now.duration_since(t) > CLOSE_LINGER)
+                    || (self.forced && self.grace_deadline.is_some_and(|g| now > g + Duration::from_secs(2)));
+                if stuck && !conn.close_pushed {
+                    // The client does not read our last reply: stop waiting for the send.
+                    if let Some(id) = conn.send_id {
+                        self.ring.push(Token::new(K_IGNORE, slot as u32, conn.generation), Op::Cancel { target: id });
+                    }
+                }
+                continue;
+            }
+            if !conn.committing && now.duration_since(conn.last_active) >= idle {
+                conn.session.on_idle_timeout(&mut conn.out);
+                conn.closing = true;
+                conn.reason = EndReason::Timeout;
+                conn.pending.clear();
+                touched.push((slot as u32, conn.generation));
+            }
+        }
+        self.dirty.extend(touched);
+    }
+
+    // ---- group commit -------------------------------------------------------------------
+
+    fn progress_batches(&mut self, now: Instant) {
+        // Close the open batch on size, age, or when nothing older is still in flight.
+        if let Some(b) = self.open_batch {
+            let older_in_flight = self.batches.len > 1;
+            if let Some(batch) = self.batches.items[b].as_mut() {
+                let full = batch.entries.len() >= self.cfg.batch_messages_max;
+                let old = now.duration_since(batch.opened) >= Duration::from_micros(self.cfg.batch_delay_us_max);
+                if full || old || !older_in_flight {
+                    batch.closed = true;
+                    self.open_batch = None;
+                }
+            }
+        }
+        for b in 0..self.batches.items.len() {
+            self.maybe_sync_batch(b);
+        }
+    }
+
+    /// A closed batch whose messages are all renamed (or failed) gets its directory fsync.
+    fn maybe_sync_batch(&mut self, b: usize) {
+        let Some(batch) = self.batches.items[b].as_ref() else { return };
+        if !batch.closed || batch.dir_sync_pushed {
+            return;
+        }
+        let all_done = batch
+            .entries
+            .iter()
+            .all(|&e| self.commits.items[e].as_ref().map_or(true, |c| c.step == Step::Done));
+        if !all_done {
+            return;
+        }
+        let any_renamed = batch
+            .entries
+            .iter()
+            .any(|&e| self.commits.items[e].as_ref().is_some_and(|c| c.result.is_none()));
+        let generation = self.batches.generations[b];
+        let batch = self.batches.items[b].as_mut().expect("checked");
+        batch.dir_sync_pushed = true;
+        match (&self.store, any_renamed) {
+            (Store::Maildir(m), true) => {
+                let fd = m.new_dir_fd().as_raw_fd();
+                self.ring.push(Token::new(K_DIRSYNC, b as u32, generation), Op::Fsync { fd });
+            }
+            _ => self.finish_batch(b, None),
+        }
+    }
+
+    fn on_dir_synced(&mut self, c: Completion) {
+        let b = c.token.slot() as usize;
+        match FileOutcome::from_result(c.res) {
+            FileOutcome::Done(_) => self.finish_batch(b, None),
+            FileOutcome::Retry => {
+                if let Some(op) = c.op {
+                    self.ring.push(c.token, op);
+                }
+            }
+            FileOutcome::NoSpace => self.finish_batch(b, Some(CommitResult::NoSpace)),
+            FileOutcome::Failed(e) => {
+                tracing::error!(worker = self.index, "fsync of maildir new/ failed: errno {e}");
+                self.finish_batch(b, Some(CommitResult::Failed));
+            }
+        }
+    }
+
+    /// Answers every session of batch `b`. `failure`: the directory fsync failed, so even the
+    /// renamed messages are not known durable.
+    fn finish_batch(&mut self, b: usize, failure: Option<CommitResult>) {
+        let Some(batch) = self.batches.remove(b as u32) else { return };
+        for e in batch.entries {
+            let Some(entry) = self.commits.remove(e as u32) else { continue };
+            let result = match (entry.result, &failure) {
+                (Some(r), _) => r,
+                (None, Some(f)) => f.clone(),
+                (None, None) => CommitResult::Stored { queue_id: entry.queue_id.clone() },
+            };
+            self.answer(entry.conn, &entry.envelope, entry.total, result);
+        }
+    }
+
+    /// Logs a message's outcome and hands it to its session (if the connection is still there).
+    fn answer(&mut self, conn_token: Token, envelope: &Envelope, size: usize, result: CommitResult) {
+        match &result {
+            CommitResult::Stored { queue_id } => {
+                self.report.messages += 1;
+                self.report.bytes += size as u64;
+                tracing::info!(
+                    queue_id = %queue_id,
+                    client = %envelope.peer.ip(),
+                    from = %envelope.mail_from,
+                    to = ?envelope.rcpt_to,
+                    size,
+                    result = "stored",
+                    "message"
+                );
+            }
+            other => {
+                self.report.failed += 1;
+                tracing::warn!(
+                    client = %envelope.peer.ip(),
+                    from = %envelope.mail_from,
+                    to = ?envelope.rcpt_to,
+                    size,
+                    result = if *other == CommitResult::NoSpace { "no space" } else { "failed" },
+                    "message"
+                );
+            }
+        }
+        let (slot, generation) = (conn_token.slot(), conn_token.generation());
+        let Some(conn) = self.conns.get_mut(slot, generation) else { return };
+        conn.committing = false;
+        if conn.closing {
+            return;
+        }
+        conn.session.committed(result, &mut conn.out);
+        if conn.session.phase() == Phase::Closed {
+            conn.closing = true;
+            if self.shutting_down {
+                conn.reason = EndReason::Shutdown;
+            }
+        }
+        self.pump(slot, generation);
+        self.dirty.push((slot, generation));
+    }
+
+    fn on_commit_step(&mut self, c: Completion) {
+        let (e, generation) = (c.token.slot(), c.token.generation());
+        let Some(op) = c.op else { return };
+        let Some(entry) = self.commits.get_mut(e, generation) else { return };
+        let outcome = FileOutcome::from_result(c.res);
+        if outcome == FileOutcome::Retry {
+            self.ring.push(c.token, op);
+            return;
+        }
+        let token = c.token;
+        match (entry.step, outcome) {
+            (Step::Open, FileOutcome::Done(fd)) => {
+                entry.fd = fd;
+                entry.step = Step::Write;
+                let Op::OpenAt { .. } = op else { unreachable_op(&op) };
+                let (head, body) = entry.staged.take().unwrap_or_default();
+                self.ring.push(token, Op::write2(fd, head, body, 0));
+            }
+            (Step::Write, FileOutcome::Done(n)) => {
+                let Op::Write2 { fd, head, body, done, .. } = op else { unreachable_op(&op) };
+                let done = done + n as usize;
+                if done < entry.total && n > 0 {
+                    self.ring.push(token, Op::write2(fd, head, body, done));
+                } else if n == 0 && done < entry.total {
+                    self.fail_commit(e, libc::EIO);
+                } else {
+                    entry.step = Step::Fsync;
+                    self.ring.push(token, Op::Fsync { fd });
+                }
+            }
+            (Step::Fsync, FileOutcome::Done(_)) => {
+                entry.step = Step::Close;
+                let fd = entry.fd;
+                self.ring.push(token, Op::Close { fd });
+            }
+            (Step::Close, FileOutcome::Done(_)) => {
+                entry.fd = -1;
+                entry.step = Step::Rename;
+                let (from, to) = (entry.tmp_path.clone(), entry.new_path.clone());
+                self.ring.push(token, Op::RenameAt { from, to });
+            }
+            (Step::Rename, FileOutcome::Done(_)) => {
+                entry.step = Step::Done;
+                let b = entry.batch;
+                self.maybe_sync_batch(b);
+            }
+            (Step::Unlink, _) => {
+                // Whether or not the unlink worked, the message is answered as failed; a left
+                // tmp file is removed by the next start-up's recovery.
+                entry.step = Step::Done;
+                let b = entry.batch;
+                self.maybe_sync_batch(b);
+            }
+            (step, FileOutcome::NoSpace) => {
+                tracing::warn!(worker = self.index, "{step:?} of a message: no space left");
+                self.fail_commit(e, libc::ENOSPC);
+            }
+            (step, FileOutcome::Failed(errno)) => {
+                tracing::error!(worker = self.index, "{step:?} of a message failed: {}", std::io::Error::from_raw_os_error(errno));
+                self.fail_commit(e, errno);
+            }
+            (step, outcome) => {
+                tracing::error!(worker = self.index, "unexpected {outcome:?} in commit step {step:?}");
+                self.fail_commit(e, libc::EIO);
+            }
+        }
+    }
+
+    /// A commit step failed: close the file if open, unlink the tmp file, remember the answer.
+    fn fail_commit(&mut self, e: u32, errno: i32) {
+        let generation = self.commits.generations[e as usize];
+        let Some(entry) = self.commits.get_mut(e, generation) else { return };
+        entry.result = Some(commit_result_for_errno(errno));
+        if entry.fd >= 0 {
+            // Closing is best effort: the file is about to be unlinked anyway.
+            self.ring.push(Token::new(K_IGNORE, e, generation), Op::Close { fd: entry.fd });
+            entry.fd = -1;
+        }
+        entry.step = Step::Unlink;
+        let path = entry.tmp_path.clone();
+        self.ring.push(Token::new(K_COMMIT, e, generation), Op::UnlinkAt { path });
+    }
+}
+
+fn unreachable_op(op: &Op) -> ! {
+    // The step and the op travel together; a mismatch is a bug in this file, not bad input.
+    panic!("commit step got a completion for {}", op.name())
+}
+
+/// Feeds `input` to the connection's session until it needs more, commits, or closes.
+/// Whatever cannot be fed now (behind a commit) is appended to `conn.pending`.
+#[allow(clippy::too_many_arguments)]
+fn feed_from(
+    conn: &mut Conn,
+    input: &[u8],
+    store: &mut Store,
+    commits: &mut Slab<CommitEntry>,
+    batches: &mut Slab<Batch>,
+    open_batch: &mut Option<usize>,
+    slot: u32,
+    cfg: &Config,
+    to_push: &mut Vec<(Token, Op)>,
+) {
+    let mut pos = 0;
+    while pos < input.len() {
+        if conn.out.len() > OUT_CAP {
+            conn.pending.extend_from_slice(&input[pos..]);
+            return;
+        }
+        match conn.session.feed(&input[pos..], &mut conn.out) {
+            Feed::NeedMore => return,
+            Feed::Close { .. } => {
+                conn.closing = true;
+                conn.reason = EndReason::Quit;
+                return;
+            }
+            Feed::Commit { consumed } => {
+                pos += consumed.min(input.len() - pos);
+                let Some(msg) = conn.session.take_message() else {
+                    tracing::error!(client = %conn.peer.ip(), "session announced a message but had none");
+                    conn.closing = true;
+                    conn.reason = EndReason::Error;
+                    return;
+                };
+                match store {
+                    Store::Discard(d) => {
+                        let queue_id = d.accept(&msg, SystemTime::now());
+                        tracing::info!(
+                            queue_id = %queue_id,
+                            client = %conn.peer.ip(),
+                            from = %msg.envelope.mail_from,
+                            to = ?msg.envelope.rcpt_to,
+                            size = msg.body.len(),
+                            result = "discarded",
+                            "message"
+                        );
+                        conn.session.committed(CommitResult::Stored { queue_id }, &mut conn.out);
+                        if conn.session.phase() == Phase::Closed {
+                            conn.closing = true;
+                            return;
+                        }
+                    }
+                    Store::Maildir(m) => {
+                        let prepared = m.prepare(&msg, SystemTime::now());
+                        let total = prepared.header.len() + msg.body.len();
+                        let (e, generation) = commits.vacant();
+                        let b = match *open_batch {
+                            Some(b) => b,
+                            None => {
+                                let (b, _) = batches.vacant();
+                                batches.fill(
+                                    b,
+                                    Batch { entries: Vec::new(), opened: Instant::now(), closed: false, dir_sync_pushed: false },
+                                );
+                                *open_batch = Some(b as usize);
+                                b as usize
+                            }
+                        };
+                        if let Some(batch) = batches.items[b].as_mut() {
+                            batch.entries.push(e as usize);
+                            if batch.entries.len() >= cfg.batch_messages_max {
+                                batch.closed = true;
+                                *open_batch = None;
+                            }
+                        }
+                        let conn_token = Token::new(K_RECV, slot, conn.generation);
+                        let entry = CommitEntry {
+                            conn: conn_token,
+                            batch: b,
+                            queue_id: prepared.queue_id,
+                            tmp_path: prepared.tmp_path,
+                            new_path: prepared.new_path,
+                            fd: -1,
+                            step: Step::Open,
+                            total,
+                            envelope: msg.envelope,
+                            result: None,
+                            staged: Some((prepared.header, msg.body)),
+                        };
+                        let path = entry.tmp_path.clone();
+                        commits.fill(e, entry);
+                        to_push.push((
+                            Token::new(K_COMMIT, e, generation),
+                            Op::OpenAt {
+                                path,
+                                flags: libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_CLOEXEC,
+                                mode: 0o600,
+                            },
+                        ));
+                        conn.committing = true;
+                        conn.pending.extend_from_slice(&input[pos..]);
+                        return;
+                    }
+                }
+            }
+        }
+    }
+}
+
