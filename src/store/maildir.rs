@@ -287,13 +287,14 @@ pub const ADDRESS_CHARS_MAX: usize = 900;
 
 /// The client's HELO text made safe for the Received: header. The session passes it on as
 /// sent, so a client could try CR/LF (a header of its own), or parentheses and ';' (a fake
-/// comment or date). Letters and digits (any script, for SMTPUTF8), '-', '.', '_', ':', '[' and
-/// ']' (address literals) stay; everything else becomes '?'. Empty becomes "unknown".
-pub fn sanitize_helo(helo: &str) -> String {
+/// comment or date). ASCII letters and digits, '-', '.', '_', ':', '[' and ']' (address
+/// literals) stay, and with `utf8` (an SMTPUTF8 transaction, RFC 6532 headers) letters and
+/// digits of any script too; everything else becomes '?'. Empty becomes "unknown".
+pub fn sanitize_helo(helo: &str, utf8: bool) -> String {
     let out: String = helo
         .chars()
         .take(HELO_CHARS_MAX)
-        .map(|c| if c.is_alphanumeric() || "-._:[]".contains(c) { c } else { '?' })
+        .map(|c| if ((c.is_ascii() || utf8) && c.is_alphanumeric()) || "-._:[]".contains(c) { c } else { '?' })
         .collect();
     if out.is_empty() {
         "unknown".into()
@@ -303,10 +304,14 @@ pub fn sanitize_helo(helo: &str) -> String {
 }
 
 /// An envelope address made safe for a header line: control characters (CR, LF, NUL, DEL, ...)
-/// become '?', length is bounded. The parser should never let such bytes through; this is the
-/// second fence, since a CRLF here would let a client forge headers in the stored file.
-pub fn sanitize_address(addr: &str) -> String {
-    addr.chars().take(ADDRESS_CHARS_MAX).map(|c| if c.is_control() { '?' } else { c }).collect()
+/// become '?', and so does anything non-ASCII unless `utf8` (SMTPUTF8); length is bounded. The
+/// parser should never let such characters through; this is the second fence, since a CRLF
+/// here would let a client forge headers in the stored file.
+pub fn sanitize_address(addr: &str, utf8: bool) -> String {
+    addr.chars()
+        .take(ADDRESS_CHARS_MAX)
+        .map(|c| if c.is_control() || !(c.is_ascii() || utf8) { '?' } else { c })
+        .collect()
 }
 
 /// The address of a peer as an RFC 5321 address literal: `[192.0.2.1]`, `[IPv6:2001:db8::1]`.
@@ -334,13 +339,14 @@ fn address_literal(ip: std::net::IpAddr) -> String {
 /// recipients to each). The protocol is SMTP after HELO, ESMTP after EHLO and UTF8SMTP when the
 /// transaction used SMTPUTF8 (RFC 6531 section 3.7.3).
 pub fn header_block(env: &Envelope, hostname: &str, queue_id: &str, now: SystemTime) -> Vec<u8> {
+    let utf8 = env.smtputf8;
     let mut h = String::with_capacity(256 + 64 * env.rcpt_to.len());
     h.push_str("Return-Path: <");
-    h.push_str(&sanitize_address(&env.mail_from));
+    h.push_str(&sanitize_address(&env.mail_from, utf8));
     h.push_str(">\r\n");
     for r in &env.rcpt_to {
         h.push_str("X-Envelope-To: <");
-        h.push_str(&sanitize_address(r));
+        h.push_str(&sanitize_address(r, utf8));
         h.push_str(">\r\n");
     }
     let with = if env.smtputf8 {
@@ -353,12 +359,12 @@ pub fn header_block(env: &Envelope, hostname: &str, queue_id: &str, now: SystemT
     let date = rfc5322_date(epoch_parts(now).0);
     h.push_str(&format!(
         "Received: from {} ({})\r\n\tby {} with {with} id {queue_id}",
-        sanitize_helo(&env.helo),
+        sanitize_helo(&env.helo, utf8),
         address_literal(env.peer.ip()),
         hostname,
     ));
     match env.rcpt_to.as_slice() {
-        [one] => h.push_str(&format!("\r\n\tfor <{}>; {date}\r\n", sanitize_address(one))),
+        [one] => h.push_str(&format!("\r\n\tfor <{}>; {date}\r\n", sanitize_address(one, utf8))),
         _ => h.push_str(&format!(";\r\n\t{date}\r\n")),
     }
     h.into_bytes()
@@ -520,14 +526,18 @@ mod tests {
 
     #[test]
     fn sanitize_helo_keeps_domains_and_literals_and_bounds_length() {
-        assert_eq!(sanitize_helo("mail.example.com"), "mail.example.com");
-        assert_eq!(sanitize_helo("[192.0.2.1]"), "[192.0.2.1]");
-        assert_eq!(sanitize_helo("[IPv6:2001:db8::1]"), "[IPv6:2001:db8::1]");
-        assert_eq!(sanitize_helo("bücher.example"), "bücher.example");
-        assert_eq!(sanitize_helo(""), "unknown");
-        assert_eq!(sanitize_helo("a b\tc"), "a?b?c");
-        assert_eq!(sanitize_helo(&"x".repeat(10_000)).chars().count(), HELO_CHARS_MAX);
-        assert_eq!(sanitize_address(&"y".repeat(10_000)).chars().count(), ADDRESS_CHARS_MAX);
+        assert_eq!(sanitize_helo("mail.example.com", false), "mail.example.com");
+        assert_eq!(sanitize_helo("[192.0.2.1]", false), "[192.0.2.1]");
+        assert_eq!(sanitize_helo("[IPv6:2001:db8::1]", false), "[IPv6:2001:db8::1]");
+        assert_eq!(sanitize_helo("bücher.example", true), "bücher.example");
+        // Without SMTPUTF8 the stored headers stay ASCII (RFC 5322).
+        assert_eq!(sanitize_helo("bücher.example", false), "b?cher.example");
+        assert_eq!(sanitize_address("jörg@bücher.example", false), "j?rg@b?cher.example");
+        assert_eq!(sanitize_address("jörg@bücher.example", true), "jörg@bücher.example");
+        assert_eq!(sanitize_helo("", false), "unknown");
+        assert_eq!(sanitize_helo("a b\tc", true), "a?b?c");
+        assert_eq!(sanitize_helo(&"x".repeat(10_000), false).chars().count(), HELO_CHARS_MAX);
+        assert_eq!(sanitize_address(&"y".repeat(10_000), true).chars().count(), ADDRESS_CHARS_MAX);
     }
 
     #[test]
@@ -705,6 +715,9 @@ mod tests {
             want.push("Received");
             proptest::prop_assert_eq!(headers, want);
             proptest::prop_assert!(h.contains(" id QID"));
+            if !smtputf8 {
+                proptest::prop_assert!(h.is_ascii(), "non-ASCII header without SMTPUTF8");
+            }
         }
     }
 
