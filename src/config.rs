@@ -74,12 +74,19 @@ impl Config {
     /// The log filter `main` should install: `--log-level` (or the file's `log-level`) wins,
     /// then the RUST_LOG environment variable, then `info`.
     pub fn log_filter(&self) -> String {
-        log_filter(self.log_level.as_deref(), std::env::var("RUST_LOG").ok().as_deref())
+        log_filter(
+            self.log_level.as_deref(),
+            std::env::var("RUST_LOG").ok().as_deref(),
+        )
     }
 }
 
 fn log_filter(configured: Option<&str>, env: Option<&str>) -> String {
-    configured.or(env).filter(|s| !s.trim().is_empty()).unwrap_or("info").to_string()
+    configured
+        .or(env)
+        .filter(|s| !s.trim().is_empty())
+        .unwrap_or("info")
+        .to_string()
 }
 
 /// Why the configuration cannot be used. Display is one line: what is wrong, what to do.
@@ -292,10 +299,15 @@ impl FileConfig {
         toml::from_str(text).map_err(|e| {
             // toml's Display draws the offending line over several lines; people get one
             // line with the position instead.
-            let line = e.span().and_then(|s| text.get(..s.start)).map(|before| before.matches('\n').count() + 1);
+            let line = e
+                .span()
+                .and_then(|s| text.get(..s.start))
+                .map(|before| before.matches('\n').count() + 1);
             let msg = e.message().replace('\n', " ");
             match line {
-                Some(n) => ConfigError::new(format!("config file {} line {n}: {msg}", path.display())),
+                Some(n) => {
+                    ConfigError::new(format!("config file {} line {n}: {msg}", path.display()))
+                }
                 None => ConfigError::new(format!("config file {}: {msg}", path.display())),
             }
         })
@@ -336,7 +348,9 @@ fn valid_hostname(name: &str) -> bool {
         && name.split('.').all(|label| {
             !label.is_empty()
                 && label.len() <= 63
-                && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
         })
 }
 
@@ -353,8 +367,11 @@ fn normalize_domain(raw: &str) -> Result<String, ConfigError> {
 }
 
 fn system_hostname() -> Result<String, ConfigError> {
-    let name = nix::unistd::gethostname()
-        .map_err(|e| ConfigError::new(format!("cannot read the system host name ({e}): pass --hostname NAME")))?;
+    let name = nix::unistd::gethostname().map_err(|e| {
+        ConfigError::new(format!(
+            "cannot read the system host name ({e}): pass --hostname NAME"
+        ))
+    })?;
     name.into_string()
         .map_err(|_| ConfigError::new("the system host name is not UTF-8: pass --hostname NAME"))
 }
@@ -362,7 +379,9 @@ fn system_hostname() -> Result<String, ConfigError> {
 fn is_loopback(addr: &SocketAddr) -> bool {
     match addr.ip() {
         IpAddr::V4(v4) => v4.is_loopback(),
-        IpAddr::V6(v6) => v6.is_loopback() || v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback()),
+        IpAddr::V6(v6) => {
+            v6.is_loopback() || v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback())
+        }
     }
 }
 
@@ -397,24 +416,41 @@ impl Config {
                 })
                 .collect::<Result<Vec<_>, _>>()?
         } else {
-            vec![DEFAULT_LISTEN.parse().expect("default listen address parses")]
+            vec![DEFAULT_LISTEN
+                .parse()
+                .expect("default listen address parses")]
         };
         if listen.is_empty() {
-            return Err(ConfigError::new("no listen address: give at least one --listen IP:PORT"));
+            return Err(ConfigError::new(
+                "no listen address: give at least one --listen IP:PORT",
+            ));
         }
         if let Some(a) = listen.iter().find(|a| a.port() == 0) {
             return Err(ConfigError::new(format!(
                 "--listen {a} has port 0: give the port to listen on, e.g. --listen {}:2525",
-                match a { SocketAddr::V4(v) => v.ip().to_string(), SocketAddr::V6(v) => format!("[{}]", v.ip()) }
+                match a {
+                    SocketAddr::V4(v) => v.ip().to_string(),
+                    SocketAddr::V6(v) => format!("[{}]", v.ip()),
+                }
             )));
         }
         let mut seen = std::collections::HashSet::new();
         if let Some(dup) = listen.iter().find(|a| !seen.insert(**a)) {
-            return Err(ConfigError::new(format!("--listen {dup} is given twice: give each address once")));
+            return Err(ConfigError::new(format!(
+                "--listen {dup} is given twice: give each address once"
+            )));
         }
 
-        let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-        let workers = in_range("workers", args.workers.or(file.workers).unwrap_or(cpus), 1, 1024, "")?;
+        let cpus = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1);
+        let workers = in_range(
+            "workers",
+            args.workers.or(file.workers).unwrap_or(cpus),
+            1,
+            1024,
+            "",
+        )?;
 
         let hostname = match args.hostname.or(file.hostname) {
             Some(h) => h,
@@ -430,7 +466,9 @@ impl Config {
         let store = match args.store {
             Some(s) => s,
             None => match file.store {
-                Some(s) => s.parse::<StoreSpec>().map_err(|e| ConfigError::new(format!("--store in the config file: {e}")))?,
+                Some(s) => s
+                    .parse::<StoreSpec>()
+                    .map_err(|e| ConfigError::new(format!("--store in the config file: {e}")))?,
                 None => StoreSpec::Maildir(PathBuf::from(DEFAULT_STORE_DIR)),
             },
         };
@@ -470,28 +508,36 @@ impl Config {
 
         let max_message_size = in_range(
             "max-message-size",
-            args.max_message_size.or(file.max_message_size).unwrap_or(DEFAULT_MAX_MESSAGE_SIZE),
+            args.max_message_size
+                .or(file.max_message_size)
+                .unwrap_or(DEFAULT_MAX_MESSAGE_SIZE),
             1,
             1 << 30,
             " (a message is held in memory until it is stored)",
         )?;
         let max_recipients = in_range(
             "max-recipients",
-            args.max_recipients.or(file.max_recipients).unwrap_or(DEFAULT_MAX_RECIPIENTS),
+            args.max_recipients
+                .or(file.max_recipients)
+                .unwrap_or(DEFAULT_MAX_RECIPIENTS),
             1,
             100_000,
             "",
         )?;
         let idle_timeout = in_range(
             "idle-timeout",
-            args.idle_timeout.or(file.idle_timeout).unwrap_or(DEFAULT_IDLE_TIMEOUT_SECS),
+            args.idle_timeout
+                .or(file.idle_timeout)
+                .unwrap_or(DEFAULT_IDLE_TIMEOUT_SECS),
             1,
             86_400,
             " seconds",
         )?;
         let connections_max = in_range(
             "max-connections",
-            args.max_connections.or(file.max_connections).unwrap_or(DEFAULT_MAX_CONNECTIONS),
+            args.max_connections
+                .or(file.max_connections)
+                .unwrap_or(DEFAULT_MAX_CONNECTIONS),
             1,
             1_000_000,
             "",
@@ -500,38 +546,55 @@ impl Config {
         // (lowering --max-connections alone should just work), so it is capped instead.
         let connections_per_ip_max = in_range(
             "max-connections-per-ip",
-            args.max_connections_per_ip.or(file.max_connections_per_ip).unwrap_or(DEFAULT_MAX_CONNECTIONS_PER_IP),
+            args.max_connections_per_ip
+                .or(file.max_connections_per_ip)
+                .unwrap_or(DEFAULT_MAX_CONNECTIONS_PER_IP),
             1,
             1_000_000,
             "",
         )?
         .min(connections_max);
-        let max_errors =
-            in_range("max-errors", args.max_errors.or(file.max_errors).unwrap_or(DEFAULT_MAX_ERRORS), 1, 10_000, "")?;
+        let max_errors = in_range(
+            "max-errors",
+            args.max_errors
+                .or(file.max_errors)
+                .unwrap_or(DEFAULT_MAX_ERRORS),
+            1,
+            10_000,
+            "",
+        )?;
         let shutdown_grace = in_range(
             "shutdown-grace",
-            args.shutdown_grace.or(file.shutdown_grace).unwrap_or(DEFAULT_SHUTDOWN_GRACE_SECS),
+            args.shutdown_grace
+                .or(file.shutdown_grace)
+                .unwrap_or(DEFAULT_SHUTDOWN_GRACE_SECS),
             0,
             3_600,
             " seconds",
         )?;
         let batch_messages_max = in_range(
             "batch-messages-max",
-            args.batch_messages_max.or(file.batch_messages_max).unwrap_or(DEFAULT_BATCH_MESSAGES_MAX),
+            args.batch_messages_max
+                .or(file.batch_messages_max)
+                .unwrap_or(DEFAULT_BATCH_MESSAGES_MAX),
             1,
             4_096,
             "",
         )?;
         let batch_delay_us_max = in_range(
             "batch-delay-us-max",
-            args.batch_delay_us_max.or(file.batch_delay_us_max).unwrap_or(DEFAULT_BATCH_DELAY_US_MAX),
+            args.batch_delay_us_max
+                .or(file.batch_delay_us_max)
+                .unwrap_or(DEFAULT_BATCH_DELAY_US_MAX),
             0,
             1_000_000,
             " microseconds",
         )?;
         let line_bytes_max = in_range(
             "line-bytes-max",
-            args.line_bytes_max.or(file.line_bytes_max).unwrap_or(DEFAULT_LINE_BYTES_MAX),
+            args.line_bytes_max
+                .or(file.line_bytes_max)
+                .unwrap_or(DEFAULT_LINE_BYTES_MAX),
             512,
             65_536,
             " (RFC 5321 requires at least 512)",
@@ -580,7 +643,9 @@ mod tests {
     }
 
     fn err(args: &[&str]) -> String {
-        let e = parse(args).expect_err("config should be refused").to_string();
+        let e = parse(args)
+            .expect_err("config should be refused")
+            .to_string();
         assert!(!e.contains('\n'), "error must be one line: {e}");
         e
     }
@@ -602,9 +667,18 @@ mod tests {
     #[test]
     fn defaults_match_the_documented_ones() {
         let c = parse(&["--hostname", "mx.example.com"]).unwrap();
-        assert_eq!(c.listen, vec!["127.0.0.1:2525".parse::<SocketAddr>().unwrap()]);
-        assert_eq!(c.workers, std::thread::available_parallelism().unwrap().get());
-        assert_eq!(c.store, StoreSpec::Maildir(PathBuf::from("./ringmx-data/maildir")));
+        assert_eq!(
+            c.listen,
+            vec!["127.0.0.1:2525".parse::<SocketAddr>().unwrap()]
+        );
+        assert_eq!(
+            c.workers,
+            std::thread::available_parallelism().unwrap().get()
+        );
+        assert_eq!(
+            c.store,
+            StoreSpec::Maildir(PathBuf::from("./ringmx-data/maildir"))
+        );
         assert_eq!(c.session.hostname, "mx.example.com");
         assert_eq!(c.session.max_message_size, 26_214_400);
         assert_eq!(c.session.max_recipients, 100);
@@ -614,7 +688,10 @@ mod tests {
         assert_eq!(c.connections_max, 10_000);
         assert_eq!(c.connections_per_ip_max, 50);
         assert_eq!(c.shutdown_grace, Duration::from_secs(30));
-        assert_eq!((c.batch_messages_max, c.batch_delay_us_max, c.line_bytes_max), (64, 2_000, 512));
+        assert_eq!(
+            (c.batch_messages_max, c.batch_delay_us_max, c.line_bytes_max),
+            (64, 2_000, 512)
+        );
         assert_eq!(c.log_level, None);
     }
 
@@ -624,25 +701,68 @@ mod tests {
         match parse(&[]) {
             Ok(c) => assert_eq!(c.session.hostname, sys),
             // A host whose name is not a domain name must be told to pass --hostname.
-            Err(e) => assert!(!valid_hostname(&sys) && e.to_string().contains("--hostname"), "{e}"),
+            Err(e) => assert!(
+                !valid_hostname(&sys) && e.to_string().contains("--hostname"),
+                "{e}"
+            ),
         }
     }
 
     #[test]
     fn every_flag_is_read() {
         let c = parse(&[
-            "--listen", "127.0.0.1:25", "--listen", "[::1]:2525", "--workers", "3", "--hostname", "mx.a.example",
-            "--store", "discard", "--accept-domain", "Example.COM.", "--accept-domain", "b.example",
-            "--max-message-size", "1000", "--max-recipients", "7", "--idle-timeout", "9", "--max-connections", "20",
-            "--max-connections-per-ip", "4", "--max-errors", "3", "--shutdown-grace", "0", "--log-level", "debug",
-            "--batch-messages-max", "8", "--batch-delay-us-max", "0", "--line-bytes-max", "1024",
+            "--listen",
+            "127.0.0.1:25",
+            "--listen",
+            "[::1]:2525",
+            "--workers",
+            "3",
+            "--hostname",
+            "mx.a.example",
+            "--store",
+            "discard",
+            "--accept-domain",
+            "Example.COM.",
+            "--accept-domain",
+            "b.example",
+            "--max-message-size",
+            "1000",
+            "--max-recipients",
+            "7",
+            "--idle-timeout",
+            "9",
+            "--max-connections",
+            "20",
+            "--max-connections-per-ip",
+            "4",
+            "--max-errors",
+            "3",
+            "--shutdown-grace",
+            "0",
+            "--log-level",
+            "debug",
+            "--batch-messages-max",
+            "8",
+            "--batch-delay-us-max",
+            "0",
+            "--line-bytes-max",
+            "1024",
         ])
         .unwrap();
-        assert_eq!(c.listen, vec!["127.0.0.1:25".parse().unwrap(), "[::1]:2525".parse::<SocketAddr>().unwrap()]);
+        assert_eq!(
+            c.listen,
+            vec![
+                "127.0.0.1:25".parse().unwrap(),
+                "[::1]:2525".parse::<SocketAddr>().unwrap()
+            ]
+        );
         assert_eq!(c.workers, 3);
         assert_eq!(c.store, StoreSpec::Discard);
         assert_eq!(c.session.hostname, "mx.a.example");
-        assert_eq!(c.session.accept_domains, Some(vec!["example.com".to_string(), "b.example".to_string()]));
+        assert_eq!(
+            c.session.accept_domains,
+            Some(vec!["example.com".to_string(), "b.example".to_string()])
+        );
         assert_eq!(c.session.max_message_size, 1000);
         assert_eq!(c.session.max_recipients, 7);
         assert_eq!(c.idle_timeout, Duration::from_secs(9));
@@ -650,37 +770,97 @@ mod tests {
         assert_eq!(c.session.max_errors, 3);
         assert_eq!(c.shutdown_grace, Duration::ZERO);
         assert_eq!(c.log_level.as_deref(), Some("debug"));
-        assert_eq!((c.batch_messages_max, c.batch_delay_us_max, c.line_bytes_max), (8, 0, 1024));
+        assert_eq!(
+            (c.batch_messages_max, c.batch_delay_us_max, c.line_bytes_max),
+            (8, 0, 1024)
+        );
     }
 
     #[test]
     fn store_spec_parses_maildir_and_discard_only() {
-        assert_eq!("maildir:/x/y".parse::<StoreSpec>(), Ok(StoreSpec::Maildir("/x/y".into())));
+        assert_eq!(
+            "maildir:/x/y".parse::<StoreSpec>(),
+            Ok(StoreSpec::Maildir("/x/y".into()))
+        );
         assert_eq!("discard".parse::<StoreSpec>(), Ok(StoreSpec::Discard));
         assert!("maildir:".parse::<StoreSpec>().is_err());
-        assert!("mbox:/x".parse::<StoreSpec>().unwrap_err().contains("maildir:DIR or discard"));
-        let e = Cli::try_parse_from(["ringmx", "serve", "--store", "/var/mail"]).unwrap_err().to_string();
+        assert!("mbox:/x"
+            .parse::<StoreSpec>()
+            .unwrap_err()
+            .contains("maildir:DIR or discard"));
+        let e = Cli::try_parse_from(["ringmx", "serve", "--store", "/var/mail"])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("maildir:DIR or discard"), "{e}");
     }
 
     #[test]
     fn open_listen_address_needs_a_recipient_policy() {
         let e = err(&["--hostname", "mx", "--listen", "0.0.0.0:25"]);
-        assert!(e.contains("--accept-domain") && e.contains("--accept-any-recipient"), "{e}");
+        assert!(
+            e.contains("--accept-domain") && e.contains("--accept-any-recipient"),
+            "{e}"
+        );
         assert!(e.contains("0.0.0.0:25"), "{e}");
         // One open address among loopback ones is enough to require it.
-        let e = err(&["--hostname", "mx", "--listen", "127.0.0.1:25", "--listen", "[2001:db8::1]:25"]);
-        assert!(e.contains("--accept-domain") && e.contains("--accept-any-recipient"), "{e}");
+        let e = err(&[
+            "--hostname",
+            "mx",
+            "--listen",
+            "127.0.0.1:25",
+            "--listen",
+            "[2001:db8::1]:25",
+        ]);
+        assert!(
+            e.contains("--accept-domain") && e.contains("--accept-any-recipient"),
+            "{e}"
+        );
 
-        let c = parse(&["--hostname", "mx", "--listen", "0.0.0.0:25", "--accept-any-recipient"]).unwrap();
+        let c = parse(&[
+            "--hostname",
+            "mx",
+            "--listen",
+            "0.0.0.0:25",
+            "--accept-any-recipient",
+        ])
+        .unwrap();
         assert_eq!(c.session.accept_domains, None);
-        let c = parse(&["--hostname", "mx", "--listen", "0.0.0.0:25", "--accept-domain", "a.example"]).unwrap();
-        assert_eq!(c.session.accept_domains, Some(vec!["a.example".to_string()]));
+        let c = parse(&[
+            "--hostname",
+            "mx",
+            "--listen",
+            "0.0.0.0:25",
+            "--accept-domain",
+            "a.example",
+        ])
+        .unwrap();
+        assert_eq!(
+            c.session.accept_domains,
+            Some(vec!["a.example".to_string()])
+        );
         // All loopback (v4, v6, v4-mapped v6): every recipient accepted without flags.
-        for l in ["127.0.0.1:25", "127.8.9.10:25", "[::1]:25", "[::ffff:127.0.0.1]:25"] {
-            assert_eq!(parse(&["--hostname", "mx", "--listen", l]).unwrap().session.accept_domains, None, "{l}");
+        for l in [
+            "127.0.0.1:25",
+            "127.8.9.10:25",
+            "[::1]:25",
+            "[::ffff:127.0.0.1]:25",
+        ] {
+            assert_eq!(
+                parse(&["--hostname", "mx", "--listen", l])
+                    .unwrap()
+                    .session
+                    .accept_domains,
+                None,
+                "{l}"
+            );
         }
-        let e = err(&["--hostname", "mx", "--accept-domain", "a.example", "--accept-any-recipient"]);
+        let e = err(&[
+            "--hostname",
+            "mx",
+            "--accept-domain",
+            "a.example",
+            "--accept-any-recipient",
+        ]);
         assert!(e.contains("contradict"), "{e}");
     }
 
@@ -703,7 +883,10 @@ mod tests {
             ("--line-bytes-max", "100"),
         ] {
             let e = err(&["--hostname", "mx", flag, bad]);
-            assert!(e.starts_with(&format!("{flag} {bad} is out of range: use a value from ")), "{flag}: {e}");
+            assert!(
+                e.starts_with(&format!("{flag} {bad} is out of range: use a value from ")),
+                "{flag}: {e}"
+            );
         }
         // Negative and non-numeric values are refused by the flag parser itself.
         assert!(Cli::try_parse_from(["ringmx", "serve", "--workers", "-1"]).is_err());
@@ -723,10 +906,20 @@ mod tests {
         let e = err(&["--hostname", ""]);
         assert!(e.contains("--hostname"), "{e}");
         let e = err(&["--hostname", "mx", "--accept-domain", "user@example.com"]);
-        assert!(e.contains("--accept-domain") && e.contains("example.com"), "{e}");
+        assert!(
+            e.contains("--accept-domain") && e.contains("example.com"),
+            "{e}"
+        );
         let e = err(&["--hostname", "mx", "--listen", "127.0.0.1:0"]);
         assert!(e.contains("port 0"), "{e}");
-        let e = err(&["--hostname", "mx", "--listen", "127.0.0.1:25", "--listen", "127.0.0.1:25"]);
+        let e = err(&[
+            "--hostname",
+            "mx",
+            "--listen",
+            "127.0.0.1:25",
+            "--listen",
+            "127.0.0.1:25",
+        ]);
         assert!(e.contains("twice"), "{e}");
         let e = err(&["--hostname", "mx", "--log-level", "ringmx=nonsense=2"]);
         assert!(e.contains("--log-level"), "{e}");
@@ -764,48 +957,96 @@ mod tests {
         assert_eq!((c.connections_max, c.connections_per_ip_max), (99, 9));
         assert_eq!(c.session.max_errors, 4);
         assert_eq!(c.shutdown_grace, Duration::from_secs(2));
-        assert_eq!(c.session.accept_domains, Some(vec!["a.example".to_string()]));
+        assert_eq!(
+            c.session.accept_domains,
+            Some(vec!["a.example".to_string()])
+        );
         assert_eq!(c.log_level.as_deref(), Some("warn"));
-        assert_eq!((c.batch_messages_max, c.batch_delay_us_max, c.line_bytes_max), (16, 100, 1000));
+        assert_eq!(
+            (c.batch_messages_max, c.batch_delay_us_max, c.line_bytes_max),
+            (16, 100, 1000)
+        );
 
         let c = with_file(
             file,
-            &["--workers", "5", "--listen", "127.0.0.1:2700", "--accept-domain", "b.example", "--store", "maildir:/m"],
+            &[
+                "--workers",
+                "5",
+                "--listen",
+                "127.0.0.1:2700",
+                "--accept-domain",
+                "b.example",
+                "--store",
+                "maildir:/m",
+            ],
         )
         .unwrap();
         assert_eq!(c.workers, 5);
-        assert_eq!(c.listen, vec!["127.0.0.1:2700".parse::<SocketAddr>().unwrap()]);
-        assert_eq!(c.session.accept_domains, Some(vec!["b.example".to_string()]));
+        assert_eq!(
+            c.listen,
+            vec!["127.0.0.1:2700".parse::<SocketAddr>().unwrap()]
+        );
+        assert_eq!(
+            c.session.accept_domains,
+            Some(vec!["b.example".to_string()])
+        );
         assert_eq!(c.store, StoreSpec::Maildir("/m".into()));
-        assert_eq!(c.session.max_message_size, 1000, "keys without a flag still come from the file");
+        assert_eq!(
+            c.session.max_message_size, 1000,
+            "keys without a flag still come from the file"
+        );
     }
 
     #[test]
     fn file_values_are_validated_like_flags() {
-        let e = with_file("max-errors = 0\nhostname = \"mx\"", &[]).unwrap_err().to_string();
+        let e = with_file("max-errors = 0\nhostname = \"mx\"", &[])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("--max-errors 0 is out of range"), "{e}");
-        let e = with_file("listen = [\"nowhere\"]\nhostname = \"mx\"", &[]).unwrap_err().to_string();
+        let e = with_file("listen = [\"nowhere\"]\nhostname = \"mx\"", &[])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("\"nowhere\"") && e.contains("IP:PORT"), "{e}");
-        let e = with_file("store = \"mbox\"\nhostname = \"mx\"", &[]).unwrap_err().to_string();
+        let e = with_file("store = \"mbox\"\nhostname = \"mx\"", &[])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("maildir:DIR or discard"), "{e}");
-        let e = with_file("listen = [\"0.0.0.0:25\"]\nhostname = \"mx\"", &[]).unwrap_err().to_string();
-        assert!(e.contains("--accept-domain") && e.contains("--accept-any-recipient"), "{e}");
-        let c = with_file("listen = [\"0.0.0.0:25\"]\naccept-any-recipient = true", &["--hostname", "mx"]).unwrap();
+        let e = with_file("listen = [\"0.0.0.0:25\"]\nhostname = \"mx\"", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("--accept-domain") && e.contains("--accept-any-recipient"),
+            "{e}"
+        );
+        let c = with_file(
+            "listen = [\"0.0.0.0:25\"]\naccept-any-recipient = true",
+            &["--hostname", "mx"],
+        )
+        .unwrap();
         assert_eq!(c.session.accept_domains, None);
     }
 
     #[test]
     fn unknown_or_mistyped_file_keys_are_errors_naming_the_key_and_line() {
-        let e = with_file("hostname = \"mx\"\nmax-mesage-size = 10\n", &[]).unwrap_err().to_string();
+        let e = with_file("hostname = \"mx\"\nmax-mesage-size = 10\n", &[])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("max-mesage-size") && e.contains("line 2"), "{e}");
         assert!(!e.contains('\n'), "{e}");
-        let e = with_file("workers = \"four\"", &[]).unwrap_err().to_string();
+        let e = with_file("workers = \"four\"", &[])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("line 1"), "{e}");
         assert!(!e.contains('\n'), "{e}");
         let e = with_file("this is not toml", &[]).unwrap_err().to_string();
         assert!(e.starts_with("config file "), "{e}");
-        let e = parse(&["--config", "/nonexistent/ringmx.toml"]).unwrap_err().to_string();
-        assert!(e.contains("/nonexistent/ringmx.toml") && e.contains("--config"), "{e}");
+        let e = parse(&["--config", "/nonexistent/ringmx.toml"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("/nonexistent/ringmx.toml") && e.contains("--config"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -813,23 +1054,58 @@ mod tests {
         let mut cmd = Cli::command();
         let top = cmd.render_long_help().to_string();
         assert!(top.contains("serve") && top.contains("Examples:"), "{top}");
-        for flag in ["--config FILE", "--listen ADDR", "--max-connections-per-ip N", "--shutdown-grace SECS"] {
+        for flag in [
+            "--config FILE",
+            "--listen ADDR",
+            "--max-connections-per-ip N",
+            "--shutdown-grace SECS",
+        ] {
             assert!(top.contains(flag), "ringmx --help lacks {flag}");
         }
-        let serve = cmd.find_subcommand_mut("serve").unwrap().render_long_help().to_string();
+        let serve = cmd
+            .find_subcommand_mut("serve")
+            .unwrap()
+            .render_long_help()
+            .to_string();
         for flag in [
-            "--config <FILE>", "--listen <ADDR>", "--workers <N>", "--hostname <NAME>", "--store <SPEC>",
-            "--accept-domain <DOMAIN>", "--accept-any-recipient", "--max-message-size <BYTES>",
-            "--max-recipients <N>", "--idle-timeout <SECS>", "--max-connections <N>",
-            "--max-connections-per-ip <N>", "--max-errors <N>", "--shutdown-grace <SECS>",
+            "--config <FILE>",
+            "--listen <ADDR>",
+            "--workers <N>",
+            "--hostname <NAME>",
+            "--store <SPEC>",
+            "--accept-domain <DOMAIN>",
+            "--accept-any-recipient",
+            "--max-message-size <BYTES>",
+            "--max-recipients <N>",
+            "--idle-timeout <SECS>",
+            "--max-connections <N>",
+            "--max-connections-per-ip <N>",
+            "--max-errors <N>",
+            "--shutdown-grace <SECS>",
         ] {
             assert!(serve.contains(flag), "serve --help lacks {flag}:\n{serve}");
         }
-        for default in ["127.0.0.1:2525", "maildir:./ringmx-data/maildir", "26214400", "300", "10000", "50"] {
-            assert!(serve.contains(default), "serve --help lacks default {default}");
+        for default in [
+            "127.0.0.1:2525",
+            "maildir:./ringmx-data/maildir",
+            "26214400",
+            "300",
+            "10000",
+            "50",
+        ] {
+            assert!(
+                serve.contains(default),
+                "serve --help lacks default {default}"
+            );
         }
-        assert!(serve.contains("ringmx serve --listen 0.0.0.0:25"), "{serve}");
-        assert!(!serve.contains("--batch-messages-max"), "tuning flags stay hidden");
+        assert!(
+            serve.contains("ringmx serve --listen 0.0.0.0:25"),
+            "{serve}"
+        );
+        assert!(
+            !serve.contains("--batch-messages-max"),
+            "tuning flags stay hidden"
+        );
     }
 
     #[test]

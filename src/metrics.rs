@@ -85,7 +85,11 @@ impl Metrics {
     /// One line for people: what was done over `elapsed`, with the message rate.
     pub fn summary_line(&self, elapsed: Duration) -> String {
         let secs = elapsed.as_secs_f64();
-        let rate = if secs > 0.0 { self.messages_accepted as f64 / secs } else { 0.0 };
+        let rate = if secs > 0.0 {
+            self.messages_accepted as f64 / secs
+        } else {
+            0.0
+        };
         format!(
             "connections {} accepted, {} refused; sessions {} ended ({} timed out); commands {}, \
              client errors {}; messages {} accepted ({} bytes, {rate:.1}/s over {secs:.1}s), {} rejected; \
@@ -122,10 +126,21 @@ mod tests {
 
     #[test]
     fn merge_adds_counts_and_keeps_the_largest_batch() {
-        let mut a = Metrics { connections_accepted: 3, messages_accepted: 10, message_bytes: 1000, fsyncs: 11, ..Default::default() };
+        let mut a = Metrics {
+            connections_accepted: 3,
+            messages_accepted: 10,
+            message_bytes: 1000,
+            fsyncs: 11,
+            ..Default::default()
+        };
         a.record_batch(4);
         a.record_batch(6);
-        let mut b = Metrics { connections_accepted: 2, messages_accepted: 5, connections_refused: 1, ..Default::default() };
+        let mut b = Metrics {
+            connections_accepted: 2,
+            messages_accepted: 5,
+            connections_refused: 1,
+            ..Default::default()
+        };
         b.record_batch(5);
         let total = Metrics::merged([&a, &b]);
         assert_eq!(total.connections_accepted, 5);
@@ -140,13 +155,19 @@ mod tests {
 
     #[test]
     fn summary_is_one_line_with_the_rate() {
-        let m = Metrics { messages_accepted: 500, batches: 10, ..Default::default() };
+        let m = Metrics {
+            messages_accepted: 500,
+            batches: 10,
+            ..Default::default()
+        };
         let s = m.summary_line(Duration::from_secs(2));
         assert!(!s.contains('\n'), "{s}");
         assert!(s.contains("messages 500 accepted"), "{s}");
         assert!(s.contains("250.0/s"), "{s}");
         assert!(s.contains("mean 50.0"), "{s}");
         // No division by zero when nothing happened.
-        assert!(Metrics::default().summary_line(Duration::ZERO).contains("0.0/s"));
+        assert!(Metrics::default()
+            .summary_line(Duration::ZERO)
+            .contains("0.0/s"));
     }
 }

@@ -18,7 +18,13 @@ pub struct Discard {
 
 impl Discard {
     pub fn new(worker_index: usize) -> Discard {
-        Discard { worker: worker_index, pid: std::process::id(), counter: 0, messages: 0, bytes: 0 }
+        Discard {
+            worker: worker_index,
+            pid: std::process::id(),
+            counter: 0,
+            messages: 0,
+            bytes: 0,
+        }
     }
 
     /// Counts the message and drops it; returns the queue id for `CommitResult::Stored`.

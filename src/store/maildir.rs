@@ -66,13 +66,24 @@ const TMP_ORPHAN_AGE: Duration = Duration::from_secs(36 * 3600);
 
 /// The three subdirectories, created if missing.
 fn create_dirs(dir: &Path) -> Result<(), StoreError> {
-    for d in [dir.to_path_buf(), dir.join("tmp"), dir.join("new"), dir.join("cur")] {
-        std::fs::create_dir_all(&d).map_err(|source| StoreError::Create { dir: d.clone(), source })?;
+    for d in [
+        dir.to_path_buf(),
+        dir.join("tmp"),
+        dir.join("new"),
+        dir.join("cur"),
+    ] {
+        std::fs::create_dir_all(&d).map_err(|source| StoreError::Create {
+            dir: d.clone(),
+            source,
+        })?;
         // create_dir_all is happy when the path exists; make sure it is a directory.
         match std::fs::metadata(&d) {
             Ok(m) if m.is_dir() => {}
             Ok(_) => {
-                return Err(StoreError::Create { dir: d, source: std::io::Error::from_raw_os_error(libc::ENOTDIR) })
+                return Err(StoreError::Create {
+                    dir: d,
+                    source: std::io::Error::from_raw_os_error(libc::ENOTDIR),
+                })
             }
             Err(source) => return Err(StoreError::Create { dir: d, source }),
         }
@@ -100,7 +111,9 @@ fn pid_of_name(name: &str) -> Option<u32> {
 }
 
 fn process_alive(pid: u32) -> bool {
-    let Ok(raw) = i32::try_from(pid) else { return false };
+    let Ok(raw) = i32::try_from(pid) else {
+        return false;
+    };
     if raw <= 0 {
         return false;
     }
@@ -119,7 +132,10 @@ impl Maildir {
         let dir = dir.as_ref();
         create_dirs(dir)?;
         let tmp = dir.join("tmp");
-        let recover_err = |source| StoreError::Recover { dir: tmp.clone(), source };
+        let recover_err = |source| StoreError::Recover {
+            dir: tmp.clone(),
+            source,
+        };
         let me = std::process::id();
         let now = SystemTime::now();
         let (mut deleted, mut kept) = (0usize, 0usize);
@@ -133,7 +149,11 @@ impl Maildir {
             let name = name.to_string_lossy();
             let ours_and_orphaned = name.starts_with(PROBE_PREFIX)
                 || pid_of_name(&name).is_some_and(|pid| pid == me || !process_alive(pid));
-            let old = meta.modified().ok().and_then(|m| now.duration_since(m).ok()).is_some_and(|age| age > TMP_ORPHAN_AGE);
+            let old = meta
+                .modified()
+                .ok()
+                .and_then(|m| now.duration_since(m).ok())
+                .is_some_and(|age| age > TMP_ORPHAN_AGE);
             if ours_and_orphaned || old {
                 match std::fs::remove_file(entry.path()) {
                     Ok(()) => deleted += 1,
@@ -160,10 +180,17 @@ impl Maildir {
     /// Opens the Maildir for worker `worker_index`: creates the directories if needed, checks
     /// that tmp/ takes new files and opens new/ for the directory fsync. `hostname` goes into
     /// Received: and the file names. Does not touch leftovers (see `recover`).
-    pub fn open(dir: impl AsRef<Path>, worker_index: usize, hostname: &str) -> Result<Maildir, StoreError> {
+    pub fn open(
+        dir: impl AsRef<Path>,
+        worker_index: usize,
+        hostname: &str,
+    ) -> Result<Maildir, StoreError> {
         let dir = dir.as_ref();
         create_dirs(dir)?;
-        let dir = std::fs::canonicalize(dir).map_err(|source| StoreError::Create { dir: dir.to_path_buf(), source })?;
+        let dir = std::fs::canonicalize(dir).map_err(|source| StoreError::Create {
+            dir: dir.to_path_buf(),
+            source,
+        })?;
         let tmp_dir = dir.join("tmp");
         let new_path = dir.join("new");
         let pid = std::process::id();
@@ -177,10 +204,19 @@ impl Maildir {
             .truncate(true)
             .mode(0o600)
             .open(&probe)
-            .map_err(|source| StoreError::NotWritable { dir: tmp_dir.clone(), source })?;
-        std::fs::remove_file(&probe).map_err(|source| StoreError::NotWritable { dir: tmp_dir.clone(), source })?;
+            .map_err(|source| StoreError::NotWritable {
+                dir: tmp_dir.clone(),
+                source,
+            })?;
+        std::fs::remove_file(&probe).map_err(|source| StoreError::NotWritable {
+            dir: tmp_dir.clone(),
+            source,
+        })?;
 
-        let new_dir = File::open(&new_path).map_err(|source| StoreError::NotWritable { dir: new_path.clone(), source })?;
+        let new_dir = File::open(&new_path).map_err(|source| StoreError::NotWritable {
+            dir: new_path.clone(),
+            source,
+        })?;
         let new_dir_c = path_cstring(&new_path)?;
         path_cstring(&tmp_dir)?;
 
@@ -219,7 +255,10 @@ impl Maildir {
         let (secs, usecs) = epoch_parts(now);
         let counter = self.counter;
         self.counter += 1;
-        let name = format!("{secs}.M{usecs}P{}Q{counter}W{}.{}", self.pid, self.worker, self.name_host);
+        let name = format!(
+            "{secs}.M{usecs}P{}Q{counter}W{}.{}",
+            self.pid, self.worker, self.name_host
+        );
         let qid = queue_id(secs, usecs, self.pid, self.worker, counter);
         let header = header_block(&msg.envelope, &self.hostname, &qid, now);
         let join = |d: &Path| {
@@ -244,7 +283,11 @@ impl Maildir {
         let tmp = Path::new(OsStr::from_bytes(p.tmp_path.as_bytes()));
         let new = Path::new(OsStr::from_bytes(p.new_path.as_bytes()));
         let result = (|| {
-            let mut f = OpenOptions::new().write(true).create_new(true).mode(0o600).open(tmp)?;
+            let mut f = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(tmp)?;
             f.write_all(&p.header)?;
             f.write_all(body)?;
             f.sync_all()?;
@@ -294,7 +337,13 @@ pub fn sanitize_helo(helo: &str, utf8: bool) -> String {
     let out: String = helo
         .chars()
         .take(HELO_CHARS_MAX)
-        .map(|c| if ((c.is_ascii() || utf8) && c.is_alphanumeric()) || "-._:[]".contains(c) { c } else { '?' })
+        .map(|c| {
+            if ((c.is_ascii() || utf8) && c.is_alphanumeric()) || "-._:[]".contains(c) {
+                c
+            } else {
+                '?'
+            }
+        })
         .collect();
     if out.is_empty() {
         "unknown".into()
@@ -310,7 +359,13 @@ pub fn sanitize_helo(helo: &str, utf8: bool) -> String {
 pub fn sanitize_address(addr: &str, utf8: bool) -> String {
     addr.chars()
         .take(ADDRESS_CHARS_MAX)
-        .map(|c| if c.is_control() || !(c.is_ascii() || utf8) { '?' } else { c })
+        .map(|c| {
+            if c.is_control() || !(c.is_ascii() || utf8) {
+                '?'
+            } else {
+                c
+            }
+        })
         .collect()
 }
 
@@ -364,7 +419,10 @@ pub fn header_block(env: &Envelope, hostname: &str, queue_id: &str, now: SystemT
         hostname,
     ));
     match env.rcpt_to.as_slice() {
-        [one] => h.push_str(&format!("\r\n\tfor <{}>; {date}\r\n", sanitize_address(one, utf8))),
+        [one] => h.push_str(&format!(
+            "\r\n\tfor <{}>; {date}\r\n",
+            sanitize_address(one, utf8)
+        )),
         _ => h.push_str(&format!(";\r\n\t{date}\r\n")),
     }
     h.into_bytes()
@@ -388,7 +446,9 @@ fn civil_from_days(days: i64) -> (i64, u32, u32) {
 /// An RFC 5322 date-time in UTC: `Tue, 14 Nov 2023 22:13:20 +0000`.
 pub fn rfc5322_date(secs_since_epoch: u64) -> String {
     const DAYS: [&str; 7] = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"];
-    const MONTHS: [&str; 12] = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"];
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
     let days = secs_since_epoch / 86_400;
     let rem = secs_since_epoch % 86_400;
     // u64::MAX / 86400 fits in i64 with room to spare.
@@ -426,7 +486,10 @@ mod tests {
     }
 
     fn message(rcpts: &[&str]) -> Message {
-        Message { envelope: envelope(rcpts), body: b"Subject: hi\r\n\r\nhello\r\n".to_vec() }
+        Message {
+            envelope: envelope(rcpts),
+            body: b"Subject: hi\r\n\r\nhello\r\n".to_vec(),
+        }
     }
 
     #[test]
@@ -435,9 +498,18 @@ mod tests {
         assert_eq!(rfc5322_date(0), "Thu, 01 Jan 1970 00:00:00 +0000");
         assert_eq!(rfc5322_date(86_399), "Thu, 01 Jan 1970 23:59:59 +0000");
         assert_eq!(rfc5322_date(951_782_400), "Tue, 29 Feb 2000 00:00:00 +0000");
-        assert_eq!(rfc5322_date(1_700_000_000), "Tue, 14 Nov 2023 22:13:20 +0000");
-        assert_eq!(rfc5322_date(1_709_251_199), "Thu, 29 Feb 2024 23:59:59 +0000");
-        assert_eq!(rfc5322_date(4_102_444_800), "Fri, 01 Jan 2100 00:00:00 +0000");
+        assert_eq!(
+            rfc5322_date(1_700_000_000),
+            "Tue, 14 Nov 2023 22:13:20 +0000"
+        );
+        assert_eq!(
+            rfc5322_date(1_709_251_199),
+            "Thu, 29 Feb 2024 23:59:59 +0000"
+        );
+        assert_eq!(
+            rfc5322_date(4_102_444_800),
+            "Fri, 01 Jan 2100 00:00:00 +0000"
+        );
         // Absurd clocks must not panic.
         assert!(rfc5322_date(u64::MAX).ends_with("+0000"));
     }
@@ -449,7 +521,20 @@ mod tests {
         for days in 0..366_000i64 {
             assert_eq!(civil_from_days(days), (y, m, d), "day {days}");
             let leap = (y % 4 == 0 && y % 100 != 0) || y % 400 == 0;
-            let len = [31, if leap { 29 } else { 28 }, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31][m as usize - 1];
+            let len = [
+                31,
+                if leap { 29 } else { 28 },
+                31,
+                30,
+                31,
+                30,
+                31,
+                31,
+                30,
+                31,
+                30,
+                31,
+            ][m as usize - 1];
             d += 1;
             if d > len {
                 d = 1;
@@ -464,7 +549,12 @@ mod tests {
 
     #[test]
     fn header_block_one_recipient_golden() {
-        let h = header_block(&envelope(&["bob@test.example"]), "mx.test.example", "QID1", at(1_700_000_000, 0));
+        let h = header_block(
+            &envelope(&["bob@test.example"]),
+            "mx.test.example",
+            "QID1",
+            at(1_700_000_000, 0),
+        );
         assert_eq!(
             String::from_utf8(h).unwrap(),
             "Return-Path: <alice@example.org>\r\n\
@@ -499,7 +589,10 @@ mod tests {
         env.smtputf8 = true;
         env.peer = "[::ffff:192.0.2.9]:1".parse().unwrap();
         let h = String::from_utf8(header_block(&env, "mx", "Q", at(0, 0))).unwrap();
-        assert!(h.contains("from client.example ([192.0.2.9])\r\n\tby mx with UTF8SMTP id Q\r\n"), "{h}");
+        assert!(
+            h.contains("from client.example ([192.0.2.9])\r\n\tby mx with UTF8SMTP id Q\r\n"),
+            "{h}"
+        );
     }
 
     #[test]
@@ -510,17 +603,26 @@ mod tests {
         let h = String::from_utf8(header_block(&env, "mx", "Q", at(0, 0))).unwrap();
         // Every CRLF in the block is one of ours: a header start or a fold (CRLF TAB).
         let lines: Vec<&str> = h.split("\r\n").collect();
-        let starts: Vec<&str> = lines.iter().filter(|l| !l.is_empty() && !l.starts_with('\t')).copied().collect();
+        let starts: Vec<&str> = lines
+            .iter()
+            .filter(|l| !l.is_empty() && !l.starts_with('\t'))
+            .copied()
+            .collect();
         assert_eq!(starts.len(), 3, "{h}");
         for l in &starts {
             assert!(
-                ["Return-Path: ", "X-Envelope-To: ", "Received: "].iter().any(|p| l.starts_with(p)),
+                ["Return-Path: ", "X-Envelope-To: ", "Received: "]
+                    .iter()
+                    .any(|p| l.starts_with(p)),
                 "unexpected header line {l:?}"
             );
         }
         assert!(!h.contains('\n') || h.matches('\n').count() == h.matches("\r\n").count());
         assert!(!h.contains('\0'));
-        assert!(h.contains("from evil??X-Injected:?1??fake????date ("), "{h}");
+        assert!(
+            h.contains("from evil??X-Injected:?1??fake????date ("),
+            "{h}"
+        );
         assert!(h.contains("Return-Path: <a@b?X-Also: 1?>\r\n"), "{h}");
     }
 
@@ -528,16 +630,31 @@ mod tests {
     fn sanitize_helo_keeps_domains_and_literals_and_bounds_length() {
         assert_eq!(sanitize_helo("mail.example.com", false), "mail.example.com");
         assert_eq!(sanitize_helo("[192.0.2.1]", false), "[192.0.2.1]");
-        assert_eq!(sanitize_helo("[IPv6:2001:db8::1]", false), "[IPv6:2001:db8::1]");
+        assert_eq!(
+            sanitize_helo("[IPv6:2001:db8::1]", false),
+            "[IPv6:2001:db8::1]"
+        );
         assert_eq!(sanitize_helo("bücher.example", true), "bücher.example");
         // Without SMTPUTF8 the stored headers stay ASCII (RFC 5322).
         assert_eq!(sanitize_helo("bücher.example", false), "b?cher.example");
-        assert_eq!(sanitize_address("jörg@bücher.example", false), "j?rg@b?cher.example");
-        assert_eq!(sanitize_address("jörg@bücher.example", true), "jörg@bücher.example");
+        assert_eq!(
+            sanitize_address("jörg@bücher.example", false),
+            "j?rg@b?cher.example"
+        );
+        assert_eq!(
+            sanitize_address("jörg@bücher.example", true),
+            "jörg@bücher.example"
+        );
         assert_eq!(sanitize_helo("", false), "unknown");
         assert_eq!(sanitize_helo("a b\tc", true), "a?b?c");
-        assert_eq!(sanitize_helo(&"x".repeat(10_000), false).chars().count(), HELO_CHARS_MAX);
-        assert_eq!(sanitize_address(&"y".repeat(10_000), true).chars().count(), ADDRESS_CHARS_MAX);
+        assert_eq!(
+            sanitize_helo(&"x".repeat(10_000), false).chars().count(),
+            HELO_CHARS_MAX
+        );
+        assert_eq!(
+            sanitize_address(&"y".repeat(10_000), true).chars().count(),
+            ADDRESS_CHARS_MAX
+        );
     }
 
     #[test]
@@ -553,17 +670,32 @@ mod tests {
             for m in [&mut w0, &mut w1] {
                 let p = m.prepare(&msg, now); // same instant on purpose
                 assert!(names.insert(p.name.clone()), "duplicate name {}", p.name);
-                assert!(ids.insert(p.queue_id.clone()), "duplicate id {}", p.queue_id);
+                assert!(
+                    ids.insert(p.queue_id.clone()),
+                    "duplicate id {}",
+                    p.queue_id
+                );
             }
         }
         let p = w1.prepare(&msg, now);
         let pid = std::process::id();
-        assert_eq!(p.name, format!("1700000000.M123P{pid}Q1000W1.mx.test.example"));
+        assert_eq!(
+            p.name,
+            format!("1700000000.M123P{pid}Q1000W1.mx.test.example")
+        );
         assert_eq!(pid_of_name(&p.name), Some(pid));
         let root = std::fs::canonicalize(dir.path()).unwrap();
-        assert_eq!(p.tmp_path.to_str().unwrap(), root.join("tmp").join(&p.name).to_str().unwrap());
-        assert_eq!(p.new_path.to_str().unwrap(), root.join("new").join(&p.name).to_str().unwrap());
-        assert!(String::from_utf8(p.header).unwrap().contains(&format!(" id {}\r\n", p.queue_id)));
+        assert_eq!(
+            p.tmp_path.to_str().unwrap(),
+            root.join("tmp").join(&p.name).to_str().unwrap()
+        );
+        assert_eq!(
+            p.new_path.to_str().unwrap(),
+            root.join("new").join(&p.name).to_str().unwrap()
+        );
+        assert!(String::from_utf8(p.header)
+            .unwrap()
+            .contains(&format!(" id {}\r\n", p.queue_id)));
     }
 
     #[test]
@@ -586,7 +718,12 @@ mod tests {
         let mut expect = p.header.clone();
         expect.extend_from_slice(&msg.body);
         assert_eq!(stored, expect);
-        assert_eq!(std::fs::read_dir(dir.path().join("md/tmp")).unwrap().count(), 0);
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("md/tmp"))
+                .unwrap()
+                .count(),
+            0
+        );
         // Committing the same plan twice must fail (O_EXCL) rather than overwrite.
         std::fs::write(dir.path().join("md/tmp").join(&p.name), b"partial").unwrap();
         assert!(m.commit_blocking(&p, &msg.body).is_err());
@@ -602,7 +739,10 @@ mod tests {
         std::fs::create_dir(dir.path().join("new").join(&p.name)).unwrap();
         std::fs::write(dir.path().join("new").join(&p.name).join("x"), b"x").unwrap();
         assert!(m.commit_blocking(&p, &msg.body).is_err());
-        assert_eq!(std::fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("tmp")).unwrap().count(),
+            0
+        );
     }
 
     #[test]
@@ -642,8 +782,10 @@ mod tests {
         std::fs::create_dir(tmp.join("subdir")).unwrap();
         std::fs::write(root.join("new/done"), b"complete").unwrap();
         let deleted = Maildir::recover(root).unwrap();
-        let mut left: Vec<String> =
-            std::fs::read_dir(&tmp).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+        let mut left: Vec<String> = std::fs::read_dir(&tmp)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
         left.sort();
         let mut want = vec![foreign_live, "subdir".to_string()];
         if me != 1 {
@@ -663,7 +805,12 @@ mod tests {
         let f = dir.path().join("tmp/ancient.foreign");
         std::fs::write(&f, b"x").unwrap();
         let old = SystemTime::now() - Duration::from_secs(37 * 3600);
-        File::options().write(true).open(&f).unwrap().set_modified(old).unwrap();
+        File::options()
+            .write(true)
+            .open(&f)
+            .unwrap()
+            .set_modified(old)
+            .unwrap();
         assert_eq!(Maildir::recover(dir.path()).unwrap(), 1);
         assert!(!f.exists());
     }
@@ -673,7 +820,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().join("a/b/maildir");
         assert_eq!(Maildir::recover(&root).unwrap(), 0);
-        assert!(root.join("tmp").is_dir() && root.join("new").is_dir() && root.join("cur").is_dir());
+        assert!(
+            root.join("tmp").is_dir() && root.join("new").is_dir() && root.join("cur").is_dir()
+        );
     }
 
     proptest::proptest! {

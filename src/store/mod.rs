@@ -33,11 +33,20 @@ use crate::protocol::CommitResult;
 #[derive(Debug)]
 pub enum StoreError {
     /// A directory could not be created (or a file is in its place).
-    Create { dir: PathBuf, source: std::io::Error },
+    Create {
+        dir: PathBuf,
+        source: std::io::Error,
+    },
     /// The directory exists but we cannot create files in it.
-    NotWritable { dir: PathBuf, source: std::io::Error },
+    NotWritable {
+        dir: PathBuf,
+        source: std::io::Error,
+    },
     /// Reading or cleaning tmp/ at start-up failed.
-    Recover { dir: PathBuf, source: std::io::Error },
+    Recover {
+        dir: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 impl std::fmt::Display for StoreError {
@@ -112,9 +121,15 @@ pub enum Store {
 
 impl Store {
     /// Opens the store for one worker. For a Maildir, call `Store::recover` once before.
-    pub fn open(spec: &StoreSpec, worker_index: usize, hostname: &str) -> Result<Store, StoreError> {
+    pub fn open(
+        spec: &StoreSpec,
+        worker_index: usize,
+        hostname: &str,
+    ) -> Result<Store, StoreError> {
         Ok(match spec {
-            StoreSpec::Maildir(dir) => Store::Maildir(maildir::Maildir::open(dir, worker_index, hostname)?),
+            StoreSpec::Maildir(dir) => {
+                Store::Maildir(maildir::Maildir::open(dir, worker_index, hostname)?)
+            }
             StoreSpec::Discard => Store::Discard(discard::Discard::new(worker_index)),
         })
     }
@@ -170,7 +185,17 @@ mod tests {
         assert_eq!(queue_id(0x1, 0x12, 1, 0, 0), "100012P1W0Q0");
         assert_eq!(queue_id(0x1, 999_999, 1, 0, 0), "1F423FP1W0Q0");
         assert!(base.bytes().all(|b| b.is_ascii_alphanumeric()));
-        assert!(queue_id(u64::from(u32::MAX), 999_999, u32::MAX, 1023, u64::from(u32::MAX)).len() <= 36);
+        assert!(
+            queue_id(
+                u64::from(u32::MAX),
+                999_999,
+                u32::MAX,
+                1023,
+                u64::from(u32::MAX)
+            )
+            .len()
+                <= 36
+        );
     }
 
     #[test]
