@@ -60,6 +60,9 @@ SERVER_CORE = int(env("SERVER_CORE", "0"))
 CLIENT_CORE = int(env("CLIENT_CORE", "1"))
 PERF = shutil.which("perf") and env("FSYNC_COUNT", "1") == "1"
 NOTE = env("NOTE", "")
+# ringmx logs one line per session at its default level (info), as Postfix does; the default is
+# what is measured unless RINGMX_LOG (a --log-level filter) says otherwise.
+RINGMX_LOG = env("RINGMX_LOG", "")
 
 LOADGEN = os.path.join(BIN, "ringmx-loadgen")
 RINGMX = os.path.join(BIN, "ringmx")
@@ -272,7 +275,7 @@ class Ringmx(Server):
         return ["taskset", "-c", str(SERVER_CORE), RINGMX, "serve", "--listen", self.addr(),
                 "--workers", "1", "--store", spec, "--hostname", "bench.localdomain",
                 "--max-connections", "15000", "--max-connections-per-ip", "15000",
-                "--shutdown-grace", "2"]
+                "--shutdown-grace", "2"] + (["--log-level", RINGMX_LOG] if RINGMX_LOG else [])
 
     def start(self):
         if self.maildir:
@@ -281,8 +284,7 @@ class Ringmx(Server):
         lf = open(self.log, "a")
         lf.write(f"\n=== {time.ctime()} {self.cmd}\n")
         lf.flush()
-        self.proc = subprocess.Popen(self.argv(), stdout=lf, stderr=lf, stdin=subprocess.DEVNULL,
-                                     env=dict(os.environ, RUST_LOG=env("RINGMX_LOG", "info")))
+        self.proc = subprocess.Popen(self.argv(), stdout=lf, stderr=lf, stdin=subprocess.DEVNULL)
         self.pid = self.proc.pid
         remember(self.proc)
         if not wait_port(self.port):
@@ -296,7 +298,9 @@ class Ringmx(Server):
         # The last lines after "=== ..." are the exit metrics, if the server prints any.
         with open(self.log, errors="replace") as f:
             tail = f.read().rsplit("\n=== ", 1)[-1].splitlines()[1:]
-        self.exit_lines = [l for l in tail if re.search(r"fsync|messages|commit", l)][-4:]
+        tail = [re.sub(r"\x1b\[[0-9;]*m", "", l) for l in tail]
+        self.exit_lines = [l for l in tail if re.search(r"stopped|fsync|commit", l)
+                           and "session end" not in l][-4:]
 
     def clean(self):
         if self.maildir:
@@ -852,6 +856,9 @@ def main():
     os.sched_setaffinity(0, {CLIENT_CORE})
     started_at = time.time()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    # compare.sh starts this in the background, where SIGINT arrives ignored; take it back so
+    # Ctrl-C stops a run cleanly (and children such as perf do not inherit SIG_IGN).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     servers = []
     results, idle, opens, commands, exit_lines = [], [], [], [], []
     try:
