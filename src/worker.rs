@@ -206,7 +206,10 @@ struct CommitEntry {
     new_path: CString,
     fd: RawFd,
     step: Step,
+    /// Bytes of the file: header block and body.
     total: usize,
+    /// Bytes of the message as received (after unstuffing), for logs and counts.
+    size: usize,
     envelope: Envelope,
     result: Option<CommitResult>,
     /// Header block and body, from `prepare` until the write is pushed.
@@ -555,7 +558,7 @@ impl Worker {
                     }
                     self.ring.recycle(bid);
                 }
-                if finished && !conn.closing && !conn.eof {
+                if finished && !conn.closing && !conn.eof && !conn.paused {
                     // The multishot receive ended after data (the kernel may do so): re-arm.
                     Self::rearm(&mut self.ring, conn, slot);
                 }
@@ -892,7 +895,7 @@ impl Worker {
                 (None, Some(f)) => f.clone(),
                 (None, None) => CommitResult::Stored { queue_id: entry.queue_id.clone() },
             };
-            self.answer(entry.conn, &entry.envelope, entry.total, result);
+            self.answer(entry.conn, &entry.envelope, entry.size, result);
         }
     }
 
@@ -1116,6 +1119,7 @@ fn feed_from(
                             fd: -1,
                             step: Step::Open,
                             total,
+                            size: msg.body.len(),
                             envelope: msg.envelope,
                             result: None,
                             staged: Some((prepared.header, msg.body)),
