@@ -906,6 +906,7 @@ fn help_mentions_every_flag() {
         "--max-connections-per-ip",
         "--max-errors",
         "--shutdown-grace",
+        "--log-level",
     ];
     let dir = tempfile::tempdir().unwrap();
     for args in [&["serve", "--help"][..], &["--help"][..]] {
