@@ -244,6 +244,8 @@ impl Session {
             self.discarding = true;
             self.line = Vec::new();
         } else {
+            // Grow exactly: the bound is on memory held, not just on bytes kept.
+            self.line.reserve_exact(rest.len());
             self.line.extend_from_slice(rest);
         }
     }
@@ -572,25 +574,600 @@ pub struct SessionStats {
 mod tests {
     use super::*;
 
-    fn session() -> Session {
-        Session::new(Arc::new(SessionConfig::default()), "192.0.2.7:4000".parse().unwrap())
+    const PEER: &str = "192.0.2.7:4000";
+
+    fn cfg() -> SessionConfig {
+        SessionConfig { hostname: "mx.example".into(), ..SessionConfig::default() }
+    }
+
+    /// What a whole session produced: every reply byte, the messages handed over, whether it
+    /// closed, and its counters.
+    #[derive(Debug, PartialEq)]
+    struct Run {
+        out: Vec<u8>,
+        msgs: Vec<Message>,
+        closed: bool,
+        stats: SessionStats,
+    }
+
+    /// Drives a session over `chunks` like the worker does: every Commit is stored as `Q<n>`.
+    fn drive(cfg: &Arc<SessionConfig>, chunks: &[&[u8]]) -> Run {
+        let mut s = Session::new(cfg.clone(), PEER.parse().unwrap());
+        let mut run = Run { out: Vec::new(), msgs: Vec::new(), closed: false, stats: SessionStats::default() };
+        s.greet(&mut run.out);
+        'chunks: for chunk in chunks {
+            let mut input = *chunk;
+            loop {
+                match s.feed(input, &mut run.out) {
+                    Feed::NeedMore => break,
+                    Feed::Commit { consumed } => {
+                        assert_eq!(s.phase(), Phase::Committing);
+                        // The session holds no input while committing.
+                        let mut extra = Vec::new();
+                        assert_eq!(s.feed(b"NOOP\r\n", &mut extra), Feed::Commit { consumed: 0 });
+                        assert!(extra.is_empty());
+                        run.msgs.push(s.take_message().expect("message after Commit"));
+                        assert!(s.take_message().is_none());
+                        let queue_id = format!("Q{}", run.msgs.len());
+                        s.committed(CommitResult::Stored { queue_id }, &mut run.out);
+                        input = &input[consumed..];
+                    }
+                    Feed::Close { .. } => {
+                        run.closed = true;
+                        break 'chunks;
+                    }
+                }
+            }
+        }
+        run.stats = s.stats();
+        run
+    }
+
+    /// Feeds `input` whole, split at every offset, and byte by byte; all must agree. Returns the
+    /// whole-input run.
+    fn run_cfg(cfg: SessionConfig, input: &[u8]) -> Run {
+        let cfg = Arc::new(cfg);
+        let whole = drive(&cfg, &[input]);
+        for cut in 0..=input.len() {
+            let split = drive(&cfg, &[&input[..cut], &input[cut..]]);
+            assert_eq!(split, whole, "split at {cut} differs; input {:?}", String::from_utf8_lossy(input));
+        }
+        let bytes: Vec<&[u8]> = input.chunks(1).collect();
+        assert_eq!(drive(&cfg, &bytes), whole, "byte by byte differs");
+        whole
+    }
+
+    fn run(input: &[u8]) -> Run {
+        run_cfg(cfg(), input)
+    }
+
+    /// The reply lines, one string per reply (multi-line replies joined with '\n').
+    fn replies(out: &[u8]) -> Vec<String> {
+        let text = String::from_utf8(out.to_vec()).unwrap();
+        let mut all = Vec::new();
+        let mut cur = String::new();
+        for line in text.split_terminator("\r\n") {
+            if !cur.is_empty() {
+                cur.push('\n');
+            }
+            cur.push_str(line);
+            if line.as_bytes().get(3) != Some(&b'-') {
+                all.push(std::mem::take(&mut cur));
+            }
+        }
+        assert!(cur.is_empty(), "unterminated reply {cur:?}");
+        all
+    }
+
+    fn codes(out: &[u8]) -> Vec<u16> {
+        replies(out).iter().map(|r| r[..3].parse().unwrap()).collect()
+    }
+
+    const HELLO: &str = "EHLO c.example\r\n";
+
+    fn with_hello(rest: &str) -> Vec<u8> {
+        format!("{HELLO}{rest}").into_bytes()
     }
 
     #[test]
-    fn smoke_full_transaction() {
-        let mut s = session();
+    fn greeting_and_ehlo_reply() {
+        let r = run(b"EHLO client.example\r\n");
+        assert_eq!(
+            replies(&r.out),
+            [
+                "220 mx.example ESMTP",
+                "250-mx.example\n250-PIPELINING\n250-SIZE 26214400\n250-8BITMIME\n250-ENHANCEDSTATUSCODES\n250 SMTPUTF8"
+            ]
+        );
+        assert!(!r.closed);
+    }
+
+    #[test]
+    fn helo_is_one_line_and_missing_domain_is_501() {
+        let r = run(b"HELO client.example\r\nHELO\r\nEHLO\r\nEHLO  \r\n");
+        assert_eq!(
+            replies(&r.out)[1..],
+            [
+                "250 mx.example",
+                "501 5.5.4 Syntax: HELO hostname",
+                "501 5.5.4 Syntax: EHLO hostname",
+                "501 5.5.4 Syntax: EHLO hostname"
+            ]
+        );
+    }
+
+    #[test]
+    fn full_transaction_with_two_recipients() {
+        let r = run(&with_hello(
+            "MAIL FROM:<a@b.example> BODY=8BITMIME\r\nRCPT TO:<x@y.example>\r\nRCPT TO:<z@y.example>\r\nDATA\r\n\
+             Subject: t\r\n\r\n..dot\r\nline\r\n.\r\nQUIT\r\n",
+        ));
+        assert_eq!(codes(&r.out), [220, 250, 250, 250, 250, 354, 250, 221]);
+        assert!(replies(&r.out)[6] == "250 2.0.0 Ok: queued as Q1");
+        assert!(r.closed);
+        assert_eq!(r.msgs.len(), 1);
+        let m = &r.msgs[0];
+        assert_eq!(m.body, b"Subject: t\r\n\r\n.dot\r\nline\r\n");
+        assert_eq!(
+            m.envelope,
+            Envelope {
+                helo: "c.example".into(),
+                esmtp: true,
+                peer: PEER.parse().unwrap(),
+                mail_from: "a@b.example".into(),
+                rcpt_to: vec!["x@y.example".into(), "z@y.example".into()],
+                body_8bitmime: true,
+                smtputf8: false,
+            }
+        );
+        assert_eq!(r.stats, SessionStats { commands: 6, errors: 0, messages_accepted: 1, messages_rejected: 0 });
+    }
+
+    #[test]
+    fn helo_session_is_not_esmtp_and_null_sender_is_allowed() {
+        let r = run(b"HELO c\r\nMAIL FROM:<>\r\nRCPT TO:<x@y>\r\nDATA\r\n.\r\n");
+        assert_eq!(codes(&r.out), [220, 250, 250, 250, 354, 250]);
+        let m = &r.msgs[0];
+        assert!(!m.envelope.esmtp);
+        assert_eq!(m.envelope.mail_from, "");
+        assert!(m.body.is_empty());
+    }
+
+    #[test]
+    fn several_transactions_in_one_session() {
+        let one = "MAIL FROM:<a@b>\r\nRCPT TO:<x@y>\r\nDATA\r\nhello\r\n.\r\n";
+        let r = run(&with_hello(&format!("{one}{one}{one}")));
+        assert_eq!(r.msgs.len(), 3);
+        assert_eq!(replies(&r.out).iter().filter(|l| l.starts_with("250 2.0.0 Ok: queued as Q")).count(), 3);
+        assert_eq!(r.stats.messages_accepted, 3);
+    }
+
+    #[test]
+    fn new_ehlo_resets_the_transaction() {
+        let r = run(&with_hello("MAIL FROM:<a@b>\r\nRCPT TO:<x@y>\r\nEHLO again\r\nDATA\r\nMAIL FROM:<a@b>\r\n"));
+        assert_eq!(codes(&r.out), [220, 250, 250, 250, 250, 503, 250]);
+        assert!(r.msgs.is_empty());
+    }
+
+    #[test]
+    fn simple_commands() {
+        let r = run(b"RSET\r\nNOOP\r\nVRFY someone\r\nHELP\r\nnoop with args\r\nEXPN list\r\nQUIT\r\nNOOP\r\n");
+        assert_eq!(
+            replies(&r.out)[1..],
+            [
+                "250 2.0.0 Ok",
+                "250 2.0.0 Ok",
+                "252 2.0.0 Cannot VRFY user, but will accept message and attempt delivery",
+                "214 2.0.0 Commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP",
+                "250 2.0.0 Ok",
+                "502 5.5.1 Error: EXPN not implemented",
+                "221 2.0.0 Bye"
+            ]
+        );
+        // Nothing after QUIT is answered.
+        assert!(r.closed);
+    }
+
+    #[test]
+    fn quit_close_reports_consumed_bytes() {
+        let mut s = Session::new(Arc::new(cfg()), PEER.parse().unwrap());
         let mut out = Vec::new();
-        s.greet(&mut out);
-        let input = b"EHLO c.example\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<x@y.example>\r\nDATA\r\nSubject: t\r\n\r\n..hi\r\n.\r\nQUIT\r\n";
-        let Feed::Commit { consumed } = s.feed(input, &mut out) else { panic!("no commit: {}", String::from_utf8_lossy(&out)) };
-        let m = s.take_message().unwrap();
-        assert_eq!(m.body, b"Subject: t\r\n\r\n.hi\r\n");
-        assert_eq!(m.envelope.mail_from, "a@b.example");
-        assert_eq!(m.envelope.rcpt_to, vec!["x@y.example".to_string()]);
-        s.committed(CommitResult::Stored { queue_id: "Q1".into() }, &mut out);
-        assert_eq!(s.feed(&input[consumed..], &mut out), Feed::Close { consumed: 6 });
-        let text = String::from_utf8(out).unwrap();
-        assert!(text.starts_with("220 localhost ESMTP\r\n250-localhost\r\n"), "{text}");
-        assert!(text.ends_with("250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n354 End data with <CR><LF>.<CR><LF>\r\n250 2.0.0 Ok: queued as Q1\r\n221 2.0.0 Bye\r\n"), "{text}");
+        assert_eq!(s.feed(b"NOOP\r\nQUIT\r\nNOOP\r\n", &mut out), Feed::Close { consumed: 12 });
+        assert_eq!(s.phase(), Phase::Closed);
+        // A closed session stays closed.
+        assert_eq!(s.feed(b"NOOP\r\n", &mut out), Feed::Close { consumed: 0 });
+    }
+
+    #[test]
+    fn unknown_command_500_and_session_goes_on() {
+        let r = run(b"FOO bar\r\n\r\nSTARTTLS\r\nEHLO x\r\n");
+        assert_eq!(
+            replies(&r.out)[1..4],
+            ["500 5.5.2 Error: command not recognized", "500 5.5.2 Error: command not recognized", "500 5.5.2 Error: command not recognized"]
+        );
+        assert_eq!(codes(&r.out)[4], 250);
+        assert_eq!(r.stats.errors, 3);
+    }
+
+    #[test]
+    fn syntax_errors_501_with_expected_syntax() {
+        let r = run(&with_hello("MAIL FROM:a@b\r\nMAIL FROM:<a@b>\r\nRCPT TO:<>\r\nDATA now\r\n"));
+        assert_eq!(
+            replies(&r.out)[2..],
+            [
+                "501 5.5.4 Syntax: MAIL FROM:<address> [SIZE=n] [BODY=7BIT|8BITMIME] [SMTPUTF8]",
+                "250 2.1.0 Ok",
+                "501 5.5.4 Syntax: RCPT TO:<address>",
+                "501 5.5.4 Syntax: DATA"
+            ]
+        );
+    }
+
+    #[test]
+    fn bad_sequence_503() {
+        // MAIL, RCPT and DATA before HELO/EHLO.
+        let r = run(b"MAIL FROM:<a@b>\r\nRCPT TO:<x@y>\r\nDATA\r\n");
+        assert_eq!(replies(&r.out)[1..], ["503 5.5.1 Error: send HELO/EHLO first"; 3]);
+        // RCPT before MAIL; DATA before MAIL; DATA with no accepted RCPT; nested MAIL.
+        let r = run(&with_hello("RCPT TO:<x@y>\r\nDATA\r\nMAIL FROM:<a@b>\r\nDATA\r\nMAIL FROM:<c@d>\r\n"));
+        assert_eq!(
+            replies(&r.out)[2..],
+            [
+                "503 5.5.1 Error: need MAIL command",
+                "503 5.5.1 Error: need MAIL command",
+                "250 2.1.0 Ok",
+                "503 5.5.1 Error: need RCPT command",
+                "503 5.5.1 Error: nested MAIL command"
+            ]
+        );
+        assert_eq!(r.stats.errors, 4);
+    }
+
+    #[test]
+    fn data_refused_means_following_bytes_are_commands() {
+        let r = run(&with_hello("MAIL FROM:<a@b>\r\nDATA\r\nNOOP\r\n.\r\n"));
+        assert_eq!(codes(&r.out), [220, 250, 250, 503, 250, 500]);
+    }
+
+    #[test]
+    fn rset_ends_the_transaction() {
+        let r = run(&with_hello("MAIL FROM:<a@b>\r\nRCPT TO:<x@y>\r\nRSET\r\nDATA\r\nMAIL FROM:<a@b>\r\n"));
+        assert_eq!(codes(&r.out), [220, 250, 250, 250, 250, 503, 250]);
+    }
+
+    #[test]
+    fn line_limit_is_512_octets_with_crlf() {
+        // "NOOP " + pad + CRLF: exactly 512 octets is fine, 513 is not.
+        let ok = format!("NOOP {}\r\n", "x".repeat(512 - 7));
+        let long = format!("NOOP {}\r\n", "x".repeat(512 - 6));
+        assert_eq!(ok.len(), 512);
+        let r = run(format!("{ok}{long}NOOP\r\n").as_bytes());
+        assert_eq!(replies(&r.out)[1..], ["250 2.0.0 Ok", "500 5.5.6 Error: line too long", "250 2.0.0 Ok"]);
+        // The same with bare LF: 512 octets including the LF.
+        let ok = format!("NOOP {}\n", "x".repeat(512 - 6));
+        let long = format!("NOOP {}\n", "x".repeat(512 - 5));
+        let r = run(format!("{ok}{long}").as_bytes());
+        assert_eq!(codes(&r.out), [220, 250, 500]);
+    }
+
+    #[test]
+    fn long_line_memory_stays_bounded() {
+        let mut s = Session::new(Arc::new(cfg()), PEER.parse().unwrap());
+        let mut out = Vec::new();
+        assert_eq!(s.feed(b"NOOP ", &mut out), Feed::NeedMore);
+        for _ in 0..1000 {
+            assert_eq!(s.feed(&[b'x'; 100], &mut out), Feed::NeedMore);
+            assert!(s.heap_bytes() <= LINE_BYTES_MAX, "holds {} bytes", s.heap_bytes());
+        }
+        assert!(out.is_empty(), "no reply before the line ends");
+        assert_eq!(s.feed(b"xx\r\nNOOP\r\n", &mut out), Feed::NeedMore);
+        assert_eq!(replies(&out), ["500 5.5.6 Error: line too long", "250 2.0.0 Ok"]);
+        assert_eq!(s.heap_bytes(), 0);
+    }
+
+    #[test]
+    fn error_limit_421_and_close() {
+        let r = run_cfg(SessionConfig { max_errors: 3, ..cfg() }, b"A\r\nB\r\nNOOP\r\nC\r\nD\r\nE\r\n");
+        assert_eq!(codes(&r.out), [220, 500, 500, 250, 500, 421]);
+        assert_eq!(replies(&r.out)[5], "421 4.7.0 mx.example Error: too many errors");
+        assert!(r.closed);
+        assert_eq!(r.stats.errors, 3);
+    }
+
+    #[test]
+    fn enhanced_codes_on_every_reply_after_ehlo() {
+        let r = run_cfg(
+            SessionConfig { accept_domains: Some(vec!["y.example".into()]), max_recipients: 1, ..cfg() },
+            &with_hello(
+                "NOOP\r\nRSET\r\nVRFY x\r\nHELP\r\nFOO\r\nDATA\r\nMAIL FROM:<a@b> X=1\r\nMAIL FROM:<a@b> SIZE=999999999999\r\n\
+                 MAIL FROM:<\u{e9}@b>\r\nMAIL FROM:<a@b>\r\nRCPT TO:<x@z.example>\r\nRCPT TO:<x@y.example>\r\n\
+                 RCPT TO:<w@y.example>\r\nDATA\r\nbare\n\r\n.\r\nQUIT\r\n",
+            ),
+        );
+        let rs = replies(&r.out);
+        assert_eq!(rs.len(), 18, "{rs:?}");
+        for reply in &rs[2..] {
+            let code = reply.as_bytes()[0];
+            if code == b'3' {
+                continue;
+            }
+            let b = reply.as_bytes();
+            assert!(b[4] == code && b[5] == b'.' && b[6].is_ascii_digit(), "no enhanced code: {reply:?}");
+        }
+    }
+
+    #[test]
+    fn recipient_domain_policy() {
+        let c = SessionConfig { accept_domains: Some(vec!["y.example".into(), "z.example".into()]), ..cfg() };
+        let r = run_cfg(
+            c,
+            &with_hello(
+                "MAIL FROM:<a@b>\r\nRCPT TO:<x@other.example>\r\nRCPT TO:<x@Y.EXAMPLE>\r\nRCPT TO:<x@sub.y.example>\r\n\
+                 RCPT TO:<Postmaster>\r\nRCPT TO:<postmaster@other.example>\r\nRCPT TO:<x@z.example>\r\nDATA\r\n.\r\n",
+            ),
+        );
+        assert_eq!(
+            replies(&r.out)[3..9],
+            [
+                "550 5.7.1 Recipient domain not accepted here",
+                "250 2.1.5 Ok",
+                "550 5.7.1 Recipient domain not accepted here",
+                "250 2.1.5 Ok",
+                "550 5.7.1 Recipient domain not accepted here",
+                "250 2.1.5 Ok"
+            ]
+        );
+        assert_eq!(r.msgs[0].envelope.rcpt_to, ["x@Y.EXAMPLE", "Postmaster", "x@z.example"]);
+        assert_eq!(r.stats.errors, 3);
+    }
+
+    #[test]
+    fn recipient_limit_452_and_not_counted() {
+        let r = run_cfg(
+            SessionConfig { max_recipients: 2, max_errors: 2, ..cfg() },
+            &with_hello("MAIL FROM:<a@b>\r\nRCPT TO:<1@y>\r\nRCPT TO:<2@y>\r\nRCPT TO:<3@y>\r\nRCPT TO:<4@y>\r\nDATA\r\n.\r\n"),
+        );
+        assert_eq!(codes(&r.out), [220, 250, 250, 250, 250, 452, 452, 354, 250]);
+        assert_eq!(replies(&r.out)[5], "452 4.5.3 Error: too many recipients");
+        assert_eq!(r.msgs[0].envelope.rcpt_to, ["1@y", "2@y"]);
+        assert_eq!(r.stats.errors, 0);
+    }
+
+    #[test]
+    fn declared_size_over_limit_552() {
+        let r = run_cfg(
+            SessionConfig { max_message_size: 100, ..cfg() },
+            &with_hello("MAIL FROM:<a@b> SIZE=101\r\nMAIL FROM:<a@b> SIZE=100\r\n"),
+        );
+        assert_eq!(replies(&r.out)[2..], ["552 5.3.4 Message size exceeds fixed limit", "250 2.1.0 Ok"]);
+        assert!(replies(&r.out)[1].contains("250-SIZE 100\n"));
+    }
+
+    #[test]
+    fn body_over_limit_552_nothing_stored_session_goes_on() {
+        let big = format!("{}\r\n", "y".repeat(99));
+        let input = with_hello(&format!(
+            "MAIL FROM:<a@b>\r\nRCPT TO:<x@y>\r\nDATA\r\n{big}{big}.\r\nMAIL FROM:<a@b>\r\nRCPT TO:<x@y>\r\nDATA\r\n{big}.\r\n"
+        ));
+        let r = run_cfg(SessionConfig { max_message_size: 101, ..cfg() }, &input);
+        assert_eq!(codes(&r.out), [220, 250, 250, 250, 354, 552, 250, 250, 354, 250]);
+        assert_eq!(r.msgs.len(), 1);
+        assert_eq!(r.msgs[0].body, big.as_bytes());
+        assert_eq!(r.stats.messages_rejected, 1);
+    }
+
+    #[test]
+    fn body_over_limit_memory_stays_bounded() {
+        let mut s = Session::new(Arc::new(SessionConfig { max_message_size: 1000, ..cfg() }), PEER.parse().unwrap());
+        let mut out = Vec::new();
+        s.feed(b"EHLO x\r\nMAIL FROM:<a@b>\r\nRCPT TO:<x@y>\r\nDATA\r\n", &mut out);
+        let line = [b"z".repeat(998), b"\r\n".to_vec()].concat();
+        for _ in 0..1000 {
+            assert_eq!(s.feed(&line, &mut out), Feed::NeedMore);
+            assert!(s.heap_bytes() < 4096, "holds {}", s.heap_bytes());
+        }
+        out.clear();
+        assert_eq!(s.feed(b".\r\n", &mut out), Feed::NeedMore);
+        assert_eq!(replies(&out), ["552 5.3.4 Message size exceeds fixed limit"]);
+    }
+
+    #[test]
+    fn unknown_parameters_555() {
+        let r = run(&with_hello("MAIL FROM:<a@b> RET=FULL\r\nMAIL FROM:<a@b>\r\nRCPT TO:<x@y> NOTIFY=NEVER\r\n"));
+        assert_eq!(replies(&r.out)[2..], ["555 5.5.4 Unsupported option", "250 2.1.0 Ok", "555 5.5.4 Unsupported option"]);
+    }
+
+    #[test]
+    fn non_ascii_needs_smtputf8() {
+        let r = run(
+            "EHLO x\r\nMAIL FROM:<j\u{f6}rg@b>\r\nMAIL FROM:<a@b>\r\nRCPT TO:<\u{e9}@y>\r\nRSET\r\n\
+             MAIL FROM:<j\u{f6}rg@b> SMTPUTF8\r\nRCPT TO:<\u{e9}@y>\r\nDATA\r\n.\r\n"
+                .as_bytes(),
+        );
+        assert_eq!(codes(&r.out), [220, 250, 553, 250, 553, 250, 250, 250, 354, 250]);
+        assert_eq!(replies(&r.out)[2], "553 5.6.7 Non-ASCII address requires SMTPUTF8");
+        let e = &r.msgs[0].envelope;
+        assert!(e.smtputf8);
+        assert_eq!(e.mail_from, "j\u{f6}rg@b");
+        assert_eq!(e.rcpt_to, ["\u{e9}@y"]);
+    }
+
+    #[test]
+    fn bare_lf_command_lines_are_accepted() {
+        let r = run(b"EHLO x\nMAIL FROM:<a@b>\nRCPT TO:<x@y>\r\nDATA\n.\r\n");
+        assert_eq!(codes(&r.out), [220, 250, 250, 250, 354, 250]);
+    }
+
+    #[test]
+    fn pipelined_group_answered_in_order_and_data_follows_354() {
+        let mut s = Session::new(Arc::new(cfg()), PEER.parse().unwrap());
+        let mut out = Vec::new();
+        let input = b"EHLO x\r\nMAIL FROM:<a@b>\r\nRCPT TO:<x@y>\r\nRCPT TO:<bad>\r\nDATA\r\nMAIL FROM:<not@a.command>\r\n.\r\nNOOP\r\n";
+        let Feed::Commit { consumed } = s.feed(input, &mut out) else { panic!() };
+        assert_eq!(&input[consumed..], b"NOOP\r\n");
+        assert_eq!(codes(&out), [250, 250, 250, 501, 354]);
+        assert_eq!(s.take_message().unwrap().body, b"MAIL FROM:<not@a.command>\r\n");
+        // EHLO ends a pipelined group (RFC 2920 3.1): the four commands after it in the same
+        // read were counted, and answered all the same.
+        assert_eq!(s.improper_pipelining(), 4);
+        s.committed(CommitResult::Stored { queue_id: "A".into() }, &mut out);
+        assert_eq!(s.feed(&input[consumed..], &mut out), Feed::NeedMore);
+        assert_eq!(codes(&out), [250, 250, 250, 501, 354, 250, 250]);
+    }
+
+    #[test]
+    fn improper_pipelining_is_counted_but_answered() {
+        let mut s = Session::new(Arc::new(cfg()), PEER.parse().unwrap());
+        let mut out = Vec::new();
+        s.feed(b"EHLO x\r\nNOOP\r\nHELP\r\n", &mut out);
+        assert_eq!(codes(&out), [250, 250, 214]);
+        assert_eq!(s.improper_pipelining(), 2);
+    }
+
+    #[test]
+    fn store_failures_are_answered_and_session_goes_on() {
+        for (result, want) in [
+            (CommitResult::NoSpace, "452 4.3.1 Insufficient system storage"),
+            (CommitResult::Failed, "451 4.3.0 Local error in processing"),
+        ] {
+            let mut s = Session::new(Arc::new(cfg()), PEER.parse().unwrap());
+            let mut out = Vec::new();
+            let r = s.feed(b"HELO x\r\nMAIL FROM:<a@b>\r\nRCPT TO:<x@y>\r\nDATA\r\n.\r\n", &mut out);
+            assert!(matches!(r, Feed::Commit { .. }));
+            assert!(s.take_message().is_some());
+            out.clear();
+            s.committed(result, &mut out);
+            assert_eq!(replies(&out), [want]);
+            assert_eq!(s.phase(), Phase::Ready);
+            assert_eq!(s.stats().errors, 0);
+            assert_eq!(s.stats().messages_rejected, 1);
+        }
+    }
+
+    #[test]
+    fn smuggling_vectors_reject_the_whole_message_and_session_goes_on() {
+        for v in ["\n.\n", "\r.\r", "\r\n.\n", "\n.\r\n", "\r.\r\n", "\r\n.\r", "\n.\r", "\r.\n"] {
+            let input = with_hello(&format!(
+                "MAIL FROM:<a@b>\r\nRCPT TO:<x@y>\r\nDATA\r\nSubject: one\r\n\r\nx{v}MAIL FROM:<evil@x>\r\nRCPT TO:<victim@y>\r\n\
+                 DATA\r\nSubject: smuggled\r\n\r\n.\r\nMAIL FROM:<a@b>\r\nRCPT TO:<x@y>\r\nDATA\r\nclean\r\n.\r\n"
+            ));
+            let r = run(&input);
+            assert_eq!(codes(&r.out), [220, 250, 250, 250, 354, 550, 250, 250, 354, 250], "vector {v:?}");
+            assert_eq!(replies(&r.out)[5], "550 5.6.11 Message contains bare CR or LF; lines must end with CRLF");
+            assert_eq!(r.msgs.len(), 1, "vector {v:?}");
+            assert_eq!(r.msgs[0].body, b"clean\r\n");
+            assert_eq!(r.stats.messages_rejected, 1);
+        }
+    }
+
+    #[test]
+    fn shutdown_between_commands() {
+        let mut s = Session::new(Arc::new(cfg()), PEER.parse().unwrap());
+        let mut out = Vec::new();
+        s.feed(b"EHLO x\r\nMAIL FROM:<a@b>\r\n", &mut out);
+        out.clear();
+        assert!(s.on_shutdown(&mut out, false));
+        assert_eq!(replies(&out), ["421 4.3.2 mx.example Service shutting down"]);
+        assert_eq!(s.phase(), Phase::Closed);
+        assert!(s.on_shutdown(&mut out, true));
+        assert_eq!(out.len(), 44, "no second 421");
+    }
+
+    #[test]
+    fn shutdown_in_data_lets_the_message_finish_then_421() {
+        let mut s = Session::new(Arc::new(cfg()), PEER.parse().unwrap());
+        let mut out = Vec::new();
+        s.feed(b"EHLO x\r\nMAIL FROM:<a@b>\r\nRCPT TO:<x@y>\r\nDATA\r\nhalf", &mut out);
+        out.clear();
+        assert!(!s.on_shutdown(&mut out, false));
+        assert!(out.is_empty());
+        assert_eq!(s.feed(b" done\r\n.\r\nNOOP\r\n", &mut out), Feed::Commit { consumed: 10 });
+        assert_eq!(s.take_message().unwrap().body, b"half done\r\n");
+        s.committed(CommitResult::Stored { queue_id: "Q".into() }, &mut out);
+        assert_eq!(replies(&out), ["250 2.0.0 Ok: queued as Q", "421 4.3.2 mx.example Service shutting down"]);
+        assert_eq!(s.phase(), Phase::Closed);
+        assert_eq!(s.feed(b"NOOP\r\n", &mut out), Feed::Close { consumed: 0 });
+    }
+
+    #[test]
+    fn shutdown_in_data_with_rejected_message_closes_after_the_550() {
+        let mut s = Session::new(Arc::new(cfg()), PEER.parse().unwrap());
+        let mut out = Vec::new();
+        s.feed(b"EHLO x\r\nMAIL FROM:<a@b>\r\nRCPT TO:<x@y>\r\nDATA\r\nbare\n\r\n", &mut out);
+        out.clear();
+        assert!(!s.on_shutdown(&mut out, false));
+        assert_eq!(s.feed(b".\r\n", &mut out), Feed::Close { consumed: 3 });
+        assert_eq!(codes(&out), [550, 421]);
+    }
+
+    #[test]
+    fn forced_shutdown_in_data_and_while_committing() {
+        let mut s = Session::new(Arc::new(cfg()), PEER.parse().unwrap());
+        let mut out = Vec::new();
+        s.feed(b"EHLO x\r\nMAIL FROM:<a@b>\r\nRCPT TO:<x@y>\r\nDATA\r\n", &mut out);
+        out.clear();
+        assert!(!s.on_shutdown(&mut out, false));
+        assert!(s.on_shutdown(&mut out, true));
+        assert_eq!(replies(&out), ["421 4.3.2 mx.example Service shutting down"]);
+
+        let mut s = Session::new(Arc::new(cfg()), PEER.parse().unwrap());
+        s.feed(b"EHLO x\r\nMAIL FROM:<a@b>\r\nRCPT TO:<x@y>\r\nDATA\r\n.\r\n", &mut out);
+        assert_eq!(s.phase(), Phase::Committing);
+        out.clear();
+        assert!(!s.on_shutdown(&mut out, false));
+        assert!(s.on_shutdown(&mut out, true));
+        // A late store answer after the forced close says nothing.
+        s.committed(CommitResult::Stored { queue_id: "late".into() }, &mut out);
+        assert_eq!(replies(&out), ["421 4.3.2 mx.example Service shutting down"]);
+    }
+
+    #[test]
+    fn idle_timeout_421() {
+        let mut s = Session::new(Arc::new(cfg()), PEER.parse().unwrap());
+        let mut out = Vec::new();
+        s.feed(b"EHLO x\r\nMAIL FRO", &mut out);
+        out.clear();
+        s.on_idle_timeout(&mut out);
+        assert_eq!(replies(&out), ["421 4.4.2 mx.example Error: timeout exceeded"]);
+        assert_eq!(s.phase(), Phase::Closed);
+        // Only the HELO name is left, kept for the session-end log line.
+        assert_eq!(s.heap_bytes(), 1);
+    }
+
+    #[test]
+    fn phases() {
+        let mut s = Session::new(Arc::new(cfg()), PEER.parse().unwrap());
+        let mut out = Vec::new();
+        assert_eq!(s.phase(), Phase::Connected);
+        s.feed(b"EHLO x\r\n", &mut out);
+        assert_eq!(s.phase(), Phase::Ready);
+        s.feed(b"MAIL FROM:<a@b>\r\n", &mut out);
+        assert_eq!(s.phase(), Phase::Transaction);
+        s.feed(b"RCPT TO:<x@y>\r\nDATA\r\n", &mut out);
+        assert_eq!(s.phase(), Phase::Data);
+        s.feed(b".\r\n", &mut out);
+        assert_eq!(s.phase(), Phase::Committing);
+        s.committed(CommitResult::Failed, &mut out);
+        assert_eq!(s.phase(), Phase::Ready);
+        assert_eq!(s.helo(), Some("x"));
+    }
+
+    #[test]
+    fn idle_session_is_small() {
+        let cfg = Arc::new(cfg());
+        assert!(std::mem::size_of::<Session>() <= 160, "Session is {} bytes", std::mem::size_of::<Session>());
+        let mut s = Session::new(cfg, PEER.parse().unwrap());
+        let mut out = Vec::new();
+        assert_eq!(s.heap_bytes(), 0);
+        s.feed(b"EHLO client.example\r\nMAIL FROM:<a@b>\r\nRCPT TO:<x@y>\r\nDATA\r\nbody\r\n.\r\n", &mut out);
+        s.take_message();
+        s.committed(CommitResult::Stored { queue_id: "Q".into() }, &mut out);
+        // Between transactions only the HELO name is held.
+        assert!(s.heap_bytes() <= 32, "idle session holds {} bytes", s.heap_bytes());
+        // A command split across reads is held only until its end arrives.
+        s.feed(b"NO", &mut out);
+        assert!(s.heap_bytes() > 0);
+        s.feed(b"OP\r\n", &mut out);
+        assert!(s.heap_bytes() <= 32);
     }
 }
