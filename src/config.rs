@@ -303,7 +303,21 @@ impl FileConfig {
                 .span()
                 .and_then(|s| text.get(..s.start))
                 .map(|before| before.matches('\n').count() + 1);
-            let msg = e.message().replace('\n', " ");
+            let mut msg = e.message().replace('\n', " ");
+            // serde lists every accepted field after an unknown one; name the key and the
+            // closest known one instead.
+            if let Some(key) = msg
+                .strip_prefix("unknown field `")
+                .and_then(|r| r.split('`').next())
+            {
+                msg = match closest_key(key) {
+                    Some(k) => format!("unknown key `{key}` (did you mean `{k}`?)"),
+                    None => format!(
+                        "unknown key `{key}`: keys are the flag names of `ringmx serve --help` \
+                         without the dashes"
+                    ),
+                };
+            }
             match line {
                 Some(n) => {
                     ConfigError::new(format!("config file {} line {n}: {msg}", path.display()))
@@ -312,6 +326,53 @@ impl FileConfig {
             }
         })
     }
+}
+
+/// Every key the config file accepts, for suggestions.
+const FILE_KEYS: [&str; 17] = [
+    "listen",
+    "workers",
+    "hostname",
+    "store",
+    "accept-domain",
+    "accept-any-recipient",
+    "max-message-size",
+    "max-recipients",
+    "idle-timeout",
+    "max-connections",
+    "max-connections-per-ip",
+    "max-errors",
+    "shutdown-grace",
+    "log-level",
+    "batch-messages-max",
+    "batch-delay-us-max",
+    "line-bytes-max",
+];
+
+/// The known key nearest to a mistyped one (edit distance at most 3), if any.
+fn closest_key(key: &str) -> Option<&'static str> {
+    fn distance(a: &str, b: &str) -> usize {
+        let b: Vec<char> = b.chars().collect();
+        let mut row: Vec<usize> = (0..=b.len()).collect();
+        for (i, ca) in a.chars().enumerate() {
+            let mut prev = row[0];
+            row[0] = i + 1;
+            for (j, cb) in b.iter().enumerate() {
+                let cur = row[j + 1];
+                row[j + 1] = (prev + usize::from(ca != *cb)).min(row[j] + 1).min(cur + 1);
+                prev = cur;
+            }
+        }
+        row[b.len()]
+    }
+    // Snake case is the usual slip; bound the work on absurd input.
+    let key: String = key.chars().take(64).collect::<String>().replace('_', "-");
+    FILE_KEYS
+        .iter()
+        .map(|k| (distance(&key, k), *k))
+        .filter(|(d, _)| *d <= 3)
+        .min()
+        .map(|(_, k)| k)
 }
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:2525";
@@ -1032,6 +1093,18 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("max-mesage-size") && e.contains("line 2"), "{e}");
+        assert!(e.contains("did you mean `max-message-size`?"), "{e}");
+        let e = with_file("max_errors = 3", &[]).unwrap_err().to_string();
+        assert!(
+            e.contains("`max_errors` (did you mean `max-errors`?)"),
+            "{e}"
+        );
+        let e = with_file("frobnicate = 1", &[]).unwrap_err().to_string();
+        assert!(
+            e.contains("unknown key `frobnicate`: keys are the flag names"),
+            "{e}"
+        );
+        assert!(!e.contains('\n'), "{e}");
         assert!(!e.contains('\n'), "{e}");
         let e = with_file("workers = \"four\"", &[])
             .unwrap_err()
@@ -1047,6 +1120,18 @@ mod tests {
             e.contains("/nonexistent/ringmx.toml") && e.contains("--config"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn every_suggested_key_is_a_real_key() {
+        for key in FILE_KEYS {
+            // Any value: a wrong type is a different error, never "unknown key".
+            let e = FileConfig::parse(&format!("{key} = 1"), Path::new("f")).err();
+            assert!(
+                !e.is_some_and(|e| e.to_string().contains("unknown key")),
+                "{key}"
+            );
+        }
     }
 
     #[test]
