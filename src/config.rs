@@ -534,11 +534,17 @@ impl Config {
             },
         };
 
-        let raw_domains = if !args.accept_domain.is_empty() {
-            args.accept_domain
-        } else {
-            file.accept_domain.unwrap_or_default()
-        };
+        // The recipient policy is one setting spread over two keys, so "flags win" applies to
+        // the pair: a policy given on the command line replaces the file's whole policy.
+        let (raw_domains, accept_any) =
+            if !args.accept_domain.is_empty() || args.accept_any_recipient {
+                (args.accept_domain, args.accept_any_recipient)
+            } else {
+                (
+                    file.accept_domain.unwrap_or_default(),
+                    file.accept_any_recipient.unwrap_or(false),
+                )
+            };
         let mut domains = Vec::with_capacity(raw_domains.len());
         for d in &raw_domains {
             let d = normalize_domain(d)?;
@@ -546,7 +552,6 @@ impl Config {
                 domains.push(d);
             }
         }
-        let accept_any = args.accept_any_recipient || file.accept_any_recipient.unwrap_or(false);
         let accept_domains = if !domains.is_empty() {
             if accept_any {
                 return Err(ConfigError::new(
@@ -1085,6 +1090,30 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.session.accept_domains, None);
+        // The policy on the command line replaces the file's, in either direction.
+        let c = with_file(
+            "listen = [\"0.0.0.0:25\"]\naccept-any-recipient = true",
+            &["--hostname", "mx", "--accept-domain", "a.example"],
+        )
+        .unwrap();
+        assert_eq!(
+            c.session.accept_domains,
+            Some(vec!["a.example".to_string()])
+        );
+        let c = with_file(
+            "listen = [\"0.0.0.0:25\"]\naccept-domain = [\"a.example\"]",
+            &["--hostname", "mx", "--accept-any-recipient"],
+        )
+        .unwrap();
+        assert_eq!(c.session.accept_domains, None);
+        // Both in the file is as contradictory as both on the command line.
+        let e = with_file(
+            "accept-domain = [\"a.example\"]\naccept-any-recipient = true",
+            &["--hostname", "mx"],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("contradict"), "{e}");
     }
 
     #[test]
