@@ -957,3 +957,237 @@ fn ipv6_listen_works() {
     server.connect().expect("NOOP", 250);
     let _ = std::io::stdout().flush();
 }
+
+// ---------------------------------------------------------------------------------------------
+// Robustness of the wiring: big bodies, odd reads, clients that vanish, defaults, restarts.
+
+/// A deterministic pseudo-random generator (xorshift), so the big body is the same every run.
+struct XorShift(u64);
+
+impl XorShift {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+#[test]
+fn big_message_in_odd_sized_writes_is_stored_exactly() {
+    let server = Server::start(&[]);
+    let mut rng = XorShift(0x5eed_1234_abcd_0001);
+    // About 3 MiB of lines of 0..=200 printable bytes, one in eight starting with a dot.
+    let mut body = Vec::new();
+    while body.len() < 3 << 20 {
+        let len = (rng.next() % 201) as usize;
+        let dot = rng.next() % 8 == 0;
+        if dot {
+            body.push(b'.');
+        }
+        for _ in 0..len {
+            body.push(b' ' + (rng.next() % 95) as u8);
+        }
+        body.extend_from_slice(b"\r\n");
+    }
+    let mut wire = Vec::with_capacity(body.len() + body.len() / 50);
+    for line in body.split_inclusive(|&b| b == b'\n') {
+        if line.starts_with(b".") {
+            wire.push(b'.');
+        }
+        wire.extend_from_slice(line);
+    }
+    wire.extend_from_slice(b".\r\n");
+    let mut c = server.connect();
+    c.ehlo("client.example");
+    open_data(&mut c, "a@client.example", &["b@dest.example"]);
+    let sizes = [1usize, 7, 1500, 65_536, 3, 4096, 200_000, 2];
+    let (mut at, mut i) = (0, 0);
+    while at < wire.len() {
+        let n = sizes[i % sizes.len()].min(wire.len() - at);
+        c.send(&wire[at..at + n]);
+        at += n;
+        i += 1;
+    }
+    let r = c.reply();
+    assert!(r.starts_with("250"), "{r:?}");
+    let st = parse_stored(&only_file(&server));
+    assert!(st.body == body, "stored body differs (stored {} bytes, sent {} bytes)", st.body.len(), body.len());
+}
+
+#[test]
+fn commands_sent_one_byte_per_write_work() {
+    let server = Server::start(&[]);
+    let mut c = server.connect();
+    c.stream.set_nodelay(true).unwrap();
+    let script = b"EHLO slow.example\r\nMAIL FROM:<a@client.example>\r\nRCPT TO:<b@dest.example>\r\nDATA\r\n";
+    for b in script {
+        c.send(&[*b]);
+    }
+    for code in ["250", "250", "250", "354"] {
+        let r = c.reply();
+        assert!(r.starts_with(code), "expected {code}, got {r:?}");
+    }
+    for b in b"..x\r\ny\r\n.\r\n" {
+        c.send(&[*b]);
+    }
+    let r = c.reply();
+    assert!(r.starts_with("250"), "{r:?}");
+    assert_eq!(parse_stored(&only_file(&server)).body, b".x\r\ny\r\n");
+}
+
+#[test]
+fn client_vanishing_mid_data_stores_nothing_and_frees_its_slot() {
+    let server = Server::start(&["--max-connections-per-ip", "1"]);
+    for how in ["close", "reset"] {
+        let mut c = connect_220(server.addr);
+        c.ehlo("client.example");
+        open_data(&mut c, "a@client.example", &["b@dest.example"]);
+        c.send(b"Subject: cut\r\n\r\nhalf a message\r\n");
+        if how == "reset" {
+            // SO_LINGER 0: close sends an RST instead of a FIN.
+            socket2::SockRef::from(&c.stream).set_linger(Some(Duration::ZERO)).unwrap();
+        }
+        drop(c);
+    }
+    // The one slot is free again, and the server is healthy.
+    let mut c = connect_220(server.addr);
+    c.ehlo("client.example");
+    open_data(&mut c, "a@client.example", &["b@dest.example"]);
+    c.send(b"whole\r\n.\r\n");
+    assert!(c.reply().starts_with("250"));
+    assert_eq!(parse_stored(&only_file(&server)).body, b"whole\r\n");
+}
+
+#[test]
+fn idle_timeout_applies_in_the_middle_of_data() {
+    let server = Server::start(&["--idle-timeout", "1"]);
+    let mut c = server.connect();
+    c.ehlo("client.example");
+    open_data(&mut c, "a@client.example", &["b@dest.example"]);
+    c.send(b"Subject: stalled\r\n\r\nand then nothing");
+    let r = c.reply();
+    assert!(r.starts_with(&format!("421 4.4.2 {HOSTNAME}")), "{r:?}");
+    assert!(c.closed());
+    assert_eq!(server.new_files().len(), 0);
+    assert_eq!(list_dir(&server.maildir().join("tmp")).len(), 0, "nothing left in tmp/");
+}
+
+#[test]
+fn config_file_sets_keys_and_flags_win() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("ringmx.toml");
+    std::fs::write(
+        &cfg,
+        "max-message-size = 1000\nmax-recipients = 1\naccept-domain = [\"dest.example\"]\n",
+    )
+    .unwrap();
+    let cfg = cfg.display().to_string();
+    let server = Server::start(&["--config", &cfg, "--max-message-size", "2000"]);
+    let mut c = server.connect();
+    let r = c.ehlo("client.example");
+    assert!(r.lines().any(|l| &l[4..] == "SIZE 2000"), "the flag must win over the file: {r:?}");
+    c.expect("MAIL FROM:<a@client.example>", 250);
+    c.expect("RCPT TO:<x@other.example>", 550);
+    c.expect("RCPT TO:<x@dest.example>", 250);
+    c.expect("RCPT TO:<y@dest.example>", 452);
+    // An unknown key is a start-up error naming it.
+    std::fs::write(dir.path().join("bad.toml"), "max-mesage-size = 1000\n").unwrap();
+    let bad = dir.path().join("bad.toml").display().to_string();
+    assert_startup_error(&["serve", "--config", &bad], &["max-mesage-size"]);
+}
+
+#[test]
+fn defaults_store_under_ringmx_data_and_greet_with_the_system_hostname() {
+    // No --store and no --hostname: the Maildir goes to ./ringmx-data/maildir of the working
+    // directory, and the greeting names the system host.
+    let dir = tempfile::tempdir().unwrap();
+    let port = crate::common::free_port();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let child = std::process::Command::new(crate::common::BIN)
+        .args(["serve", "--listen", &addr.to_string(), "--workers", "1"])
+        .current_dir(dir.path())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _guard = Kill(child);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut c = loop {
+        if TcpStream::connect(addr).is_ok() {
+            break Client::connect(addr);
+        }
+        assert!(Instant::now() < deadline, "server did not come up");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let host = nix::unistd::gethostname().unwrap().to_string_lossy().into_owned();
+    assert_eq!(c.greeting, format!("220 {host} ESMTP"));
+    c.ehlo("client.example");
+    open_data(&mut c, "a@client.example", &["b@dest.example"]);
+    c.send(b"default store\r\n.\r\n");
+    assert!(c.reply().starts_with("250"));
+    let files = list_dir(&dir.path().join("ringmx-data/maildir/new"));
+    assert_eq!(files.len(), 1, "{files:?}");
+}
+
+#[test]
+fn restart_on_the_same_port_right_after_shutdown() {
+    let mut server = Server::start(&[]);
+    let addr = server.addr.to_string();
+    // Leave connections the server closed itself (they sit in TIME_WAIT on its side).
+    for _ in 0..3 {
+        let mut c = server.connect();
+        c.expect("QUIT", 221);
+        assert!(c.closed());
+    }
+    server.signal(15);
+    assert!(server.wait_exit(Duration::from_secs(10)).expect("exits").success());
+    let dir = tempfile::tempdir().unwrap();
+    let store = format!("maildir:{}", dir.path().join("m").display());
+    let mut child = std::process::Command::new(crate::common::BIN)
+        .args(["serve", "--listen", &addr, "--workers", "1", "--store", &store, "--hostname", HOSTNAME])
+        .current_dir(dir.path())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let up = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            let mut err = String::new();
+            child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+            break Err(format!("exited with {st}: {err}"));
+        }
+        if TcpStream::connect(&addr).is_ok() {
+            break Ok(());
+        }
+        if Instant::now() > deadline {
+            break Err("no listener within 15 s".to_string());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let greeting = up.as_ref().ok().map(|_| Client::connect(addr.parse().unwrap()).greeting);
+    let _ = child.kill();
+    let _ = child.wait();
+    up.unwrap_or_else(|e| panic!("restart on {addr} failed: {e}"));
+    assert!(greeting.unwrap().starts_with("220"));
+}
+
+#[test]
+fn sigterm_with_no_sessions_exits_0_promptly() {
+    let mut server = Server::start(&[]);
+    let t = Instant::now();
+    server.signal(15);
+    let st = server.wait_exit(Duration::from_secs(10)).expect("exits");
+    assert!(st.success(), "exit status {st}");
+    assert!(t.elapsed() < Duration::from_secs(3), "took {:?} with nothing to wait for", t.elapsed());
+}
