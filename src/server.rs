@@ -71,7 +71,7 @@ fn listener(addr: SocketAddr, reuseport: bool) -> std::io::Result<Socket> {
 /// Binds `workers` SO_REUSEPORT sockets per address. First checks each address with a plain
 /// socket: another process's SO_REUSEPORT listener would otherwise silently share the port with
 /// us. A port 0 is resolved once so that every worker listens on the same port.
-fn bind_all(addrs: &[SocketAddr], workers: usize) -> Result<Vec<Vec<Socket>>, ServerError> {
+pub(crate) fn bind_all(addrs: &[SocketAddr], workers: usize) -> Result<Vec<Vec<Socket>>, ServerError> {
     let mut per_worker: Vec<Vec<Socket>> = (0..workers).map(|_| Vec::new()).collect();
     for &addr in addrs {
         let mut addr = addr;
@@ -220,6 +220,7 @@ pub fn run(cfg: Config) -> Result<(), ServerError> {
                 total.messages += r.messages;
                 total.bytes += r.bytes;
                 total.failed += r.failed;
+                total.dir_fsyncs += r.dir_fsyncs;
             }
             Err(_) => {
                 // One worker died: stop the others cleanly rather than run at reduced capacity.
@@ -235,6 +236,7 @@ pub fn run(cfg: Config) -> Result<(), ServerError> {
         messages = total.messages,
         bytes = total.bytes,
         failed = total.failed,
+        dir_fsyncs = total.dir_fsyncs,
         "ringmx stopped"
     );
     if panicked {

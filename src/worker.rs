@@ -139,6 +139,10 @@ pub struct WorkerReport {
     pub messages: u64,
     pub bytes: u64,
     pub failed: u64,
+    /// Directory fsyncs of new/ (one per group-commit batch that stored something).
+    pub dir_fsyncs: u64,
+    /// Times a connection's receive was paused because its input was not yet answered.
+    pub recv_pauses: u64,
 }
 
 /// Why a connection ended, for the session-end log line.
@@ -357,7 +361,7 @@ impl Worker {
                 std::thread::sleep(Duration::from_millis(10));
             }
             let mut handled = 0;
-            while let Some(c) = self.ring.next() {
+            while let Some(c) = self.ring.next_completion() {
                 self.handle(c);
                 handled += 1;
                 if handled >= 4096 {
@@ -381,7 +385,7 @@ impl Worker {
                 let deadline = Instant::now() + Duration::from_secs(2);
                 while self.ring.in_flight() > 0 && Instant::now() < deadline {
                     let _ = self.ring.wait(Some(Duration::from_millis(50)));
-                    while let Some(c) = self.ring.next() {
+                    while let Some(c) = self.ring.next_completion() {
                         self.handle(c);
                     }
                 }
@@ -591,6 +595,7 @@ impl Worker {
         if conn.pending.len() > PENDING_CAP && !conn.paused && !conn.closing {
             // Too much unanswered input: stop reading until the session catches up.
             conn.paused = true;
+            self.report.recv_pauses += 1;
             if let (Some(id), false) = (conn.recv_id, conn.recv_cancelled) {
                 conn.recv_cancelled = true;
                 self.ring.push(Token::new(K_IGNORE, slot, generation), Op::Cancel { target: id });
@@ -847,7 +852,7 @@ impl Worker {
         let all_done = batch
             .entries
             .iter()
-            .all(|&e| self.commits.items[e].as_ref().map_or(true, |c| c.step == Step::Done));
+            .all(|&e| self.commits.items[e].as_ref().is_none_or(|c| c.step == Step::Done));
         if !all_done {
             return;
         }
@@ -861,6 +866,7 @@ impl Worker {
         match (&self.store, any_renamed) {
             (Store::Maildir(m), true) => {
                 let fd = m.new_dir_fd().as_raw_fd();
+                self.report.dir_fsyncs += 1;
                 self.ring.push(Token::new(K_DIRSYNC, b as u32, generation), Op::Fsync { fd });
             }
             _ => self.finish_batch(b, None),
@@ -1144,3 +1150,246 @@ fn feed_from(
     }
 }
 
+
+#[cfg(test)]
+mod tests {
+    //! The worker driven in-process over loopback: one worker thread, a real ring, a real
+    //! socket, stopped through its eventfd like the server does.
+    use super::*;
+    use crate::config::{ServeArgs, StoreSpec};
+    use std::io::{BufRead, BufReader, Write};
+    use std::net::TcpStream;
+
+    struct TestWorker {
+        addr: SocketAddr,
+        wake: Arc<EventFd>,
+        handle: Option<std::thread::JoinHandle<WorkerReport>>,
+        dir: tempfile::TempDir,
+    }
+
+    impl TestWorker {
+        fn start(discard: bool, tweak: impl FnOnce(&mut ServeArgs)) -> TestWorker {
+            let dir = tempfile::tempdir().unwrap();
+            let mut args = ServeArgs {
+                listen: vec![free_addr()],
+                workers: Some(1),
+                hostname: Some("mx.test".into()),
+                store: Some(if discard { StoreSpec::Discard } else { StoreSpec::Maildir(dir.path().join("md")) }),
+                ..Default::default()
+            };
+            tweak(&mut args);
+            let cfg = Arc::new(Config::from_serve_args(args).unwrap());
+            Store::recover(&cfg.store).unwrap();
+            let store = Store::open(&cfg.store, 0, "mx.test").unwrap();
+            let socks = crate::server::bind_all(&cfg.listen, 1).unwrap().pop().unwrap();
+            let addr = socks[0].local_addr().unwrap().as_socket().unwrap();
+            let wake = Arc::new(EventFd::new().unwrap());
+            let shared = Arc::new(Shared::new(cfg));
+            let w = wake.clone();
+            let handle = std::thread::spawn(move || Worker::new(0, shared, socks, store, w).unwrap().run());
+            TestWorker { addr, wake, handle: Some(handle), dir }
+        }
+
+        fn stop(mut self) -> WorkerReport {
+            self.wake.notify();
+            self.handle.take().unwrap().join().unwrap()
+        }
+
+        fn files(&self, sub: &str) -> usize {
+            std::fs::read_dir(self.dir.path().join("md").join(sub)).map(|d| d.count()).unwrap_or(0)
+        }
+    }
+
+    fn free_addr() -> SocketAddr {
+        std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
+    }
+
+    impl Drop for TestWorker {
+        fn drop(&mut self) {
+            if let Some(h) = self.handle.take() {
+                self.wake.notify();
+                let _ = h.join();
+            }
+        }
+    }
+
+    fn connect(addr: SocketAddr) -> (TcpStream, BufReader<TcpStream>) {
+        let s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let r = BufReader::new(s.try_clone().unwrap());
+        (s, r)
+    }
+
+    /// Reads one reply (all lines of a multi-line one); returns its code, 0 on EOF.
+    fn reply(r: &mut BufReader<TcpStream>) -> u16 {
+        loop {
+            let mut line = String::new();
+            if r.read_line(&mut line).unwrap_or(0) == 0 {
+                return 0;
+            }
+            if line.len() < 4 || line.as_bytes()[3] != b'-' {
+                return line[..3].parse().unwrap_or(1);
+            }
+        }
+    }
+
+    /// Writes `n` transactions on one connection from a second thread, all at once, while this
+    /// thread reads; returns the reply codes in order.
+    fn pipeline(addr: SocketAddr, n: usize) -> Vec<u16> {
+        let (s, mut r) = connect(addr);
+        let mut w = s.try_clone().unwrap();
+        let writer = std::thread::spawn(move || {
+            let mut all = b"EHLO client.test\r\n".to_vec();
+            for i in 0..n {
+                all.extend_from_slice(
+                    format!("MAIL FROM:<a@b.test>\r\nRCPT TO:<c@d.test>\r\nDATA\r\nSubject: {i}\r\n\r\nbody {i}\r\n.\r\n")
+                        .as_bytes(),
+                );
+            }
+            all.extend_from_slice(b"QUIT\r\n");
+            w.write_all(&all).unwrap();
+        });
+        let mut codes = Vec::new();
+        loop {
+            let c = reply(&mut r);
+            if c == 0 {
+                break;
+            }
+            codes.push(c);
+        }
+        writer.join().unwrap();
+        codes
+    }
+
+    fn expected_codes(n: usize) -> Vec<u16> {
+        let mut want = vec![220, 250];
+        for _ in 0..n {
+            want.extend_from_slice(&[250, 250, 354, 250]);
+        }
+        want.push(221);
+        want
+    }
+
+    #[test]
+    fn ten_thousand_pipelined_transactions_are_answered_in_order() {
+        let w = TestWorker::start(true, |_| {});
+        let codes = pipeline(w.addr, 10_000);
+        assert!(codes == expected_codes(10_000), "got {} replies; first differences: {:?}", codes.len(),
+            codes.iter().zip(expected_codes(10_000)).enumerate().find(|(_, (a, b))| **a != *b));
+        let report = w.stop();
+        assert_eq!(report.messages, 10_000);
+        assert_eq!(report.connections, 1);
+    }
+
+    #[test]
+    fn pipelined_transactions_into_maildir_pause_input_and_all_land_in_new() {
+        let w = TestWorker::start(false, |_| {});
+        let n = 1_500;
+        let codes = pipeline(w.addr, n);
+        assert!(codes == expected_codes(n), "got {} replies", codes.len());
+        assert_eq!(w.files("new"), n);
+        assert_eq!(w.files("tmp"), 0);
+        let report = w.stop();
+        assert_eq!(report.messages, n as u64);
+        // Input kept arriving while messages committed: the receive was paused at least once.
+        assert!(report.recv_pauses > 0, "{report:?}");
+    }
+
+    #[test]
+    fn concurrent_sessions_share_directory_fsyncs() {
+        let w = TestWorker::start(false, |_| {});
+        let (clients, per) = (16, 10);
+        let threads: Vec<_> = (0..clients)
+            .map(|_| {
+                let addr = w.addr;
+                std::thread::spawn(move || {
+                    let (mut s, mut r) = connect(addr);
+                    assert_eq!(reply(&mut r), 220);
+                    s.write_all(b"EHLO c.test\r\n").unwrap();
+                    assert_eq!(reply(&mut r), 250);
+                    for i in 0..per {
+                        s.write_all(b"MAIL FROM:<a@b.test>\r\nRCPT TO:<c@d.test>\r\nDATA\r\n").unwrap();
+                        assert_eq!([reply(&mut r), reply(&mut r), reply(&mut r)], [250, 250, 354]);
+                        s.write_all(format!("Subject: {i}\r\n\r\nx\r\n.\r\n").as_bytes()).unwrap();
+                        assert_eq!(reply(&mut r), 250);
+                    }
+                    s.write_all(b"QUIT\r\n").unwrap();
+                    assert_eq!(reply(&mut r), 221);
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert_eq!(w.files("new"), clients * per);
+        let report = w.stop();
+        assert_eq!(report.messages, (clients * per) as u64);
+        assert!(report.dir_fsyncs < report.messages, "no batching: {report:?}");
+    }
+
+    #[test]
+    fn failed_write_answers_451_unlinks_and_the_worker_keeps_serving() {
+        let w = TestWorker::start(false, |_| {});
+        let md = w.dir.path().join("md");
+        let (mut s, mut r) = connect(w.addr);
+        assert_eq!(reply(&mut r), 220);
+        s.write_all(b"EHLO c.test\r\n").unwrap();
+        assert_eq!(reply(&mut r), 250);
+        let send = |s: &mut TcpStream, r: &mut BufReader<TcpStream>| {
+            s.write_all(b"MAIL FROM:<a@b.test>\r\nRCPT TO:<c@d.test>\r\nDATA\r\n").unwrap();
+            assert_eq!([reply(r), reply(r), reply(r)], [250, 250, 354]);
+            s.write_all(b"Subject: x\r\n\r\nx\r\n.\r\n").unwrap();
+            reply(r)
+        };
+        // tmp/ replaced by a file: openat fails (ENOTDIR) even for root.
+        std::fs::rename(md.join("tmp"), md.join("tmp.away")).unwrap();
+        std::fs::write(md.join("tmp"), b"").unwrap();
+        assert_eq!(send(&mut s, &mut r), 451);
+        assert_eq!(w.files("new"), 0);
+        std::fs::remove_file(md.join("tmp")).unwrap();
+        std::fs::rename(md.join("tmp.away"), md.join("tmp")).unwrap();
+        assert_eq!(send(&mut s, &mut r), 250);
+        assert_eq!(w.files("new"), 1);
+        assert_eq!(w.files("tmp"), 0);
+        let report = w.stop();
+        assert_eq!((report.messages, report.failed), (1, 1));
+    }
+
+    #[test]
+    fn shutdown_says_421_to_idle_sessions_and_lets_data_finish() {
+        let w = TestWorker::start(false, |a| a.shutdown_grace = Some(5));
+        let (idle, mut idle_r) = connect(w.addr);
+        assert_eq!(reply(&mut idle_r), 220);
+        let (mut busy, mut busy_r) = connect(w.addr);
+        assert_eq!(reply(&mut busy_r), 220);
+        busy.write_all(b"EHLO c.test\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<c@d.test>\r\nDATA\r\nSubject: x\r\n\r\n").unwrap();
+        assert_eq!([reply(&mut busy_r), reply(&mut busy_r), reply(&mut busy_r), reply(&mut busy_r)], [250, 250, 250, 354]);
+        w.wake.notify();
+        assert_eq!(reply(&mut idle_r), 421);
+        assert_eq!(reply(&mut idle_r), 0);
+        // The session in DATA may still finish its message: 250, then 421.
+        busy.write_all(b"last line\r\n.\r\n").unwrap();
+        assert_eq!(reply(&mut busy_r), 250);
+        assert_eq!(reply(&mut busy_r), 421);
+        assert_eq!(reply(&mut busy_r), 0);
+        let addr = w.addr;
+        let report = w.stop();
+        assert_eq!(report.messages, 1);
+        drop(idle);
+        // The listener is closed: nobody is accepting any more.
+        assert!(TcpStream::connect(addr).is_err());
+    }
+
+    #[test]
+    fn per_ip_counts_refuse_over_the_limit_and_release_on_close() {
+        let p = PerIpCounts::new(4);
+        let ip: IpAddr = "192.0.2.1".parse().unwrap();
+        assert!(p.acquire(ip, 2));
+        assert!(p.acquire(ip, 2));
+        assert!(!p.acquire(ip, 2));
+        assert!(p.acquire("192.0.2.2".parse().unwrap(), 2));
+        p.release(ip);
+        assert_eq!(p.count(ip), 1);
+        assert!(p.acquire(ip, 2));
+    }
+}

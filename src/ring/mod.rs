@@ -205,7 +205,7 @@ impl Ring {
         let mut got = None;
         while got.is_none() && std::time::Instant::now() < deadline {
             let _ = ring.wait(Some(Duration::from_millis(100)));
-            while let Some(c) = ring.next() {
+            while let Some(c) = ring.next_completion() {
                 got = Some((c.res, c.more(), c.bid));
                 if let Some(bid) = c.bid {
                     ring.recycle(bid);
@@ -331,7 +331,7 @@ impl Ring {
     }
 
     /// The next reaped completion, if any.
-    pub fn next(&mut self) -> Option<Completion> {
+    pub fn next_completion(&mut self) -> Option<Completion> {
         if self.ready.is_empty() {
             self.reap();
         }
@@ -497,7 +497,7 @@ mod tests {
             let before = got.len();
             while got.len() == before && std::time::Instant::now() < deadline {
                 ring.wait(Some(Duration::from_millis(50))).unwrap();
-                while let Some(c) = ring.next() {
+                while let Some(c) = ring.next_completion() {
                     assert_eq!(c.token, Token(42));
                     assert!(c.more(), "multishot recv ended: {}", c.res);
                     match RecvOutcome::from_result(c.res, c.bid) {
@@ -520,7 +520,7 @@ mod tests {
         let mut eof = false;
         while !eof && std::time::Instant::now() < deadline {
             ring.wait(Some(Duration::from_millis(50))).unwrap();
-            while let Some(c) = ring.next() {
+            while let Some(c) = ring.next_completion() {
                 eof = c.res == 0 && c.op.is_some();
             }
         }
@@ -538,7 +538,7 @@ mod tests {
             ring.push(Token(7), op);
             loop {
                 ring.wait(Some(Duration::from_secs(2))).unwrap();
-                if let Some(c) = ring.next() {
+                if let Some(c) = ring.next_completion() {
                     return c;
                 }
             }
@@ -569,10 +569,10 @@ mod tests {
         let ev = EventFd::new().unwrap();
         ring.push(Token(5), Op::ReadEventFd { fd: ev.fd(), buf: Box::new([0; 8]) });
         ring.wait(Some(Duration::from_millis(10))).unwrap();
-        assert!(ring.next().is_none());
+        assert!(ring.next_completion().is_none());
         ev.notify();
         ring.wait(Some(Duration::from_secs(2))).unwrap();
-        let c = ring.next().expect("read completed");
+        let c = ring.next_completion().expect("read completed");
         assert_eq!((c.token, c.res), (Token(5), 8));
     }
 }
