@@ -3,3 +3,4 @@
 
 mod common;
 mod smtp;
+mod transcripts;
