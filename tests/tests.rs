@@ -4,3 +4,5 @@
 mod common;
 mod smtp;
 mod transcripts;
+mod fuzz_corpus;
+mod prop;
