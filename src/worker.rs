@@ -306,7 +306,6 @@ pub struct Worker {
     forced: bool,
     next_tick: Instant,
     report: WorkerReport,
-    input_scratch: Vec<u8>,
     /// Ops planned while the ring was borrowed; pushed by `flush_dirty`.
     to_push: Vec<(Token, Op)>,
 }
@@ -342,7 +341,6 @@ impl Worker {
             forced: false,
             next_tick: Instant::now() + TICK,
             report: WorkerReport::default(),
-            input_scratch: Vec::new(),
             to_push: Vec::new(),
         })
     }
@@ -611,18 +609,29 @@ impl Worker {
         }
     }
 
-    /// Feeds the pending input of a connection as far as the session takes it.
+    /// Feeds the pending input of a connection as far as the session takes it, resumes a
+    /// paused receive once the backlog drained, and closes after EOF once all input is answered.
     fn pump(&mut self, slot: u32, generation: u32) {
         let Some(conn) = self.conns.get_mut(slot, generation) else { return };
-        if conn.closing || conn.committing || conn.pending.is_empty() || conn.out.len() > OUT_CAP {
-            return;
-        }
-        let mut input = std::mem::take(&mut conn.pending);
-        feed_from(conn, &input, &mut self.store, &mut self.commits, &mut self.batches, &mut self.open_batch, slot, &self.cfg, &mut self.to_push);
-        // `feed_from` left what it could not feed in `conn.pending` (empty before the call).
-        input.clear();
-        if conn.pending.is_empty() {
-            self.input_scratch = input;
+        if !conn.closing && !conn.committing && !conn.pending.is_empty() && conn.out.len() <= OUT_CAP {
+            let mut input = std::mem::take(&mut conn.pending);
+            feed_from(
+                conn,
+                &input,
+                &mut self.store,
+                &mut self.commits,
+                &mut self.batches,
+                &mut self.open_batch,
+                slot,
+                &self.cfg,
+                &mut self.to_push,
+            );
+            // `feed_from` put what it could not feed into the (empty) `conn.pending`; keep the
+            // larger allocation when nothing is left.
+            if conn.pending.is_empty() {
+                input.clear();
+                conn.pending = input;
+            }
         }
         if conn.paused && conn.pending.len() < PENDING_CAP / 2 && !conn.closing {
             conn.paused = false;
@@ -1378,6 +1387,23 @@ mod tests {
         drop(idle);
         // The listener is closed: nobody is accepting any more.
         assert!(TcpStream::connect(addr).is_err());
+    }
+
+    #[test]
+    fn half_closed_client_gets_every_answer_then_the_close() {
+        for discard in [true, false] {
+            let w = TestWorker::start(discard, |_| {});
+            let (mut s, mut r) = connect(w.addr);
+            s.write_all(b"EHLO c.test\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<c@d.test>\r\nDATA\r\nx\r\n.\r\n").unwrap();
+            // No QUIT: the client only half-closes once the message is sent.
+            s.shutdown(std::net::Shutdown::Write).unwrap();
+            let started = Instant::now();
+            let codes: Vec<u16> = (0..6).map(|_| reply(&mut r)).collect();
+            assert_eq!(codes, [220, 250, 250, 250, 354, 250], "discard={discard}");
+            assert_eq!(reply(&mut r), 0, "the server closes after answering (discard={discard})");
+            assert!(started.elapsed() < Duration::from_secs(5));
+            w.stop();
+        }
     }
 
     #[test]
