@@ -15,6 +15,7 @@ use nix::sys::signal::{SigSet, Signal};
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::config::Config;
+use crate::metrics::Metrics;
 use crate::ring::{EventFd, Ring};
 use crate::store::Store;
 use crate::worker::{Shared, Worker, WorkerReport};
@@ -193,6 +194,7 @@ pub fn run(cfg: Config) -> Result<(), ServerError> {
         "ringmx ready"
     );
 
+    let started = std::time::Instant::now();
     let signal_wakes = wakes.clone();
     std::thread::Builder::new()
         .name("ringmx-signals".into())
@@ -211,17 +213,11 @@ pub fn run(cfg: Config) -> Result<(), ServerError> {
         })
         .map_err(|e| ServerError::Other(format!("cannot start the signal thread: {e}")))?;
 
-    let mut total = WorkerReport::default();
+    let mut reports = Vec::with_capacity(workers);
     let mut panicked = false;
     for h in handles {
         match h.join() {
-            Ok(r) => {
-                total.connections += r.connections;
-                total.messages += r.messages;
-                total.bytes += r.bytes;
-                total.failed += r.failed;
-                total.dir_fsyncs += r.dir_fsyncs;
-            }
+            Ok(r) => reports.push(r),
             Err(_) => {
                 // One worker died: stop the others cleanly rather than run at reduced capacity.
                 panicked = true;
@@ -231,14 +227,8 @@ pub fn run(cfg: Config) -> Result<(), ServerError> {
             }
         }
     }
-    tracing::info!(
-        connections = total.connections,
-        messages = total.messages,
-        bytes = total.bytes,
-        failed = total.failed,
-        dir_fsyncs = total.dir_fsyncs,
-        "ringmx stopped"
-    );
+    let total = Metrics::merged(reports.iter().map(|r| &r.metrics));
+    total.log_summary(started.elapsed());
     if panicked {
         return Err(ServerError::Other("a worker thread failed; see the log above".into()));
     }

@@ -27,6 +27,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::config::Config;
+use crate::metrics::Metrics;
 use crate::protocol::{CommitResult, Envelope, Feed, Phase, Session};
 use crate::ring::{
     AcceptOutcome, Completion, EventFd, FileOutcome, Op, RecvOutcome, Ring, SendOutcome, Token,
@@ -135,12 +136,7 @@ impl PerIpCounts {
 /// What a worker did, reported when it exits.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct WorkerReport {
-    pub connections: u64,
-    pub messages: u64,
-    pub bytes: u64,
-    pub failed: u64,
-    /// Directory fsyncs of new/ (one per group-commit batch that stored something).
-    pub dir_fsyncs: u64,
+    pub metrics: Metrics,
     /// Times a connection's receive was paused because its input was not yet answered.
     pub recv_pauses: u64,
 }
@@ -391,8 +387,9 @@ impl Worker {
             }
         }
         if let Store::Discard(d) = &self.store {
-            self.report.messages = d.messages();
-            self.report.bytes = d.bytes();
+            // The discard store answers inside `feed_from` and keeps its own counts.
+            self.report.metrics.messages_accepted += d.messages();
+            self.report.metrics.message_bytes += d.bytes();
         }
         self.report
     }
@@ -484,7 +481,6 @@ impl Worker {
             return;
         };
         crate::ring::set_nodelay(fd);
-        self.report.connections += 1;
         let now = Instant::now();
         let (slot, generation) = self.conns.vacant();
         let mut conn = Conn {
@@ -515,12 +511,14 @@ impl Worker {
             conn.reason = EndReason::Shutdown;
             conn.closing = true;
         } else if !self.shared.admit(peer.ip()) {
+            self.report.metrics.connections_refused += 1;
             tracing::info!(client = %peer.ip(), "refused: too many connections");
             conn.out.extend_from_slice(format!("421 4.7.0 {host} Too many connections\r\n").as_bytes());
             conn.reason = EndReason::TooMany;
             conn.closing = true;
         } else {
             conn.admitted = true;
+            self.report.metrics.connections_accepted += 1;
             conn.session.greet(&mut conn.out);
             conn.recv_id = Some(self.ring.push(Token::new(K_RECV, slot, generation), Op::RecvMulti { fd }));
         }
@@ -548,6 +546,7 @@ impl Worker {
         }
         match outcome {
             RecvOutcome::Data { bid, len } => {
+                self.report.metrics.bytes_received += len as u64;
                 conn.last_active = Instant::now();
                 if conn.closing {
                     self.ring.recycle(bid);
@@ -706,6 +705,7 @@ impl Worker {
         conn.send_id = None;
         match SendOutcome::from_result(c.res) {
             SendOutcome::Sent(n) => {
+                self.report.metrics.bytes_sent += n as u64;
                 let off = off + n;
                 if off < buf.len() && n > 0 {
                     // Short send: push the rest from where the kernel stopped.
@@ -747,8 +747,14 @@ impl Worker {
         if conn.admitted {
             self.shared.release(conn.peer.ip());
         }
-        if conn.admitted || conn.reason != EndReason::TooMany {
+        if conn.admitted {
             let stats = conn.session.stats();
+            let m = &mut self.report.metrics;
+            m.sessions_ended += 1;
+            m.sessions_timed_out += u64::from(conn.reason == EndReason::Timeout);
+            m.commands += u64::from(stats.commands);
+            m.client_errors += u64::from(stats.errors);
+            m.messages_rejected += u64::from(stats.messages_rejected);
             tracing::info!(
                 client = %conn.peer.ip(),
                 duration_ms = conn.started.elapsed().as_millis() as u64,
@@ -875,7 +881,7 @@ impl Worker {
         match (&self.store, any_renamed) {
             (Store::Maildir(m), true) => {
                 let fd = m.new_dir_fd().as_raw_fd();
-                self.report.dir_fsyncs += 1;
+                self.report.metrics.fsyncs += 1;
                 self.ring.push(Token::new(K_DIRSYNC, b as u32, generation), Op::Fsync { fd });
             }
             _ => self.finish_batch(b, None),
@@ -903,6 +909,9 @@ impl Worker {
     /// renamed messages are not known durable.
     fn finish_batch(&mut self, b: usize, failure: Option<CommitResult>) {
         let Some(batch) = self.batches.remove(b as u32) else { return };
+        if batch.dir_sync_pushed && failure.is_none() && matches!(self.store, Store::Maildir(_)) {
+            self.report.metrics.record_batch(batch.entries.len() as u64);
+        }
         for e in batch.entries {
             let Some(entry) = self.commits.remove(e as u32) else { continue };
             let result = match (entry.result, &failure) {
@@ -918,8 +927,8 @@ impl Worker {
     fn answer(&mut self, conn_token: Token, envelope: &Envelope, size: usize, result: CommitResult) {
         match &result {
             CommitResult::Stored { queue_id } => {
-                self.report.messages += 1;
-                self.report.bytes += size as u64;
+                self.report.metrics.messages_accepted += 1;
+                self.report.metrics.message_bytes += size as u64;
                 tracing::info!(
                     queue_id = %queue_id,
                     client = %envelope.peer.ip(),
@@ -931,7 +940,6 @@ impl Worker {
                 );
             }
             other => {
-                self.report.failed += 1;
                 tracing::warn!(
                     client = %envelope.peer.ip(),
                     from = %envelope.mail_from,
@@ -986,6 +994,7 @@ impl Worker {
                     self.fail_commit(e, libc::EIO);
                 } else {
                     entry.step = Step::Fsync;
+                    self.report.metrics.fsyncs += 1;
                     self.ring.push(token, Op::Fsync { fd });
                 }
             }
@@ -1032,6 +1041,7 @@ impl Worker {
         let generation = self.commits.generations[e as usize];
         let Some(entry) = self.commits.get_mut(e, generation) else { return };
         entry.result = Some(commit_result_for_errno(errno));
+        self.report.metrics.store_errors += 1;
         if entry.fd >= 0 {
             // Closing is best effort: the file is about to be unlinked anyway.
             self.ring.push(Token::new(K_IGNORE, e, generation), Op::Close { fd: entry.fd });
@@ -1286,8 +1296,8 @@ mod tests {
         assert!(codes == expected_codes(10_000), "got {} replies; first differences: {:?}", codes.len(),
             codes.iter().zip(expected_codes(10_000)).enumerate().find(|(_, (a, b))| **a != *b));
         let report = w.stop();
-        assert_eq!(report.messages, 10_000);
-        assert_eq!(report.connections, 1);
+        assert_eq!(report.metrics.messages_accepted, 10_000);
+        assert_eq!(report.metrics.connections_accepted, 1);
     }
 
     #[test]
@@ -1299,7 +1309,7 @@ mod tests {
         assert_eq!(w.files("new"), n);
         assert_eq!(w.files("tmp"), 0);
         let report = w.stop();
-        assert_eq!(report.messages, n as u64);
+        assert_eq!(report.metrics.messages_accepted, n as u64);
         // Input kept arriving while messages committed: the receive was paused at least once.
         assert!(report.recv_pauses > 0, "{report:?}");
     }
@@ -1332,8 +1342,9 @@ mod tests {
         }
         assert_eq!(w.files("new"), clients * per);
         let report = w.stop();
-        assert_eq!(report.messages, (clients * per) as u64);
-        assert!(report.dir_fsyncs < report.messages, "no batching: {report:?}");
+        let m = report.metrics;
+        assert_eq!(m.messages_accepted, (clients * per) as u64);
+        assert!(m.batches < m.messages_accepted && m.batch_messages_max > 1, "no batching: {m:?}");
     }
 
     #[test]
@@ -1361,7 +1372,7 @@ mod tests {
         assert_eq!(w.files("new"), 1);
         assert_eq!(w.files("tmp"), 0);
         let report = w.stop();
-        assert_eq!((report.messages, report.failed), (1, 1));
+        assert_eq!((report.metrics.messages_accepted, report.metrics.store_errors), (1, 1));
     }
 
     #[test]
@@ -1383,7 +1394,7 @@ mod tests {
         assert_eq!(reply(&mut busy_r), 0);
         let addr = w.addr;
         let report = w.stop();
-        assert_eq!(report.messages, 1);
+        assert_eq!(report.metrics.messages_accepted, 1);
         drop(idle);
         // The listener is closed: nobody is accepting any more.
         assert!(TcpStream::connect(addr).is_err());
