@@ -1,0 +1,172 @@
+//! Figures one thread collects, merged across threads at the end: a histogram per phase,
+//! counters and errors by kind. Each thread owns its own; nothing here is shared while running.
+
+use hdrhistogram::Histogram;
+
+use crate::errors::ErrorTable;
+
+/// Latency phases, in microseconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Session start (the due time in an open loop) to TCP connect done.
+    Connect = 0,
+    /// TCP connect done to the 220 banner.
+    Banner = 1,
+    /// EHLO sent to its final reply line.
+    Ehlo = 2,
+    /// MAIL sent to the 250 after the final '.'; accepted messages only.
+    Transaction = 3,
+    /// Session start (the due time in an open loop) to 221 and close; clean sessions only.
+    Session = 4,
+}
+
+pub const PHASES: [Phase; 5] = [Phase::Connect, Phase::Banner, Phase::Ehlo, Phase::Transaction, Phase::Session];
+
+impl Phase {
+    pub fn name(self) -> &'static str {
+        match self {
+            Phase::Connect => "connect",
+            Phase::Banner => "banner",
+            Phase::Ehlo => "ehlo",
+            Phase::Transaction => "transaction",
+            Phase::Session => "session",
+        }
+    }
+}
+
+/// Largest latency recorded exactly: one hour. Larger values are clamped (saturating record).
+pub const LATENCY_US_MAX: u64 = 3_600_000_000;
+
+pub fn new_histogram() -> Histogram<u64> {
+    // 3 significant figures, as every figure in a report.
+    Histogram::new_with_bounds(1, LATENCY_US_MAX, 3).expect("valid histogram bounds")
+}
+
+#[derive(Debug, Clone)]
+pub struct PhaseSet {
+    pub h: [Histogram<u64>; 5],
+}
+
+impl Default for PhaseSet {
+    fn default() -> Self {
+        PhaseSet { h: std::array::from_fn(|_| new_histogram()) }
+    }
+}
+
+impl PhaseSet {
+    pub fn record(&mut self, phase: Phase, us: u64) {
+        self.h[phase as usize].saturating_record(us.clamp(1, LATENCY_US_MAX));
+    }
+    pub fn merge(&mut self, other: &PhaseSet) {
+        for (a, b) in self.h.iter_mut().zip(&other.h) {
+            a.add(b).expect("same bounds");
+        }
+    }
+    pub fn reset(&mut self) {
+        for h in &mut self.h {
+            h.reset();
+        }
+    }
+    pub fn get(&self, phase: Phase) -> &Histogram<u64> {
+        &self.h[phase as usize]
+    }
+}
+
+/// Counters of a thread or of the whole run. Sessions and messages that started during the
+/// warmup are counted only in the `warmup_*` fields.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+pub struct Counts {
+    pub sessions_ok: u64,
+    pub sessions_failed: u64,
+    /// Still running when the run had to end (drain deadline passed).
+    pub sessions_unfinished: u64,
+    pub messages_accepted: u64,
+    pub messages_failed: u64,
+    /// Message bytes (as sent, end-of-data excluded) of accepted messages.
+    pub bytes_accepted: u64,
+    pub warmup_sessions: u64,
+    pub warmup_messages_accepted: u64,
+    pub warmup_errors: u64,
+    /// The server offered PIPELINING in some session.
+    pub server_pipelining: bool,
+}
+
+impl Counts {
+    pub fn merge(&mut self, o: &Counts) {
+        self.sessions_ok += o.sessions_ok;
+        self.sessions_failed += o.sessions_failed;
+        self.sessions_unfinished += o.sessions_unfinished;
+        self.messages_accepted += o.messages_accepted;
+        self.messages_failed += o.messages_failed;
+        self.bytes_accepted += o.bytes_accepted;
+        self.warmup_sessions += o.warmup_sessions;
+        self.warmup_messages_accepted += o.warmup_messages_accepted;
+        self.warmup_errors += o.warmup_errors;
+        self.server_pipelining |= o.server_pipelining;
+    }
+}
+
+/// Everything one thread measured.
+#[derive(Debug, Clone, Default)]
+pub struct ThreadStats {
+    pub phases: PhaseSet,
+    pub counts: Counts,
+    pub errors: ErrorTable,
+    /// Nanoseconds from the run's start to the end of this thread's last measured session.
+    pub last_end_ns: u64,
+}
+
+impl ThreadStats {
+    pub fn merge(&mut self, o: &ThreadStats) {
+        self.phases.merge(&o.phases);
+        self.counts.merge(&o.counts);
+        self.errors.merge(&o.errors);
+        self.last_end_ns = self.last_end_ns.max(o.last_end_ns);
+    }
+}
+
+/// One thread's figures for one interval of the live line and the interval log.
+#[derive(Debug, Clone)]
+pub struct IntervalReport {
+    pub thread: usize,
+    /// Interval number: it covers [index, index + 1) seconds after the run's start.
+    pub index: u64,
+    pub phases: PhaseSet,
+    pub messages_accepted: u64,
+    pub sessions_ok: u64,
+    pub errors: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn merged_percentiles_equal_those_of_one_histogram() {
+        let mut a = PhaseSet::default();
+        let mut b = PhaseSet::default();
+        let mut all = PhaseSet::default();
+        for v in 1..=1000u64 {
+            let target = if v % 3 == 0 { &mut a } else { &mut b };
+            target.record(Phase::Session, v * 10);
+            all.record(Phase::Session, v * 10);
+        }
+        a.merge(&b);
+        let (m, o) = (a.get(Phase::Session), all.get(Phase::Session));
+        assert_eq!(m.len(), 1000);
+        for q in [0.5, 0.9, 0.99, 0.999] {
+            assert_eq!(m.value_at_quantile(q), o.value_at_quantile(q));
+        }
+        assert_eq!(m.max(), o.max());
+    }
+
+    #[test]
+    fn out_of_range_latencies_are_clamped_not_lost() {
+        let mut p = PhaseSet::default();
+        p.record(Phase::Connect, 0);
+        p.record(Phase::Connect, u64::MAX);
+        assert_eq!(p.get(Phase::Connect).len(), 2);
+        assert!(p.get(Phase::Connect).max() >= LATENCY_US_MAX);
+    }
+}
