@@ -265,6 +265,25 @@ impl Client {
         String::from_utf8_lossy(&all).into_owned()
     }
 
+    /// Like `reply`, but a read error (timeout, reset) gives "" like EOF instead of panicking;
+    /// for clients that race with a server going away.
+    pub fn reply_or_eof(&mut self) -> String {
+        let mut all = String::new();
+        loop {
+            let mut line = String::new();
+            match self.reader.read_line(&mut line) {
+                Ok(0) | Err(_) => return all,
+                Ok(_) => {}
+            }
+            let done = line.len() < 4 || line.as_bytes()[3] != b'-';
+            all.push_str(line.trim_end_matches(['\r', '\n']));
+            if done {
+                return all;
+            }
+            all.push('\n');
+        }
+    }
+
     /// Sends EHLO and asserts the 250.
     pub fn ehlo(&mut self, name: &str) -> String {
         self.expect(&format!("EHLO {name}"), 250)

@@ -1191,3 +1191,165 @@ fn sigterm_with_no_sessions_exits_0_promptly() {
     assert!(st.success(), "exit status {st}");
     assert!(t.elapsed() < Duration::from_secs(3), "took {:?} with nothing to wait for", t.elapsed());
 }
+
+#[test]
+fn fifty_messages_pipelined_in_one_write() {
+    let server = Server::start(&["--workers", "1"]);
+    let mut c = server.connect();
+    c.ehlo("client.example");
+    let mut wire = Vec::new();
+    for i in 0..50 {
+        wire.extend_from_slice(format!("MAIL FROM:<s{i}@client.example>\r\nRCPT TO:<r{i}@dest.example>\r\nDATA\r\n").as_bytes());
+        wire.extend_from_slice(format!("Subject: {i}\r\n\r\n.message {i}\r\n.\r\n").as_bytes());
+    }
+    wire.extend_from_slice(b"QUIT\r\nNOOP\r\n");
+    c.send(&wire);
+    let mut qids = Vec::new();
+    for i in 0..50 {
+        for code in ["250", "250", "354", "250"] {
+            let r = c.reply();
+            assert!(r.starts_with(code), "message {i}: expected {code}, got {r:?}");
+            if code == "250" && r.contains("queued as") {
+                qids.push(queue_id(&r));
+            }
+        }
+    }
+    // Nothing is answered after QUIT's 221.
+    assert_eq!(c.read_to_close(), "221 2.0.0 Bye\r\n");
+    let files = server.new_files();
+    assert_eq!(files.len(), 50);
+    for f in files {
+        let st = parse_stored(&std::fs::read(f).unwrap());
+        let i: usize = st.return_path[1..].split('@').next().unwrap().parse().unwrap();
+        assert_eq!(st.envelope_to, vec![format!("r{i}@dest.example")]);
+        assert_eq!(st.body, format!("Subject: {i}\r\n\r\nmessage {i}\r\n").as_bytes());
+        check_received(&st, "client.example", "[127.0.0.1]", "ESMTP", &qids[i]);
+    }
+}
+
+#[test]
+fn sigterm_under_load_loses_no_acknowledged_message() {
+    let mut server = Server::start(&[]);
+    let addr = server.addr;
+    let stop_at = Instant::now() + Duration::from_secs(10);
+    let threads: Vec<_> = (0..6)
+        .map(|t| {
+            std::thread::spawn(move || {
+                let mut acked = Vec::new();
+                let Ok(stream) = TcpStream::connect(addr) else { return acked };
+                stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+                let reader = std::io::BufReader::new(stream.try_clone().unwrap());
+                let mut c = Client { reader, stream, greeting: String::new() };
+                c.greeting = c.reply();
+                c.send(b"EHLO load.example\r\n");
+                if !c.reply().starts_with("250") {
+                    return acked;
+                }
+                for i in 0..500 {
+                    if Instant::now() > stop_at {
+                        break;
+                    }
+                    // One write per message: MAIL, RCPT, DATA and the body pipelined.
+                    let msg = format!(
+                        "MAIL FROM:<t{t}@client.example>\r\nRCPT TO:<m{i}@dest.example>\r\nDATA\r\nthread {t} message {i}\r\n.\r\n"
+                    );
+                    if c.stream.write_all(msg.as_bytes()).is_err() {
+                        break;
+                    }
+                    let replies: Vec<String> = (0..4).map(|_| c.reply_or_eof()).collect();
+                    if replies[3].starts_with("250") {
+                        acked.push((queue_id(&replies[3]), format!("thread {t} message {i}\r\n")));
+                    } else {
+                        break;
+                    }
+                }
+                acked
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    server.signal(15);
+    let acked: Vec<(String, String)> = threads.into_iter().flat_map(|h| h.join().unwrap()).collect();
+    let st = server.wait_exit(Duration::from_secs(15)).expect("exits");
+    assert!(st.success(), "exit status {st}");
+    assert!(!acked.is_empty(), "no message was acknowledged before SIGTERM");
+    let mut stored = std::collections::HashMap::new();
+    for f in server.new_files() {
+        let st = parse_stored(&std::fs::read(&f).unwrap());
+        let qid = st.received.split(" id ").nth(1).unwrap().split([' ', ';']).next().unwrap().to_string();
+        let body = String::from_utf8(st.body).unwrap();
+        assert!(body.starts_with("thread ") && body.ends_with("\r\n"), "partial file {f:?}: {body:?}");
+        stored.insert(qid, body);
+    }
+    for (qid, body) in &acked {
+        assert_eq!(stored.get(qid), Some(body), "acknowledged message {qid} is not on disk as sent");
+    }
+    assert_eq!(list_dir(&server.maildir().join("tmp")).len(), 0, "no partial file left in tmp/");
+}
+
+#[test]
+fn store_failure_gets_451_leaves_nothing_and_the_session_goes_on() {
+    let server = Server::start(&[]);
+    let mut c = server.connect();
+    c.ehlo("client.example");
+    // new/ vanishes under the running server (an operator's mistake): the rename fails.
+    std::fs::remove_dir(server.maildir().join("new")).unwrap();
+    open_data(&mut c, "a@client.example", &["b@dest.example"]);
+    c.send(b"lost\r\n.\r\n");
+    let r = c.reply();
+    assert!(r.starts_with("451 4.3.0"), "{r:?}");
+    assert_eq!(list_dir(&server.maildir().join("tmp")).len(), 0, "the tmp/ file must be unlinked");
+    c.expect("NOOP", 250);
+}
+
+#[test]
+fn disk_full_gets_452_and_nothing_is_left_behind() {
+    // A 256 KiB tmpfs as the Maildir; needs root (mount), skipped otherwise.
+    let dir = tempfile::tempdir().unwrap();
+    let mnt = dir.path().join("small");
+    std::fs::create_dir(&mnt).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=256k", "tmpfs"])
+        .arg(&mnt)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !mounted {
+        eprintln!("skipping disk_full_gets_452_and_nothing_is_left_behind: cannot mount a tmpfs here");
+        return;
+    }
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(mnt.clone());
+    let store = format!("maildir:{}", mnt.join("maildir").display());
+    let server = Server::start(&["--store", &store]);
+    let maildir = mnt.join("maildir");
+    let mut c = server.connect();
+    c.ehlo("client.example");
+    open_data(&mut c, "a@client.example", &["b@dest.example"]);
+    let line = format!("{}\r\n", "f".repeat(998));
+    for _ in 0..400 {
+        c.send(line.as_bytes());
+    }
+    c.send(b".\r\n");
+    let r = c.reply();
+    let sizes: Vec<u64> = list_dir(&maildir.join("new")).iter().map(|f| std::fs::metadata(f).unwrap().len()).collect();
+    assert!(
+        r.starts_with("452 4.3.1"),
+        "a 400 KB message on a 256 KiB disk: expected 452 4.3.1, got {r:?}; sizes of the files in new/: {sizes:?}"
+    );
+    assert_eq!(list_dir(&maildir.join("new")).len(), 0);
+    assert_eq!(list_dir(&maildir.join("tmp")).len(), 0, "the partial tmp/ file must be unlinked");
+    // The space came back (the partial file is gone): a small message fits.
+    open_data(&mut c, "a@client.example", &["b@dest.example"]);
+    c.send(b"small\r\n.\r\n");
+    let r = c.reply();
+    assert!(r.starts_with("250"), "{r:?}");
+    assert_eq!(list_dir(&maildir.join("new")).len(), 1);
+    drop(c);
+    drop(server);
+}
