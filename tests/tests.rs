@@ -6,3 +6,5 @@ mod smtp;
 mod transcripts;
 mod fuzz_corpus;
 mod prop;
+mod hardening;
+mod hardening_long;
