@@ -868,6 +868,26 @@ fn unwritable_store_is_one_line_and_exit_1() {
     let store = format!("maildir:{}/maildir", file.display());
     let listen = format!("127.0.0.1:{}", crate::common::free_port());
     assert_startup_error(&["serve", "--listen", &listen, "--store", &store], &[&file.display().to_string()]);
+    // A read-only file system (root ignores permission bits, a read-only mount it cannot).
+    let ro = dir.path().join("ro");
+    std::fs::create_dir(&ro).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "ro,size=64k", "tmpfs"])
+        .arg(&ro)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !mounted {
+        eprintln!("skipping the read-only part of unwritable_store_is_one_line_and_exit_1: cannot mount");
+        return;
+    }
+    let store = format!("maildir:{}/maildir", ro.display());
+    let (code, out, err) = run_bin(&["serve", "--listen", &listen, "--store", &store], dir.path(), Duration::from_secs(10));
+    let _ = std::process::Command::new("umount").arg("-l").arg(&ro).status();
+    let all = format!("{out}{err}");
+    assert!(!all.contains("panicked"), "{all}");
+    assert_eq!(code, Some(1), "read-only store: {all}");
+    assert!(all.lines().any(|l| l.contains(&ro.display().to_string())), "read-only store: no line names {ro:?}: {all}");
 }
 
 #[test]
@@ -1352,4 +1372,81 @@ fn disk_full_gets_452_and_nothing_is_left_behind() {
     assert_eq!(list_dir(&maildir.join("new")).len(), 1);
     drop(c);
     drop(server);
+}
+
+/// A shared object that makes `syscall(SYS_io_uring_setup, ...)` fail with `errno`, standing in
+/// for a container's seccomp profile or a kernel without io_uring. `None` without a C compiler.
+fn io_uring_blocker(dir: &std::path::Path) -> Option<std::path::PathBuf> {
+    let src = dir.join("block_uring.c");
+    let so = dir.join("block_uring.so");
+    std::fs::write(
+        &src,
+        r#"#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <errno.h>
+#include <stdarg.h>
+#include <stdlib.h>
+#include <sys/syscall.h>
+long syscall(long n, ...) {
+    va_list ap;
+    va_start(ap, n);
+    long a[6];
+    for (int i = 0; i < 6; i++) a[i] = va_arg(ap, long);
+    va_end(ap);
+    if (n == SYS_io_uring_setup) {
+        errno = atoi(getenv("BLOCK_URING_ERRNO"));
+        return -1;
+    }
+    static long (*real)(long, ...);
+    if (!real) real = (long (*)(long, ...))dlsym(RTLD_NEXT, "syscall");
+    return real(n, a[0], a[1], a[2], a[3], a[4], a[5]);
+}
+"#,
+    )
+    .unwrap();
+    let ok = std::process::Command::new("cc")
+        .args(["-shared", "-fPIC", "-O1", "-o"])
+        .arg(&so)
+        .arg(&src)
+        .arg("-ldl")
+        .status()
+        .is_ok_and(|s| s.success());
+    ok.then_some(so)
+}
+
+#[test]
+fn io_uring_forbidden_or_missing_is_one_line_and_exit_1() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(so) = io_uring_blocker(dir.path()) else {
+        eprintln!("skipping io_uring_forbidden_or_missing_is_one_line_and_exit_1: no C compiler");
+        return;
+    };
+    let listen = format!("127.0.0.1:{}", crate::common::free_port());
+    let store = format!("maildir:{}", dir.path().join("m").display());
+    for (errno, words) in [(libc::EPERM, ["io_uring", "seccomp"]), (libc::ENOSYS, ["io_uring", "kernel"])] {
+        let mut child = std::process::Command::new(crate::common::BIN)
+            .args(["serve", "--listen", &listen, "--store", &store])
+            .env("LD_PRELOAD", &so)
+            .env("BLOCK_URING_ERRNO", errno.to_string())
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while child.try_wait().unwrap().is_none() {
+            if Instant::now() > deadline {
+                let _ = child.kill();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let out = child.wait_with_output().unwrap();
+        let all = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(!all.contains("panicked"), "errno {errno}: {all}");
+        assert_eq!(out.status.code(), Some(1), "errno {errno}: {all}");
+        assert!(
+            all.lines().any(|l| words.iter().all(|w| l.to_lowercase().contains(w))),
+            "errno {errno}: no one line names {words:?}: {all}"
+        );
+    }
 }
