@@ -157,6 +157,8 @@ pub fn run_thread(
     let addr = socket2::SockAddr::from(cfg.target);
     let ring = Ring::new(slots.max(1), addr, cfg.message.clone())
         .context("cannot set up io_uring (kernel too old, or io_uring disabled by sysctl kernel.io_uring_disabled or a seccomp profile)")?;
+    // Every thread starts at the same instant, so schedules and intervals line up.
+    std::thread::sleep(start.saturating_duration_since(Instant::now()));
     let now = Instant::now();
     let quota = match (cfg.mode, cfg.stop) {
         (Mode::Closed { .. }, Stop::Sessions(n)) => Some(share(n, cfg.threads, t)),
