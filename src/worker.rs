@@ -987,6 +987,7 @@ impl Worker {
             }
             (Step::Write, FileOutcome::Done(n)) => {
                 let Op::Write2 { fd, head, body, done, .. } = op else { unreachable_op(&op) };
+                tracing::debug!(fd, done, n, total = entry.total, "write completed");
                 let done = done + n as usize;
                 if done < entry.total && n > 0 {
                     self.ring.push(token, Op::write2(fd, head, body, done));

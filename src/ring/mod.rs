@@ -411,8 +411,10 @@ fn build_entry(op: &mut Op) -> squeue::Entry {
                 iov[0] = libc::iovec { iov_base: body[off..].as_ptr() as *mut _, iov_len: body.len() - off };
                 1
             };
-            // Offset -1: the file's current position, which advances with each write.
-            opcode::Writev::new(types::Fd(*fd), iov.as_ptr(), n).offset(u64::MAX).build()
+            // An explicit offset, not -1 ("the file position"): the file is written from its
+            // start, and a resumed short write must land right after the bytes already written.
+            // With -1, short writes on a filling tmpfs were seen to start again at offset 0.
+            opcode::Writev::new(types::Fd(*fd), iov.as_ptr(), n).offset(*done as u64).build()
         }
         Op::Fsync { fd } => opcode::Fsync::new(types::Fd(*fd)).build(),
         Op::Close { fd } => opcode::Close::new(types::Fd(*fd)).build(),
@@ -545,12 +547,18 @@ mod tests {
         };
         let c = run(&mut ring, Op::OpenAt { path: tmp.clone(), flags: libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL, mode: 0o600 });
         let FileOutcome::Done(fd) = FileOutcome::from_result(c.res) else { panic!("openat {}", c.res) };
-        let c = run(&mut ring, Op::write2(fd, b"head\r\n".to_vec(), b"body".to_vec(), 2));
-        assert_eq!(FileOutcome::from_result(c.res), FileOutcome::Done(8));
+        // A write that stopped after the header (as a short write would) is resumed at `done`:
+        // the rest lands right after it, not at the file position or at 0.
+        let c = run(&mut ring, Op::write2(fd, b"head\r\n".to_vec(), Vec::new(), 0));
+        assert_eq!(FileOutcome::from_result(c.res), FileOutcome::Done(6));
+        let c = run(&mut ring, Op::write2(fd, b"XXXX\r\n".to_vec(), b"body".to_vec(), 6));
+        assert_eq!(FileOutcome::from_result(c.res), FileOutcome::Done(4));
+        let c = run(&mut ring, Op::write2(fd, b"head\r\n".to_vec(), b"body".to_vec(), 8));
+        assert_eq!(FileOutcome::from_result(c.res), FileOutcome::Done(2));
         assert_eq!(FileOutcome::from_result(run(&mut ring, Op::Fsync { fd }).res), FileOutcome::Done(0));
         assert_eq!(FileOutcome::from_result(run(&mut ring, Op::Close { fd }).res), FileOutcome::Done(0));
         assert_eq!(FileOutcome::from_result(run(&mut ring, Op::RenameAt { from: tmp.clone(), to: new }).res), FileOutcome::Done(0));
-        assert_eq!(std::fs::read(dir.path().join("n")).unwrap(), b"ad\r\nbody");
+        assert_eq!(std::fs::read(dir.path().join("n")).unwrap(), b"head\r\nbody");
         // Opening the same tmp name again with O_EXCL fails: a named failure, not a panic.
         let c = run(&mut ring, Op::OpenAt { path: std::ffi::CString::new(dir.path().join("n").to_str().unwrap()).unwrap(), flags: libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL, mode: 0o600 });
         assert_eq!(FileOutcome::from_result(c.res), FileOutcome::Failed(libc::EEXIST));

@@ -20,8 +20,9 @@ pub enum Op {
     ReadEventFd { fd: RawFd, buf: Box<[u8; 8]> },
     /// `openat(AT_FDCWD, path, flags, mode)`.
     OpenAt { path: CString, flags: i32, mode: u32 },
-    /// Write `head` then `body` from the file's current offset, skipping the first `done` bytes
-    /// of the two together (so a short write is resumed by pushing again with a larger `done`).
+    /// Write `head` then `body` to a new file, skipping the first `done` bytes of the two
+    /// together, at file offset `done` (so a short write is resumed by pushing again with a
+    /// larger `done`).
     Write2 { fd: RawFd, head: Vec<u8>, body: Vec<u8>, done: usize, iov: Box<[libc::iovec; 2]> },
     /// `fsync(fd)`.
     Fsync { fd: RawFd },
