@@ -907,6 +907,7 @@ fn bad_flags_and_values_are_one_line_and_exit_1() {
     assert_startup_error(&["serve", "--listen", "not-an-address"], &["not-an-address"]);
     assert_startup_error(&["serve", "--max-recipients", "many"], &["many"]);
     assert_startup_error(&["serve", "--store", "sqlite:/tmp/x"], &["sqlite:/tmp/x"]);
+    assert_startup_error(&["serve", "--workers", "0"], &["--workers"]);
 }
 
 #[test]
@@ -1449,4 +1450,92 @@ fn io_uring_forbidden_or_missing_is_one_line_and_exit_1() {
             "errno {errno}: no one line names {words:?}: {all}"
         );
     }
+}
+
+/// Peak resident memory of a process in KiB (VmHWM).
+fn peak_rss_kib(pid: i32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// Sends a command line of `mib` MiB (no CRLF until the end) and a message of `mib` MiB over
+/// the size limit; expects 500 5.5.6 and 552 5.3.4.
+fn flood(c: &mut Client, mib: usize) {
+    let chunk = vec![b'x'; 1 << 20];
+    c.send(b"NOOP ");
+    for _ in 0..mib {
+        c.send(&chunk);
+    }
+    c.send(b"\r\n");
+    let r = c.reply();
+    assert!(r.starts_with("500 5.5.6"), "{r:?}");
+    open_data(c, "a@client.example", &["b@dest.example"]);
+    let mut line = vec![b'y'; (1 << 20) - 2];
+    line.extend_from_slice(b"\r\n");
+    for _ in 0..mib {
+        c.send(&line);
+    }
+    c.send(b".\r\n");
+    let r = c.reply();
+    assert!(r.starts_with("552 5.3.4"), "{r:?}");
+}
+
+#[test]
+fn floods_are_read_and_dropped_in_bounded_memory() {
+    // A command line without CRLF and DATA over the size limit are read and dropped: after a
+    // warm-up (which touches the receive buffer pool once), 128 MiB more must not raise the
+    // server's peak memory.
+    let server = Server::start(&["--max-message-size", "1000", "--workers", "1"]);
+    let mut c = server.connect();
+    c.ehlo("client.example");
+    flood(&mut c, 16);
+    let before = peak_rss_kib(server.pid());
+    flood(&mut c, 64);
+    c.expect("NOOP", 250);
+    let grown_kib = peak_rss_kib(server.pid()).saturating_sub(before);
+    assert!(grown_kib < 8 * 1024, "peak RSS grew by {grown_kib} KiB while 128 MiB more were dropped");
+}
+
+#[test]
+fn message_size_limit_is_exact() {
+    // RFC 1870: the size counts the message with its CRLFs, without dot-stuffing; ringmx's body
+    // runs up to and including the CRLF before the final dot.
+    let server = Server::start(&["--max-message-size", "1000"]);
+    let mut c = server.connect();
+    c.ehlo("client.example");
+    // 1000 bytes after unstuffing, 1001 on the wire (a stuffed dot).
+    let exact = format!(".{}\r\n", "a".repeat(997));
+    assert_eq!(exact.len(), 1000);
+    open_data(&mut c, "a@client.example", &["b@dest.example"]);
+    c.send(format!(".{exact}.\r\n").as_bytes());
+    let r = c.reply();
+    assert!(r.starts_with("250"), "a 1000-byte message under a 1000-byte limit: {r:?}");
+    open_data(&mut c, "a@client.example", &["b@dest.example"]);
+    c.send(format!("b{exact}.\r\n").as_bytes());
+    let r = c.reply();
+    assert!(r.starts_with("552 5.3.4"), "a 1001-byte message: {r:?}");
+    assert_eq!(parse_stored(&only_file(&server)).body, exact.as_bytes());
+}
+
+#[test]
+fn three_hundred_concurrent_connections_are_all_served() {
+    let server = Server::start(&["--max-connections-per-ip", "1000"]);
+    let mut clients: Vec<Client> = (0..300).map(|_| server.connect()).collect();
+    for (i, c) in clients.iter_mut().enumerate() {
+        assert!(c.greeting.starts_with("220"), "client {i}: {:?}", c.greeting);
+        c.send(b"EHLO many.example\r\nMAIL FROM:<a@client.example>\r\n");
+    }
+    for (i, c) in clients.iter_mut().enumerate() {
+        assert!(c.reply().starts_with("250"), "client {i}");
+        assert!(c.reply().starts_with("250"), "client {i}");
+        c.send(format!("RCPT TO:<r{i}@dest.example>\r\nDATA\r\nmessage {i}\r\n.\r\nQUIT\r\n").as_bytes());
+    }
+    for (i, c) in clients.iter_mut().enumerate() {
+        for code in ["250", "354", "250", "221"] {
+            let r = c.reply();
+            assert!(r.starts_with(code), "client {i}: expected {code}, got {r:?}");
+        }
+    }
+    assert_eq!(server.new_files().len(), 300);
 }
