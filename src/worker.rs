@@ -11,6 +11,11 @@
 //! kept in the connection's pending buffer; beyond `PENDING_CAP` the multishot receive is
 //! cancelled and re-armed once the buffer drained below half of it.
 //!
+//! Timers: one deadline scan per `TICK`. The idle timer of a connection restarts only when the
+//! client makes progress: a reply was produced, or in DATA another `TRICKLE_BYTES` arrived. A
+//! client trickling single bytes into a command line or a body is therefore closed with 421
+//! 4.4.2 after --idle-timeout, like an idle one.
+//!
 //! Group commit (maildir): each message's tmp file is opened, written, fsync'd, closed and
 //! renamed into new/ as its own chain of ring ops, started at once. Messages join the open
 //! batch; the batch closes when it holds `batch_messages_max` messages, when
@@ -37,6 +42,10 @@ use crate::store::{commit_result_for_errno, Store};
 /// Unsent replies beyond which a connection stops feeding its session (the client is not
 /// reading its replies).
 const OUT_CAP: usize = 64 * 1024;
+/// Body bytes that count as progress in DATA: the idle timer restarts after each such amount
+/// (so --idle-timeout doubles as a minimum data rate of TRICKLE_BYTES per timeout period), or
+/// when the session answers something. Bytes that make no progress never restart it.
+const TRICKLE_BYTES: usize = 1024;
 /// Unfed input beyond which the receive is paused.
 const PENDING_CAP: usize = 64 * 1024;
 /// Provided receive buffers per worker, and their size.
@@ -193,7 +202,10 @@ struct Conn {
     /// Holds a place in the global and per-IP counts.
     admitted: bool,
     reason: EndReason,
+    /// When the client last made progress (see `TRICKLE_BYTES`); the idle timer runs from here.
     last_active: Instant,
+    /// Bytes received since `last_active` without a reply being produced.
+    trickle: usize,
     started: Instant,
 }
 
@@ -503,6 +515,7 @@ impl Worker {
             admitted: false,
             reason: EndReason::Quit,
             last_active: now,
+            trickle: 0,
             started: now,
         };
         let host = &self.cfg.session.hostname;
@@ -547,17 +560,27 @@ impl Worker {
         match outcome {
             RecvOutcome::Data { bid, len } => {
                 self.report.metrics.bytes_received += len as u64;
-                conn.last_active = Instant::now();
                 if conn.closing {
                     self.ring.recycle(bid);
                 } else {
                     let data = self.ring.buf(bid, len);
+                    let replies_before = conn.out.len();
                     if conn.committing || !conn.pending.is_empty() || conn.out.len() > OUT_CAP {
                         conn.pending.extend_from_slice(data);
                     } else {
                         feed_from(conn, data, &mut self.store, &mut self.commits, &mut self.batches, &mut self.open_batch, slot, &self.cfg, &mut self.to_push);
                     }
                     self.ring.recycle(bid);
+                    // The idle timer restarts on progress, not on any byte: a command answered,
+                    // or in DATA another TRICKLE_BYTES of body. A client trickling a byte at a
+                    // time cannot hold a session forever.
+                    conn.trickle += len;
+                    let answered = conn.out.len() > replies_before;
+                    let data_progress = conn.trickle >= TRICKLE_BYTES && conn.session.phase() == Phase::Data;
+                    if answered || data_progress || conn.committing {
+                        conn.last_active = Instant::now();
+                        conn.trickle = 0;
+                    }
                 }
                 if finished && !conn.closing && !conn.eof && !conn.paused {
                     // The multishot receive ended after data (the kernel may do so): re-arm.
@@ -613,6 +636,7 @@ impl Worker {
     fn pump(&mut self, slot: u32, generation: u32) {
         let Some(conn) = self.conns.get_mut(slot, generation) else { return };
         if !conn.closing && !conn.committing && !conn.pending.is_empty() && conn.out.len() <= OUT_CAP {
+            let replies_before = conn.out.len();
             let mut input = std::mem::take(&mut conn.pending);
             feed_from(
                 conn,
@@ -630,6 +654,10 @@ impl Worker {
             if conn.pending.is_empty() {
                 input.clear();
                 conn.pending = input;
+            }
+            if conn.out.len() > replies_before {
+                conn.last_active = Instant::now();
+                conn.trickle = 0;
             }
         }
         if conn.paused && conn.pending.len() < PENDING_CAP / 2 && !conn.closing {
@@ -953,6 +981,9 @@ impl Worker {
         let (slot, generation) = (conn_token.slot(), conn_token.generation());
         let Some(conn) = self.conns.get_mut(slot, generation) else { return };
         conn.committing = false;
+        // The wait for the disk is ours, not the client's.
+        conn.last_active = Instant::now();
+        conn.trickle = 0;
         if conn.closing {
             return;
         }
@@ -1416,6 +1447,46 @@ mod tests {
             assert!(started.elapsed() < Duration::from_secs(5));
             w.stop();
         }
+    }
+
+    /// Sends `chunk` every `every` until the server closes or `limit` passes; returns how long
+    /// the session lasted, or None if it was still open at `limit`.
+    fn trickle(addr: SocketAddr, setup: &[u8], replies: usize, chunk: &[u8], every: Duration, limit: Duration) -> Option<Duration> {
+        let (mut s, mut r) = connect(addr);
+        assert_eq!(reply(&mut r), 220);
+        s.write_all(setup).unwrap();
+        for _ in 0..replies {
+            assert!(reply(&mut r) >= 200);
+        }
+        r.get_ref().set_nonblocking(true).unwrap();
+        let t0 = Instant::now();
+        let mut buf = [0u8; 256];
+        while t0.elapsed() < limit {
+            if s.write_all(chunk).is_err() {
+                return Some(t0.elapsed());
+            }
+            std::thread::sleep(every);
+            match std::io::Read::read(r.get_mut(), &mut buf) {
+                Ok(0) => return Some(t0.elapsed()),
+                Ok(_) | Err(_) => {}
+            }
+        }
+        None
+    }
+
+    #[test]
+    fn trickling_clients_time_out_but_a_steady_body_does_not() {
+        let w = TestWorker::start(true, |a| a.idle_timeout = Some(1));
+        let every = Duration::from_millis(300);
+        let limit = Duration::from_secs(6);
+        let cmd = trickle(w.addr, b"EHLO c.test\r\n", 1, b"N", every, limit);
+        assert!(cmd.is_some_and(|d| d < Duration::from_secs(3)), "trickled command line lasted {cmd:?}");
+        let setup = b"EHLO c.test\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<c@d.test>\r\nDATA\r\n";
+        let body = trickle(w.addr, setup, 4, b"x", every, limit);
+        assert!(body.is_some_and(|d| d < Duration::from_secs(3)), "trickled body lasted {body:?}");
+        // 2 KiB per 300 ms is progress: the session outlives several idle periods.
+        let steady = trickle(w.addr, setup, 4, &[b'y'; 2048], every, Duration::from_secs(3));
+        assert_eq!(steady, None, "a body arriving steadily was cut");
     }
 
     #[test]
