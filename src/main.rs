@@ -52,7 +52,10 @@ fn usage_error(e: clap::Error) -> ExitCode {
         }
         _ => {
             let text = e.render().to_string();
-            let line = text.lines().find(|l| !l.trim().is_empty()).unwrap_or("bad command line");
+            let line = text
+                .lines()
+                .find(|l| !l.trim().is_empty())
+                .unwrap_or("bad command line");
             let line = line.trim_start_matches("error: ");
             eprintln!("ringmx: {line}; see `ringmx serve --help`");
             ExitCode::FAILURE

@@ -25,7 +25,10 @@ use crate::worker::{Shared, Worker, WorkerReport};
 pub enum ServerError {
     Ring(crate::ring::SetupError),
     Store(crate::store::StoreError),
-    Bind { addr: SocketAddr, source: std::io::Error },
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     Other(String),
 }
 
@@ -52,7 +55,11 @@ impl std::error::Error for ServerError {}
 
 /// One listening socket for `addr`; `reuseport` lets every worker have its own.
 fn listener(addr: SocketAddr, reuseport: bool) -> std::io::Result<Socket> {
-    let domain = if addr.is_ipv6() { Domain::IPV6 } else { Domain::IPV4 };
+    let domain = if addr.is_ipv6() {
+        Domain::IPV6
+    } else {
+        Domain::IPV4
+    };
     let s = Socket::new(domain, Type::STREAM.cloexec(), Some(Protocol::TCP))?;
     if addr.is_ipv6() {
         // [::]:25 and 0.0.0.0:25 may both be given; each should take only its own family.
@@ -72,7 +79,10 @@ fn listener(addr: SocketAddr, reuseport: bool) -> std::io::Result<Socket> {
 /// Binds `workers` SO_REUSEPORT sockets per address. First checks each address with a plain
 /// socket: another process's SO_REUSEPORT listener would otherwise silently share the port with
 /// us. A port 0 is resolved once so that every worker listens on the same port.
-pub(crate) fn bind_all(addrs: &[SocketAddr], workers: usize) -> Result<Vec<Vec<Socket>>, ServerError> {
+pub(crate) fn bind_all(
+    addrs: &[SocketAddr],
+    workers: usize,
+) -> Result<Vec<Vec<Socket>>, ServerError> {
     let mut per_worker: Vec<Vec<Socket>> = (0..workers).map(|_| Vec::new()).collect();
     for &addr in addrs {
         let mut addr = addr;
@@ -97,7 +107,9 @@ fn allowed_cpus() -> Vec<usize> {
     use nix::sched::{sched_getaffinity, CpuSet};
     use nix::unistd::Pid;
     match sched_getaffinity(Pid::from_raw(0)) {
-        Ok(set) => (0..CpuSet::count()).filter(|&c| set.is_set(c).unwrap_or(false)).collect(),
+        Ok(set) => (0..CpuSet::count())
+            .filter(|&c| set.is_set(c).unwrap_or(false))
+            .collect(),
         Err(_) => Vec::new(),
     }
 }
@@ -132,7 +144,9 @@ pub fn run(cfg: Config) -> Result<(), ServerError> {
     let mut signals = SigSet::empty();
     signals.add(Signal::SIGTERM);
     signals.add(Signal::SIGINT);
-    signals.thread_block().map_err(|e| ServerError::Other(format!("cannot block signals: {e}")))?;
+    signals
+        .thread_block()
+        .map_err(|e| ServerError::Other(format!("cannot block signals: {e}")))?;
     // Sends use MSG_NOSIGNAL; this covers anything else that writes to a closed socket.
     let _ = block_sigpipe();
 
@@ -143,10 +157,17 @@ pub fn run(cfg: Config) -> Result<(), ServerError> {
     let mut handles = Vec::with_capacity(workers);
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
     for (i, (socks, store)) in listeners.into_iter().zip(stores).enumerate() {
-        let wake = Arc::new(EventFd::new().map_err(|e| ServerError::Other(format!("cannot create an eventfd: {e}")))?);
+        let wake = Arc::new(
+            EventFd::new()
+                .map_err(|e| ServerError::Other(format!("cannot create an eventfd: {e}")))?,
+        );
         wakes.push(wake.clone());
         let shared = shared.clone();
-        let cpu = if cpus.is_empty() { None } else { Some(cpus[i % cpus.len()]) };
+        let cpu = if cpus.is_empty() {
+            None
+        } else {
+            Some(cpus[i % cpus.len()])
+        };
         let ready = ready_tx.clone();
         let h = std::thread::Builder::new()
             .name(format!("ringmx-w{i}"))
@@ -230,7 +251,9 @@ pub fn run(cfg: Config) -> Result<(), ServerError> {
     let total = Metrics::merged(reports.iter().map(|r| &r.metrics));
     total.log_summary(started.elapsed());
     if panicked {
-        return Err(ServerError::Other("a worker thread failed; see the log above".into()));
+        return Err(ServerError::Other(
+            "a worker thread failed; see the log above".into(),
+        ));
     }
     Ok(())
 }

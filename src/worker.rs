@@ -76,7 +76,11 @@ pub struct Shared {
 
 impl Shared {
     pub fn new(cfg: Arc<Config>) -> Shared {
-        Shared { cfg, connections: AtomicUsize::new(0), per_ip: PerIpCounts::new(16) }
+        Shared {
+            cfg,
+            connections: AtomicUsize::new(0),
+            per_ip: PerIpCounts::new(16),
+        }
     }
 
     /// Takes a connection slot for `ip`, or says which limit is full.
@@ -106,7 +110,11 @@ pub struct PerIpCounts {
 
 impl PerIpCounts {
     pub fn new(shards: usize) -> PerIpCounts {
-        PerIpCounts { shards: (0..shards.max(1)).map(|_| Mutex::new(HashMap::new())).collect() }
+        PerIpCounts {
+            shards: (0..shards.max(1))
+                .map(|_| Mutex::new(HashMap::new()))
+                .collect(),
+        }
     }
 
     fn shard(&self, ip: IpAddr) -> &Mutex<HashMap<IpAddr, u32>> {
@@ -138,7 +146,12 @@ impl PerIpCounts {
     }
 
     pub fn count(&self, ip: IpAddr) -> u32 {
-        self.shard(ip).lock().unwrap_or_else(|p| p.into_inner()).get(&ip).copied().unwrap_or(0)
+        self.shard(ip)
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&ip)
+            .copied()
+            .unwrap_or(0)
     }
 }
 
@@ -257,7 +270,12 @@ struct Slab<T> {
 
 impl<T> Slab<T> {
     fn new() -> Slab<T> {
-        Slab { items: Vec::new(), generations: Vec::new(), free: Vec::new(), len: 0 }
+        Slab {
+            items: Vec::new(),
+            generations: Vec::new(),
+            free: Vec::new(),
+            len: 0,
+        }
     }
     /// A free slot and its generation (the slot is not yet filled).
     fn vacant(&mut self) -> (u32, u32) {
@@ -286,7 +304,8 @@ impl<T> Slab<T> {
     }
     fn remove(&mut self, slot: u32) -> Option<T> {
         let item = self.items.get_mut(slot as usize)?.take()?;
-        self.generations[slot as usize] = self.generations[slot as usize].wrapping_add(1) & Token::GEN_MASK;
+        self.generations[slot as usize] =
+            self.generations[slot as usize].wrapping_add(1) & Token::GEN_MASK;
         self.free.push(slot);
         self.len -= 1;
         Some(item)
@@ -428,12 +447,21 @@ impl Worker {
         }
         if let Some(l) = &self.listeners[i] {
             let fd = l.as_raw_fd();
-            self.accept_ids[i] = Some(self.ring.push(Token::new(K_ACCEPT, i as u32, 0), Op::AcceptMulti { fd }));
+            self.accept_ids[i] = Some(
+                self.ring
+                    .push(Token::new(K_ACCEPT, i as u32, 0), Op::AcceptMulti { fd }),
+            );
         }
     }
 
     fn arm_wake(&mut self) {
-        self.ring.push(Token::new(K_WAKE, 0, 0), Op::ReadEventFd { fd: self.wake.fd(), buf: Box::new([0; 8]) });
+        self.ring.push(
+            Token::new(K_WAKE, 0, 0),
+            Op::ReadEventFd {
+                fd: self.wake.fd(),
+                buf: Box::new([0; 8]),
+            },
+        );
     }
 
     fn handle(&mut self, c: Completion) {
@@ -464,7 +492,10 @@ impl Worker {
             AcceptOutcome::Accepted(fd) => self.accepted(fd),
             AcceptOutcome::Transient => {}
             AcceptOutcome::Exhausted => {
-                tracing::warn!(worker = self.index, "accept: out of descriptors or memory; connections wait in the backlog");
+                tracing::warn!(
+                    worker = self.index,
+                    "accept: out of descriptors or memory; connections wait in the backlog"
+                );
             }
             AcceptOutcome::Canceled => {}
             AcceptOutcome::Unexpected(e) => {
@@ -520,20 +551,26 @@ impl Worker {
         };
         let host = &self.cfg.session.hostname;
         if self.shutting_down {
-            conn.out.extend_from_slice(format!("421 4.3.2 {host} Service shutting down\r\n").as_bytes());
+            conn.out.extend_from_slice(
+                format!("421 4.3.2 {host} Service shutting down\r\n").as_bytes(),
+            );
             conn.reason = EndReason::Shutdown;
             conn.closing = true;
         } else if !self.shared.admit(peer.ip()) {
             self.report.metrics.connections_refused += 1;
             tracing::info!(client = %peer.ip(), "refused: too many connections");
-            conn.out.extend_from_slice(format!("421 4.7.0 {host} Too many connections\r\n").as_bytes());
+            conn.out
+                .extend_from_slice(format!("421 4.7.0 {host} Too many connections\r\n").as_bytes());
             conn.reason = EndReason::TooMany;
             conn.closing = true;
         } else {
             conn.admitted = true;
             self.report.metrics.connections_accepted += 1;
             conn.session.greet(&mut conn.out);
-            conn.recv_id = Some(self.ring.push(Token::new(K_RECV, slot, generation), Op::RecvMulti { fd }));
+            conn.recv_id = Some(
+                self.ring
+                    .push(Token::new(K_RECV, slot, generation), Op::RecvMulti { fd }),
+            );
         }
         if conn.closing {
             conn.closing_since = Some(now);
@@ -568,7 +605,17 @@ impl Worker {
                     if conn.committing || !conn.pending.is_empty() || conn.out.len() > OUT_CAP {
                         conn.pending.extend_from_slice(data);
                     } else {
-                        feed_from(conn, data, &mut self.store, &mut self.commits, &mut self.batches, &mut self.open_batch, slot, &self.cfg, &mut self.to_push);
+                        feed_from(
+                            conn,
+                            data,
+                            &mut self.store,
+                            &mut self.commits,
+                            &mut self.batches,
+                            &mut self.open_batch,
+                            slot,
+                            &self.cfg,
+                            &mut self.to_push,
+                        );
                     }
                     self.ring.recycle(bid);
                     // The idle timer restarts on progress, not on any byte: a command answered,
@@ -576,7 +623,8 @@ impl Worker {
                     // time cannot hold a session forever.
                     conn.trickle += len;
                     let answered = conn.out.len() > replies_before;
-                    let data_progress = conn.trickle >= TRICKLE_BYTES && conn.session.phase() == Phase::Data;
+                    let data_progress =
+                        conn.trickle >= TRICKLE_BYTES && conn.session.phase() == Phase::Data;
                     if answered || data_progress || conn.committing {
                         conn.last_active = Instant::now();
                         conn.trickle = 0;
@@ -618,7 +666,10 @@ impl Worker {
             self.report.recv_pauses += 1;
             if let (Some(id), false) = (conn.recv_id, conn.recv_cancelled) {
                 conn.recv_cancelled = true;
-                self.ring.push(Token::new(K_IGNORE, slot, generation), Op::Cancel { target: id });
+                self.ring.push(
+                    Token::new(K_IGNORE, slot, generation),
+                    Op::Cancel { target: id },
+                );
             }
         }
         self.dirty.push((slot, generation));
@@ -627,15 +678,24 @@ impl Worker {
     fn rearm(ring: &mut Ring, conn: &mut Conn, slot: u32) {
         if conn.recv_id.is_none() {
             conn.recv_cancelled = false;
-            conn.recv_id = Some(ring.push(Token::new(K_RECV, slot, conn.generation), Op::RecvMulti { fd: conn.fd }));
+            conn.recv_id = Some(ring.push(
+                Token::new(K_RECV, slot, conn.generation),
+                Op::RecvMulti { fd: conn.fd },
+            ));
         }
     }
 
     /// Feeds the pending input of a connection as far as the session takes it, resumes a
     /// paused receive once the backlog drained, and closes after EOF once all input is answered.
     fn pump(&mut self, slot: u32, generation: u32) {
-        let Some(conn) = self.conns.get_mut(slot, generation) else { return };
-        if !conn.closing && !conn.committing && !conn.pending.is_empty() && conn.out.len() <= OUT_CAP {
+        let Some(conn) = self.conns.get_mut(slot, generation) else {
+            return;
+        };
+        if !conn.closing
+            && !conn.committing
+            && !conn.pending.is_empty()
+            && conn.out.len() <= OUT_CAP
+        {
             let replies_before = conn.out.len();
             let mut input = std::mem::take(&mut conn.pending);
             feed_from(
@@ -691,7 +751,9 @@ impl Worker {
     }
 
     fn flush(&mut self, slot: u32, generation: u32) {
-        let Some(conn) = self.conns.get_mut(slot, generation) else { return };
+        let Some(conn) = self.conns.get_mut(slot, generation) else {
+            return;
+        };
         if conn.session.phase() == Phase::Closed && !conn.closing {
             conn.closing = true;
         }
@@ -701,7 +763,14 @@ impl Worker {
         if conn.send_id.is_none() && !conn.out.is_empty() && conn.reason != EndReason::Reset {
             let mut buf = std::mem::take(&mut conn.spare);
             std::mem::swap(&mut buf, &mut conn.out);
-            conn.send_id = Some(self.ring.push(Token::new(K_SEND, slot, generation), Op::Send { fd: conn.fd, buf, off: 0 }));
+            conn.send_id = Some(self.ring.push(
+                Token::new(K_SEND, slot, generation),
+                Op::Send {
+                    fd: conn.fd,
+                    buf,
+                    off: 0,
+                },
+            ));
         }
         if conn.closing {
             self.finish_close(slot, generation);
@@ -711,25 +780,37 @@ impl Worker {
     /// Once a closing connection has no send in flight, cancels its receive; once that is
     /// gone too, closes the socket. The slot is freed when the close completes.
     fn finish_close(&mut self, slot: u32, generation: u32) {
-        let Some(conn) = self.conns.get_mut(slot, generation) else { return };
+        let Some(conn) = self.conns.get_mut(slot, generation) else {
+            return;
+        };
         if conn.close_pushed {
             return;
         }
         if let (Some(id), false) = (conn.recv_id, conn.recv_cancelled) {
             conn.recv_cancelled = true;
-            self.ring.push(Token::new(K_IGNORE, slot, generation), Op::Cancel { target: id });
+            self.ring.push(
+                Token::new(K_IGNORE, slot, generation),
+                Op::Cancel { target: id },
+            );
         }
         if conn.send_id.is_some() || conn.recv_id.is_some() {
             return;
         }
         conn.close_pushed = true;
-        self.ring.push(Token::new(K_CLOSE, slot, generation), Op::Close { fd: conn.fd });
+        self.ring.push(
+            Token::new(K_CLOSE, slot, generation),
+            Op::Close { fd: conn.fd },
+        );
     }
 
     fn on_send(&mut self, c: Completion) {
         let (slot, generation) = (c.token.slot(), c.token.generation());
-        let Some(conn) = self.conns.get_mut(slot, generation) else { return };
-        let Some(Op::Send { fd, buf, off }) = c.op else { return };
+        let Some(conn) = self.conns.get_mut(slot, generation) else {
+            return;
+        };
+        let Some(Op::Send { fd, buf, off }) = c.op else {
+            return;
+        };
         conn.send_id = None;
         match SendOutcome::from_result(c.res) {
             SendOutcome::Sent(n) => {
@@ -808,7 +889,8 @@ impl Worker {
         for i in 0..self.listeners.len() {
             match self.accept_ids[i] {
                 Some(id) => {
-                    self.ring.push(Token::new(K_IGNORE, 0, 0), Op::Cancel { target: id });
+                    self.ring
+                        .push(Token::new(K_IGNORE, 0, 0), Op::Cancel { target: id });
                 }
                 None => self.listeners[i] = None,
             }
@@ -845,12 +927,20 @@ impl Worker {
         for (slot, item) in self.conns.items.iter_mut().enumerate() {
             let Some(conn) = item else { continue };
             if conn.closing {
-                let stuck = conn.closing_since.is_some_and(|t| now.duration_since(t) > CLOSE_LINGER)
-                    || (self.forced && self.grace_deadline.is_some_and(|g| now > g + Duration::from_secs(2)));
+                let stuck = conn
+                    .closing_since
+                    .is_some_and(|t| now.duration_since(t) > CLOSE_LINGER)
+                    || (self.forced
+                        && self
+                            .grace_deadline
+                            .is_some_and(|g| now > g + Duration::from_secs(2)));
                 if stuck && !conn.close_pushed {
                     // The client does not read our last reply: stop waiting for the send.
                     if let Some(id) = conn.send_id {
-                        self.ring.push(Token::new(K_IGNORE, slot as u32, conn.generation), Op::Cancel { target: id });
+                        self.ring.push(
+                            Token::new(K_IGNORE, slot as u32, conn.generation),
+                            Op::Cancel { target: id },
+                        );
                     }
                 }
                 continue;
@@ -874,7 +964,8 @@ impl Worker {
             let older_in_flight = self.batches.len > 1;
             if let Some(batch) = self.batches.items[b].as_mut() {
                 let full = batch.entries.len() >= self.cfg.batch_messages_max;
-                let old = now.duration_since(batch.opened) >= Duration::from_micros(self.cfg.batch_delay_us_max);
+                let old = now.duration_since(batch.opened)
+                    >= Duration::from_micros(self.cfg.batch_delay_us_max);
                 if full || old || !older_in_flight {
                     batch.closed = true;
                     self.open_batch = None;
@@ -888,21 +979,25 @@ impl Worker {
 
     /// A closed batch whose messages are all renamed (or failed) gets its directory fsync.
     fn maybe_sync_batch(&mut self, b: usize) {
-        let Some(batch) = self.batches.items[b].as_ref() else { return };
+        let Some(batch) = self.batches.items[b].as_ref() else {
+            return;
+        };
         if !batch.closed || batch.dir_sync_pushed {
             return;
         }
-        let all_done = batch
-            .entries
-            .iter()
-            .all(|&e| self.commits.items[e].as_ref().is_none_or(|c| c.step == Step::Done));
+        let all_done = batch.entries.iter().all(|&e| {
+            self.commits.items[e]
+                .as_ref()
+                .is_none_or(|c| c.step == Step::Done)
+        });
         if !all_done {
             return;
         }
-        let any_renamed = batch
-            .entries
-            .iter()
-            .any(|&e| self.commits.items[e].as_ref().is_some_and(|c| c.result.is_none()));
+        let any_renamed = batch.entries.iter().any(|&e| {
+            self.commits.items[e]
+                .as_ref()
+                .is_some_and(|c| c.result.is_none())
+        });
         let generation = self.batches.generations[b];
         let batch = self.batches.items[b].as_mut().expect("checked");
         batch.dir_sync_pushed = true;
@@ -910,7 +1005,10 @@ impl Worker {
             (Store::Maildir(m), true) => {
                 let fd = m.new_dir_fd().as_raw_fd();
                 self.report.metrics.fsyncs += 1;
-                self.ring.push(Token::new(K_DIRSYNC, b as u32, generation), Op::Fsync { fd });
+                self.ring.push(
+                    Token::new(K_DIRSYNC, b as u32, generation),
+                    Op::Fsync { fd },
+                );
             }
             _ => self.finish_batch(b, None),
         }
@@ -927,7 +1025,10 @@ impl Worker {
             }
             FileOutcome::NoSpace => self.finish_batch(b, Some(CommitResult::NoSpace)),
             FileOutcome::Failed(e) => {
-                tracing::error!(worker = self.index, "fsync of maildir new/ failed: errno {e}");
+                tracing::error!(
+                    worker = self.index,
+                    "fsync of maildir new/ failed: errno {e}"
+                );
                 self.finish_batch(b, Some(CommitResult::Failed));
             }
         }
@@ -936,23 +1037,35 @@ impl Worker {
     /// Answers every session of batch `b`. `failure`: the directory fsync failed, so even the
     /// renamed messages are not known durable.
     fn finish_batch(&mut self, b: usize, failure: Option<CommitResult>) {
-        let Some(batch) = self.batches.remove(b as u32) else { return };
+        let Some(batch) = self.batches.remove(b as u32) else {
+            return;
+        };
         if batch.dir_sync_pushed && failure.is_none() && matches!(self.store, Store::Maildir(_)) {
             self.report.metrics.record_batch(batch.entries.len() as u64);
         }
         for e in batch.entries {
-            let Some(entry) = self.commits.remove(e as u32) else { continue };
+            let Some(entry) = self.commits.remove(e as u32) else {
+                continue;
+            };
             let result = match (entry.result, &failure) {
                 (Some(r), _) => r,
                 (None, Some(f)) => f.clone(),
-                (None, None) => CommitResult::Stored { queue_id: entry.queue_id.clone() },
+                (None, None) => CommitResult::Stored {
+                    queue_id: entry.queue_id.clone(),
+                },
             };
             self.answer(entry.conn, &entry.envelope, entry.size, result);
         }
     }
 
     /// Logs a message's outcome and hands it to its session (if the connection is still there).
-    fn answer(&mut self, conn_token: Token, envelope: &Envelope, size: usize, result: CommitResult) {
+    fn answer(
+        &mut self,
+        conn_token: Token,
+        envelope: &Envelope,
+        size: usize,
+        result: CommitResult,
+    ) {
         match &result {
             CommitResult::Stored { queue_id } => {
                 self.report.metrics.messages_accepted += 1;
@@ -979,7 +1092,9 @@ impl Worker {
             }
         }
         let (slot, generation) = (conn_token.slot(), conn_token.generation());
-        let Some(conn) = self.conns.get_mut(slot, generation) else { return };
+        let Some(conn) = self.conns.get_mut(slot, generation) else {
+            return;
+        };
         conn.committing = false;
         // The wait for the disk is ours, not the client's.
         conn.last_active = Instant::now();
@@ -1001,7 +1116,9 @@ impl Worker {
     fn on_commit_step(&mut self, c: Completion) {
         let (e, generation) = (c.token.slot(), c.token.generation());
         let Some(op) = c.op else { return };
-        let Some(entry) = self.commits.get_mut(e, generation) else { return };
+        let Some(entry) = self.commits.get_mut(e, generation) else {
+            return;
+        };
         let outcome = FileOutcome::from_result(c.res);
         if outcome == FileOutcome::Retry {
             self.ring.push(c.token, op);
@@ -1012,12 +1129,23 @@ impl Worker {
             (Step::Open, FileOutcome::Done(fd)) => {
                 entry.fd = fd;
                 entry.step = Step::Write;
-                let Op::OpenAt { .. } = op else { unreachable_op(&op) };
+                let Op::OpenAt { .. } = op else {
+                    unreachable_op(&op)
+                };
                 let (head, body) = entry.staged.take().unwrap_or_default();
                 self.ring.push(token, Op::write2(fd, head, body, 0));
             }
             (Step::Write, FileOutcome::Done(n)) => {
-                let Op::Write2 { fd, head, body, done, .. } = op else { unreachable_op(&op) };
+                let Op::Write2 {
+                    fd,
+                    head,
+                    body,
+                    done,
+                    ..
+                } = op
+                else {
+                    unreachable_op(&op)
+                };
                 tracing::debug!(fd, done, n, total = entry.total, "write completed");
                 let done = done + n as usize;
                 if done < entry.total && n > 0 {
@@ -1058,11 +1186,18 @@ impl Worker {
                 self.fail_commit(e, libc::ENOSPC);
             }
             (step, FileOutcome::Failed(errno)) => {
-                tracing::error!(worker = self.index, "{step:?} of a message failed: {}", std::io::Error::from_raw_os_error(errno));
+                tracing::error!(
+                    worker = self.index,
+                    "{step:?} of a message failed: {}",
+                    std::io::Error::from_raw_os_error(errno)
+                );
                 self.fail_commit(e, errno);
             }
             (step, outcome) => {
-                tracing::error!(worker = self.index, "unexpected {outcome:?} in commit step {step:?}");
+                tracing::error!(
+                    worker = self.index,
+                    "unexpected {outcome:?} in commit step {step:?}"
+                );
                 self.fail_commit(e, libc::EIO);
             }
         }
@@ -1071,17 +1206,23 @@ impl Worker {
     /// A commit step failed: close the file if open, unlink the tmp file, remember the answer.
     fn fail_commit(&mut self, e: u32, errno: i32) {
         let generation = self.commits.generations[e as usize];
-        let Some(entry) = self.commits.get_mut(e, generation) else { return };
+        let Some(entry) = self.commits.get_mut(e, generation) else {
+            return;
+        };
         entry.result = Some(commit_result_for_errno(errno));
         self.report.metrics.store_errors += 1;
         if entry.fd >= 0 {
             // Closing is best effort: the file is about to be unlinked anyway.
-            self.ring.push(Token::new(K_IGNORE, e, generation), Op::Close { fd: entry.fd });
+            self.ring.push(
+                Token::new(K_IGNORE, e, generation),
+                Op::Close { fd: entry.fd },
+            );
             entry.fd = -1;
         }
         entry.step = Step::Unlink;
         let path = entry.tmp_path.clone();
-        self.ring.push(Token::new(K_COMMIT, e, generation), Op::UnlinkAt { path });
+        self.ring
+            .push(Token::new(K_COMMIT, e, generation), Op::UnlinkAt { path });
     }
 }
 
@@ -1137,7 +1278,8 @@ fn feed_from(
                             result = "discarded",
                             "message"
                         );
-                        conn.session.committed(CommitResult::Stored { queue_id }, &mut conn.out);
+                        conn.session
+                            .committed(CommitResult::Stored { queue_id }, &mut conn.out);
                         if conn.session.phase() == Phase::Closed {
                             conn.closing = true;
                             return;
@@ -1153,7 +1295,12 @@ fn feed_from(
                                 let (b, _) = batches.vacant();
                                 batches.fill(
                                     b,
-                                    Batch { entries: Vec::new(), opened: Instant::now(), closed: false, dir_sync_pushed: false },
+                                    Batch {
+                                        entries: Vec::new(),
+                                        opened: Instant::now(),
+                                        closed: false,
+                                        dir_sync_pushed: false,
+                                    },
                                 );
                                 *open_batch = Some(b as usize);
                                 b as usize
@@ -1187,7 +1334,10 @@ fn feed_from(
                             Token::new(K_COMMIT, e, generation),
                             Op::OpenAt {
                                 path,
-                                flags: libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_CLOEXEC,
+                                flags: libc::O_WRONLY
+                                    | libc::O_CREAT
+                                    | libc::O_EXCL
+                                    | libc::O_CLOEXEC,
                                 mode: 0o600,
                             },
                         ));
@@ -1200,7 +1350,6 @@ fn feed_from(
         }
     }
 }
-
 
 #[cfg(test)]
 mod tests {
@@ -1225,20 +1374,33 @@ mod tests {
                 listen: vec![free_addr()],
                 workers: Some(1),
                 hostname: Some("mx.test".into()),
-                store: Some(if discard { StoreSpec::Discard } else { StoreSpec::Maildir(dir.path().join("md")) }),
+                store: Some(if discard {
+                    StoreSpec::Discard
+                } else {
+                    StoreSpec::Maildir(dir.path().join("md"))
+                }),
                 ..Default::default()
             };
             tweak(&mut args);
             let cfg = Arc::new(Config::from_serve_args(args).unwrap());
             Store::recover(&cfg.store).unwrap();
             let store = Store::open(&cfg.store, 0, "mx.test").unwrap();
-            let socks = crate::server::bind_all(&cfg.listen, 1).unwrap().pop().unwrap();
+            let socks = crate::server::bind_all(&cfg.listen, 1)
+                .unwrap()
+                .pop()
+                .unwrap();
             let addr = socks[0].local_addr().unwrap().as_socket().unwrap();
             let wake = Arc::new(EventFd::new().unwrap());
             let shared = Arc::new(Shared::new(cfg));
             let w = wake.clone();
-            let handle = std::thread::spawn(move || Worker::new(0, shared, socks, store, w).unwrap().run());
-            TestWorker { addr, wake, handle: Some(handle), dir }
+            let handle =
+                std::thread::spawn(move || Worker::new(0, shared, socks, store, w).unwrap().run());
+            TestWorker {
+                addr,
+                wake,
+                handle: Some(handle),
+                dir,
+            }
         }
 
         fn stop(mut self) -> WorkerReport {
@@ -1247,12 +1409,17 @@ mod tests {
         }
 
         fn files(&self, sub: &str) -> usize {
-            std::fs::read_dir(self.dir.path().join("md").join(sub)).map(|d| d.count()).unwrap_or(0)
+            std::fs::read_dir(self.dir.path().join("md").join(sub))
+                .map(|d| d.count())
+                .unwrap_or(0)
         }
     }
 
     fn free_addr() -> SocketAddr {
-        std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
     }
 
     impl Drop for TestWorker {
@@ -1325,8 +1492,16 @@ mod tests {
     fn ten_thousand_pipelined_transactions_are_answered_in_order() {
         let w = TestWorker::start(true, |_| {});
         let codes = pipeline(w.addr, 10_000);
-        assert!(codes == expected_codes(10_000), "got {} replies; first differences: {:?}", codes.len(),
-            codes.iter().zip(expected_codes(10_000)).enumerate().find(|(_, (a, b))| **a != *b));
+        assert!(
+            codes == expected_codes(10_000),
+            "got {} replies; first differences: {:?}",
+            codes.len(),
+            codes
+                .iter()
+                .zip(expected_codes(10_000))
+                .enumerate()
+                .find(|(_, (a, b))| **a != *b)
+        );
         let report = w.stop();
         assert_eq!(report.metrics.messages_accepted, 10_000);
         assert_eq!(report.metrics.connections_accepted, 1);
@@ -1359,9 +1534,14 @@ mod tests {
                     s.write_all(b"EHLO c.test\r\n").unwrap();
                     assert_eq!(reply(&mut r), 250);
                     for i in 0..per {
-                        s.write_all(b"MAIL FROM:<a@b.test>\r\nRCPT TO:<c@d.test>\r\nDATA\r\n").unwrap();
-                        assert_eq!([reply(&mut r), reply(&mut r), reply(&mut r)], [250, 250, 354]);
-                        s.write_all(format!("Subject: {i}\r\n\r\nx\r\n.\r\n").as_bytes()).unwrap();
+                        s.write_all(b"MAIL FROM:<a@b.test>\r\nRCPT TO:<c@d.test>\r\nDATA\r\n")
+                            .unwrap();
+                        assert_eq!(
+                            [reply(&mut r), reply(&mut r), reply(&mut r)],
+                            [250, 250, 354]
+                        );
+                        s.write_all(format!("Subject: {i}\r\n\r\nx\r\n.\r\n").as_bytes())
+                            .unwrap();
                         assert_eq!(reply(&mut r), 250);
                     }
                     s.write_all(b"QUIT\r\n").unwrap();
@@ -1376,7 +1556,10 @@ mod tests {
         let report = w.stop();
         let m = report.metrics;
         assert_eq!(m.messages_accepted, (clients * per) as u64);
-        assert!(m.batches < m.messages_accepted && m.batch_messages_max > 1, "no batching: {m:?}");
+        assert!(
+            m.batches < m.messages_accepted && m.batch_messages_max > 1,
+            "no batching: {m:?}"
+        );
     }
 
     #[test]
@@ -1388,7 +1571,8 @@ mod tests {
         s.write_all(b"EHLO c.test\r\n").unwrap();
         assert_eq!(reply(&mut r), 250);
         let send = |s: &mut TcpStream, r: &mut BufReader<TcpStream>| {
-            s.write_all(b"MAIL FROM:<a@b.test>\r\nRCPT TO:<c@d.test>\r\nDATA\r\n").unwrap();
+            s.write_all(b"MAIL FROM:<a@b.test>\r\nRCPT TO:<c@d.test>\r\nDATA\r\n")
+                .unwrap();
             assert_eq!([reply(r), reply(r), reply(r)], [250, 250, 354]);
             s.write_all(b"Subject: x\r\n\r\nx\r\n.\r\n").unwrap();
             reply(r)
@@ -1404,7 +1588,13 @@ mod tests {
         assert_eq!(w.files("new"), 1);
         assert_eq!(w.files("tmp"), 0);
         let report = w.stop();
-        assert_eq!((report.metrics.messages_accepted, report.metrics.store_errors), (1, 1));
+        assert_eq!(
+            (
+                report.metrics.messages_accepted,
+                report.metrics.store_errors
+            ),
+            (1, 1)
+        );
     }
 
     #[test]
@@ -1415,7 +1605,15 @@ mod tests {
         let (mut busy, mut busy_r) = connect(w.addr);
         assert_eq!(reply(&mut busy_r), 220);
         busy.write_all(b"EHLO c.test\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<c@d.test>\r\nDATA\r\nSubject: x\r\n\r\n").unwrap();
-        assert_eq!([reply(&mut busy_r), reply(&mut busy_r), reply(&mut busy_r), reply(&mut busy_r)], [250, 250, 250, 354]);
+        assert_eq!(
+            [
+                reply(&mut busy_r),
+                reply(&mut busy_r),
+                reply(&mut busy_r),
+                reply(&mut busy_r)
+            ],
+            [250, 250, 250, 354]
+        );
         w.wake.notify();
         assert_eq!(reply(&mut idle_r), 421);
         assert_eq!(reply(&mut idle_r), 0);
@@ -1437,13 +1635,20 @@ mod tests {
         for discard in [true, false] {
             let w = TestWorker::start(discard, |_| {});
             let (mut s, mut r) = connect(w.addr);
-            s.write_all(b"EHLO c.test\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<c@d.test>\r\nDATA\r\nx\r\n.\r\n").unwrap();
+            s.write_all(
+                b"EHLO c.test\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<c@d.test>\r\nDATA\r\nx\r\n.\r\n",
+            )
+            .unwrap();
             // No QUIT: the client only half-closes once the message is sent.
             s.shutdown(std::net::Shutdown::Write).unwrap();
             let started = Instant::now();
             let codes: Vec<u16> = (0..6).map(|_| reply(&mut r)).collect();
             assert_eq!(codes, [220, 250, 250, 250, 354, 250], "discard={discard}");
-            assert_eq!(reply(&mut r), 0, "the server closes after answering (discard={discard})");
+            assert_eq!(
+                reply(&mut r),
+                0,
+                "the server closes after answering (discard={discard})"
+            );
             assert!(started.elapsed() < Duration::from_secs(5));
             w.stop();
         }
@@ -1451,7 +1656,14 @@ mod tests {
 
     /// Sends `chunk` every `every` until the server closes or `limit` passes; returns how long
     /// the session lasted, or None if it was still open at `limit`.
-    fn trickle(addr: SocketAddr, setup: &[u8], replies: usize, chunk: &[u8], every: Duration, limit: Duration) -> Option<Duration> {
+    fn trickle(
+        addr: SocketAddr,
+        setup: &[u8],
+        replies: usize,
+        chunk: &[u8],
+        every: Duration,
+        limit: Duration,
+    ) -> Option<Duration> {
         let (mut s, mut r) = connect(addr);
         assert_eq!(reply(&mut r), 220);
         s.write_all(setup).unwrap();
@@ -1466,9 +1678,8 @@ mod tests {
                 return Some(t0.elapsed());
             }
             std::thread::sleep(every);
-            match std::io::Read::read(r.get_mut(), &mut buf) {
-                Ok(0) => return Some(t0.elapsed()),
-                Ok(_) | Err(_) => {}
+            if let Ok(0) = std::io::Read::read(r.get_mut(), &mut buf) {
+                return Some(t0.elapsed());
             }
         }
         None
@@ -1480,12 +1691,25 @@ mod tests {
         let every = Duration::from_millis(300);
         let limit = Duration::from_secs(6);
         let cmd = trickle(w.addr, b"EHLO c.test\r\n", 1, b"N", every, limit);
-        assert!(cmd.is_some_and(|d| d < Duration::from_secs(3)), "trickled command line lasted {cmd:?}");
+        assert!(
+            cmd.is_some_and(|d| d < Duration::from_secs(3)),
+            "trickled command line lasted {cmd:?}"
+        );
         let setup = b"EHLO c.test\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<c@d.test>\r\nDATA\r\n";
         let body = trickle(w.addr, setup, 4, b"x", every, limit);
-        assert!(body.is_some_and(|d| d < Duration::from_secs(3)), "trickled body lasted {body:?}");
+        assert!(
+            body.is_some_and(|d| d < Duration::from_secs(3)),
+            "trickled body lasted {body:?}"
+        );
         // 2 KiB per 300 ms is progress: the session outlives several idle periods.
-        let steady = trickle(w.addr, setup, 4, &[b'y'; 2048], every, Duration::from_secs(3));
+        let steady = trickle(
+            w.addr,
+            setup,
+            4,
+            &[b'y'; 2048],
+            every,
+            Duration::from_secs(3),
+        );
         assert_eq!(steady, None, "a body arriving steadily was cut");
     }
 

@@ -43,12 +43,16 @@ impl BufRing {
     /// Allocates the entries and the buffers and publishes every buffer. `count` must be a power
     /// of two no larger than 32768. Register with `Ring::register_bufs` before use.
     pub fn new(count: u16, len: u32, bgid: u16) -> BufRing {
-        assert!(count.is_power_of_two() && count <= 32768, "buffer count must be a power of two");
+        assert!(
+            count.is_power_of_two() && count <= 32768,
+            "buffer count must be a power of two"
+        );
         assert!(len > 0);
         let ring_layout =
             Layout::from_size_align(count as usize * std::mem::size_of::<BufRingEntry>(), 4096)
                 .expect("buffer ring layout");
-        let data_layout = Layout::from_size_align(count as usize * len as usize, 64).expect("buffer layout");
+        let data_layout =
+            Layout::from_size_align(count as usize * len as usize, 64).expect("buffer layout");
         // SAFETY: both layouts have a non-zero size (count >= 1, len >= 1).
         let ring = unsafe { alloc_zeroed(ring_layout) } as *mut BufRingEntry;
         // SAFETY: as above.
@@ -56,7 +60,17 @@ impl BufRing {
         if ring.is_null() || data.is_null() {
             std::alloc::handle_alloc_error(ring_layout);
         }
-        let mut b = BufRing { ring, ring_layout, data, data_layout, count, len, tail: 0, bgid, held: count as u32 };
+        let mut b = BufRing {
+            ring,
+            ring_layout,
+            data,
+            data_layout,
+            count,
+            len,
+            tail: 0,
+            bgid,
+            held: count as u32,
+        };
         for bid in 0..count {
             b.add(bid);
         }
@@ -110,7 +124,10 @@ impl BufRing {
 
     /// The `len` received bytes of buffer `bid`. Valid until `recycle(bid)`; see module docs.
     pub fn get(&self, bid: u16, len: usize) -> &[u8] {
-        assert!(bid < self.count && len <= self.len as usize, "buffer id or length out of range");
+        assert!(
+            bid < self.count && len <= self.len as usize,
+            "buffer id or length out of range"
+        );
         // SAFETY: in range (checked above). A completion handed buffer `bid` to the worker (see
         // module docs), so the kernel does not write it until `recycle`, which needs `&mut self`
         // and so cannot happen while this borrow lives.

@@ -35,7 +35,11 @@ impl std::fmt::Display for SetupError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             SetupError::Setup { errno, cause } => {
-                write!(f, "io_uring is not available (io_uring_setup: {}): {cause}", io::Error::from_raw_os_error(*errno))
+                write!(
+                    f,
+                    "io_uring is not available (io_uring_setup: {}): {cause}",
+                    io::Error::from_raw_os_error(*errno)
+                )
             }
             SetupError::Missing { what, cause } => {
                 write!(f, "io_uring lacks {what}, which ringmx needs: {cause}")
@@ -146,19 +150,28 @@ impl Ring {
             .or_else(|_| IoUring::new(entries))
             .map_err(|e| {
                 let errno = e.raw_os_error().unwrap_or(0);
-                SetupError::Setup { errno, cause: diagnose_setup(errno) }
+                SetupError::Setup {
+                    errno,
+                    cause: diagnose_setup(errno),
+                }
             })?;
         if !uring.params().is_feature_ext_arg() {
             return Err(SetupError::Missing {
                 what: "IORING_FEAT_EXT_ARG (waits with a timeout)",
-                cause: format!("kernel {} is older than 5.11; ringmx needs Linux 6.0 or later", kernel_release()),
+                cause: format!(
+                    "kernel {} is older than 5.11; ringmx needs Linux 6.0 or later",
+                    kernel_release()
+                ),
             });
         }
         let mut probe = Probe::new();
-        uring.submitter().register_probe(&mut probe).map_err(|e| SetupError::Missing {
-            what: "IORING_REGISTER_PROBE",
-            cause: format!("{e} (kernel {} is older than 5.6?)", kernel_release()),
-        })?;
+        uring
+            .submitter()
+            .register_probe(&mut probe)
+            .map_err(|e| SetupError::Missing {
+                what: "IORING_REGISTER_PROBE",
+                cause: format!("{e} (kernel {} is older than 5.6?)", kernel_release()),
+            })?;
         for (code, name) in NEEDED_OPS {
             if !probe.is_supported(*code) {
                 return Err(SetupError::Missing {
@@ -173,12 +186,18 @@ impl Ring {
         let bufs = BufRing::new(buf_count, buf_len, BGID);
         // SAFETY: `bufs` owns the page-aligned entry array of `buf_count` entries; it lives in the
         // returned Ring and is dropped only after `uring` (field order), see `bufs` module docs.
-        unsafe { uring.submitter().register_buf_ring_with_flags(bufs.ring_addr(), buf_count, BGID, 0) }.map_err(
-            |e| SetupError::Missing {
-                what: "IORING_REGISTER_PBUF_RING (provided-buffer rings)",
-                cause: format!("{e}: kernel {} is older than 5.19; ringmx needs Linux 6.0 or later", kernel_release()),
-            },
-        )?;
+        unsafe {
+            uring
+                .submitter()
+                .register_buf_ring_with_flags(bufs.ring_addr(), buf_count, BGID, 0)
+        }
+        .map_err(|e| SetupError::Missing {
+            what: "IORING_REGISTER_PBUF_RING (provided-buffer rings)",
+            cause: format!(
+                "{e}: kernel {} is older than 5.19; ringmx needs Linux 6.0 or later",
+                kernel_release()
+            ),
+        })?;
         Ok(Ring {
             uring,
             bufs,
@@ -312,7 +331,9 @@ impl Ring {
         }
         let result = match timeout {
             Some(t) => {
-                let ts = types::Timespec::new().sec(t.as_secs()).nsec(t.subsec_nanos());
+                let ts = types::Timespec::new()
+                    .sec(t.as_secs())
+                    .nsec(t.subsec_nanos());
                 let args = types::SubmitArgs::new().timespec(&ts);
                 self.uring.submitter().submit_with_args(1, &args)
             }
@@ -322,7 +343,9 @@ impl Ring {
             Ok(_) => Ok(()),
             Err(e) => match e.raw_os_error() {
                 // Timed out, interrupted by a signal, or completions pending: all fine.
-                Some(libc::ETIME) | Some(libc::EINTR) | Some(libc::EBUSY) | Some(libc::EAGAIN) => Ok(()),
+                Some(libc::ETIME) | Some(libc::EINTR) | Some(libc::EBUSY) | Some(libc::EAGAIN) => {
+                    Ok(())
+                }
                 _ => Err(e),
             },
         };
@@ -353,31 +376,53 @@ impl Ring {
                 if let Some(b) = bid {
                     self.bufs.taken(b);
                 }
-                if slot >= self.table.len() || self.generations[slot] != generation || self.table[slot].is_none() {
+                if slot >= self.table.len()
+                    || self.generations[slot] != generation
+                    || self.table[slot].is_none()
+                {
                     // Cannot happen: each slot's generation changes only after its final
                     // completion. Keep the buffer accounting right and go on.
                     tracing::error!("completion for unknown op {user_data:#x} (res {res})");
                     if let Some(b) = bid {
-                        self.ready.push_back(Completion { token: Token(u64::MAX), res, flags, op: None, bid: Some(b) });
+                        self.ready.push_back(Completion {
+                            token: Token(u64::MAX),
+                            res,
+                            flags,
+                            op: None,
+                            bid: Some(b),
+                        });
                     }
                     continue;
                 }
                 let more = cqueue::more(flags);
                 if more {
                     let token = self.table[slot].as_ref().expect("checked").token;
-                    self.ready.push_back(Completion { token, res, flags, op: None, bid });
+                    self.ready.push_back(Completion {
+                        token,
+                        res,
+                        flags,
+                        op: None,
+                        bid,
+                    });
                     continue;
                 }
                 let inflight = self.table[slot].take().expect("checked");
                 self.generations[slot] = self.generations[slot].wrapping_add(1);
                 self.free.push(slot as u32);
                 self.in_flight -= 1;
-                let multishot = matches!(inflight.op, Op::AcceptMulti { .. } | Op::RecvMulti { .. });
+                let multishot =
+                    matches!(inflight.op, Op::AcceptMulti { .. } | Op::RecvMulti { .. });
                 if res == -libc::EINTR && !multishot {
                     again.push((inflight.token, inflight.op));
                     continue;
                 }
-                self.ready.push_back(Completion { token: inflight.token, res, flags, op: Some(inflight.op), bid });
+                self.ready.push_back(Completion {
+                    token: inflight.token,
+                    res,
+                    flags,
+                    op: Some(inflight.op),
+                    bid,
+                });
             }
         }
         for (token, op) in again {
@@ -389,32 +434,57 @@ impl Ring {
 /// Builds the submission entry for `op`, pointing into the op's own buffers.
 fn build_entry(op: &mut Op) -> squeue::Entry {
     match op {
-        Op::AcceptMulti { fd } => opcode::AcceptMulti::new(types::Fd(*fd)).flags(libc::SOCK_CLOEXEC).build(),
+        Op::AcceptMulti { fd } => opcode::AcceptMulti::new(types::Fd(*fd))
+            .flags(libc::SOCK_CLOEXEC)
+            .build(),
         Op::RecvMulti { fd } => opcode::RecvMulti::new(types::Fd(*fd), BGID).build(),
         Op::Send { fd, buf, off } => {
             let rest = &buf[(*off).min(buf.len())..];
             let len = rest.len().min(u32::MAX as usize) as u32;
-            opcode::Send::new(types::Fd(*fd), rest.as_ptr(), len).flags(libc::MSG_NOSIGNAL).build()
+            opcode::Send::new(types::Fd(*fd), rest.as_ptr(), len)
+                .flags(libc::MSG_NOSIGNAL)
+                .build()
         }
-        Op::ReadEventFd { fd, buf } => opcode::Read::new(types::Fd(*fd), buf.as_mut_ptr(), 8).build(),
-        Op::OpenAt { path, flags, mode } => opcode::OpenAt::new(types::Fd(libc::AT_FDCWD), path.as_ptr())
-            .flags(*flags)
-            .mode(*mode)
-            .build(),
-        Op::Write2 { fd, head, body, done, iov } => {
+        Op::ReadEventFd { fd, buf } => {
+            opcode::Read::new(types::Fd(*fd), buf.as_mut_ptr(), 8).build()
+        }
+        Op::OpenAt { path, flags, mode } => {
+            opcode::OpenAt::new(types::Fd(libc::AT_FDCWD), path.as_ptr())
+                .flags(*flags)
+                .mode(*mode)
+                .build()
+        }
+        Op::Write2 {
+            fd,
+            head,
+            body,
+            done,
+            iov,
+        } => {
             let n = if *done < head.len() {
-                iov[0] = libc::iovec { iov_base: head[*done..].as_ptr() as *mut _, iov_len: head.len() - *done };
-                iov[1] = libc::iovec { iov_base: body.as_ptr() as *mut _, iov_len: body.len() };
+                iov[0] = libc::iovec {
+                    iov_base: head[*done..].as_ptr() as *mut _,
+                    iov_len: head.len() - *done,
+                };
+                iov[1] = libc::iovec {
+                    iov_base: body.as_ptr() as *mut _,
+                    iov_len: body.len(),
+                };
                 2
             } else {
                 let off = (*done - head.len()).min(body.len());
-                iov[0] = libc::iovec { iov_base: body[off..].as_ptr() as *mut _, iov_len: body.len() - off };
+                iov[0] = libc::iovec {
+                    iov_base: body[off..].as_ptr() as *mut _,
+                    iov_len: body.len() - off,
+                };
                 1
             };
             // An explicit offset, not -1 ("the file position"): the file is written from its
             // start, and a resumed short write must land right after the bytes already written.
             // With -1, short writes on a filling tmpfs were seen to start again at offset 0.
-            opcode::Writev::new(types::Fd(*fd), iov.as_ptr(), n).offset(*done as u64).build()
+            opcode::Writev::new(types::Fd(*fd), iov.as_ptr(), n)
+                .offset(*done as u64)
+                .build()
         }
         Op::Fsync { fd } => opcode::Fsync::new(types::Fd(*fd)).build(),
         Op::Close { fd } => opcode::Close::new(types::Fd(*fd)).build(),
@@ -425,7 +495,9 @@ fn build_entry(op: &mut Op) -> squeue::Entry {
             to.as_ptr(),
         )
         .build(),
-        Op::UnlinkAt { path } => opcode::UnlinkAt::new(types::Fd(libc::AT_FDCWD), path.as_ptr()).build(),
+        Op::UnlinkAt { path } => {
+            opcode::UnlinkAt::new(types::Fd(libc::AT_FDCWD), path.as_ptr()).build()
+        }
         Op::Cancel { target } => opcode::AsyncCancel::new(*target).build(),
     }
 }
@@ -434,7 +506,10 @@ fn build_entry(op: &mut Op) -> squeue::Entry {
 pub fn peer_addr(fd: RawFd) -> Option<SocketAddr> {
     // SAFETY: `fd` is an open socket owned by the caller for the duration of this call.
     let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
-    socket2::SockRef::from(&borrowed).peer_addr().ok()?.as_socket()
+    socket2::SockRef::from(&borrowed)
+        .peer_addr()
+        .ok()?
+        .as_socket()
 }
 
 /// Turns off Nagle on an accepted socket: replies are already batched, one send per read.
@@ -472,7 +547,13 @@ impl EventFd {
     pub fn notify(&self) {
         let one: u64 = 1;
         // SAFETY: writes 8 bytes from a live u64 to our own eventfd.
-        let _ = unsafe { libc::write(self.0.as_raw_fd(), &one as *const u64 as *const libc::c_void, 8) };
+        let _ = unsafe {
+            libc::write(
+                self.0.as_raw_fd(),
+                &one as *const u64 as *const libc::c_void,
+                8,
+            )
+        };
     }
 }
 
@@ -545,25 +626,81 @@ mod tests {
                 }
             }
         };
-        let c = run(&mut ring, Op::OpenAt { path: tmp.clone(), flags: libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL, mode: 0o600 });
-        let FileOutcome::Done(fd) = FileOutcome::from_result(c.res) else { panic!("openat {}", c.res) };
+        let c = run(
+            &mut ring,
+            Op::OpenAt {
+                path: tmp.clone(),
+                flags: libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL,
+                mode: 0o600,
+            },
+        );
+        let FileOutcome::Done(fd) = FileOutcome::from_result(c.res) else {
+            panic!("openat {}", c.res)
+        };
         // A write that stopped after the header (as a short write would) is resumed at `done`:
         // the rest lands right after it, not at the file position or at 0.
-        let c = run(&mut ring, Op::write2(fd, b"head\r\n".to_vec(), Vec::new(), 0));
+        let c = run(
+            &mut ring,
+            Op::write2(fd, b"head\r\n".to_vec(), Vec::new(), 0),
+        );
         assert_eq!(FileOutcome::from_result(c.res), FileOutcome::Done(6));
-        let c = run(&mut ring, Op::write2(fd, b"XXXX\r\n".to_vec(), b"body".to_vec(), 6));
+        let c = run(
+            &mut ring,
+            Op::write2(fd, b"XXXX\r\n".to_vec(), b"body".to_vec(), 6),
+        );
         assert_eq!(FileOutcome::from_result(c.res), FileOutcome::Done(4));
-        let c = run(&mut ring, Op::write2(fd, b"head\r\n".to_vec(), b"body".to_vec(), 8));
+        let c = run(
+            &mut ring,
+            Op::write2(fd, b"head\r\n".to_vec(), b"body".to_vec(), 8),
+        );
         assert_eq!(FileOutcome::from_result(c.res), FileOutcome::Done(2));
-        assert_eq!(FileOutcome::from_result(run(&mut ring, Op::Fsync { fd }).res), FileOutcome::Done(0));
-        assert_eq!(FileOutcome::from_result(run(&mut ring, Op::Close { fd }).res), FileOutcome::Done(0));
-        assert_eq!(FileOutcome::from_result(run(&mut ring, Op::RenameAt { from: tmp.clone(), to: new }).res), FileOutcome::Done(0));
-        assert_eq!(std::fs::read(dir.path().join("n")).unwrap(), b"head\r\nbody");
+        assert_eq!(
+            FileOutcome::from_result(run(&mut ring, Op::Fsync { fd }).res),
+            FileOutcome::Done(0)
+        );
+        assert_eq!(
+            FileOutcome::from_result(run(&mut ring, Op::Close { fd }).res),
+            FileOutcome::Done(0)
+        );
+        assert_eq!(
+            FileOutcome::from_result(
+                run(
+                    &mut ring,
+                    Op::RenameAt {
+                        from: tmp.clone(),
+                        to: new
+                    }
+                )
+                .res
+            ),
+            FileOutcome::Done(0)
+        );
+        assert_eq!(
+            std::fs::read(dir.path().join("n")).unwrap(),
+            b"head\r\nbody"
+        );
         // Opening the same tmp name again with O_EXCL fails: a named failure, not a panic.
-        let c = run(&mut ring, Op::OpenAt { path: std::ffi::CString::new(dir.path().join("n").to_str().unwrap()).unwrap(), flags: libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL, mode: 0o600 });
-        assert_eq!(FileOutcome::from_result(c.res), FileOutcome::Failed(libc::EEXIST));
+        let c = run(
+            &mut ring,
+            Op::OpenAt {
+                path: std::ffi::CString::new(dir.path().join("n").to_str().unwrap()).unwrap(),
+                flags: libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL,
+                mode: 0o600,
+            },
+        );
+        assert_eq!(
+            FileOutcome::from_result(c.res),
+            FileOutcome::Failed(libc::EEXIST)
+        );
         let (a, mut b) = std::os::unix::net::UnixStream::pair().unwrap();
-        let c = run(&mut ring, Op::Send { fd: a.as_raw_fd(), buf: b"250 ok\r\n".to_vec(), off: 4 });
+        let c = run(
+            &mut ring,
+            Op::Send {
+                fd: a.as_raw_fd(),
+                buf: b"250 ok\r\n".to_vec(),
+                off: 4,
+            },
+        );
         assert_eq!(SendOutcome::from_result(c.res), SendOutcome::Sent(4));
         let mut got = [0u8; 4];
         b.read_exact(&mut got).unwrap();
@@ -575,7 +712,13 @@ mod tests {
     fn eventfd_wakes_a_pending_read() {
         let mut ring = Ring::new(8, 2, 16).unwrap();
         let ev = EventFd::new().unwrap();
-        ring.push(Token(5), Op::ReadEventFd { fd: ev.fd(), buf: Box::new([0; 8]) });
+        ring.push(
+            Token(5),
+            Op::ReadEventFd {
+                fd: ev.fd(),
+                buf: Box::new([0; 8]),
+            },
+        );
         ring.wait(Some(Duration::from_millis(10))).unwrap();
         assert!(ring.next_completion().is_none());
         ev.notify();

@@ -19,11 +19,21 @@ pub enum Op {
     /// Read 8 bytes (an eventfd counter).
     ReadEventFd { fd: RawFd, buf: Box<[u8; 8]> },
     /// `openat(AT_FDCWD, path, flags, mode)`.
-    OpenAt { path: CString, flags: i32, mode: u32 },
+    OpenAt {
+        path: CString,
+        flags: i32,
+        mode: u32,
+    },
     /// Write `head` then `body` to a new file, skipping the first `done` bytes of the two
     /// together, at file offset `done` (so a short write is resumed by pushing again with a
     /// larger `done`).
-    Write2 { fd: RawFd, head: Vec<u8>, body: Vec<u8>, done: usize, iov: Box<[libc::iovec; 2]> },
+    Write2 {
+        fd: RawFd,
+        head: Vec<u8>,
+        body: Vec<u8>,
+        done: usize,
+        iov: Box<[libc::iovec; 2]>,
+    },
     /// `fsync(fd)`.
     Fsync { fd: RawFd },
     /// `close(fd)`.
@@ -56,8 +66,19 @@ impl Op {
 
     /// A Write2 op for `head` + `body` starting after `done` bytes.
     pub fn write2(fd: RawFd, head: Vec<u8>, body: Vec<u8>, done: usize) -> Op {
-        let iov = Box::new([libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }; 2]);
-        Op::Write2 { fd, head, body, done, iov }
+        let iov = Box::new(
+            [libc::iovec {
+                iov_base: std::ptr::null_mut(),
+                iov_len: 0,
+            }; 2],
+        );
+        Op::Write2 {
+            fd,
+            head,
+            body,
+            done,
+            iov,
+        }
     }
 }
 
@@ -110,9 +131,18 @@ impl AcceptOutcome {
             return AcceptOutcome::Accepted(res);
         }
         match errno_of(res) {
-            libc::EINTR | libc::EAGAIN | libc::ECONNABORTED | libc::EPROTO | libc::EPERM
-            | libc::ENETDOWN | libc::ENOPROTOOPT | libc::EHOSTDOWN | libc::ENONET
-            | libc::EHOSTUNREACH | libc::EOPNOTSUPP | libc::ENETUNREACH => AcceptOutcome::Transient,
+            libc::EINTR
+            | libc::EAGAIN
+            | libc::ECONNABORTED
+            | libc::EPROTO
+            | libc::EPERM
+            | libc::ENETDOWN
+            | libc::ENOPROTOOPT
+            | libc::EHOSTDOWN
+            | libc::ENONET
+            | libc::EHOSTUNREACH
+            | libc::EOPNOTSUPP
+            | libc::ENETUNREACH => AcceptOutcome::Transient,
             libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM => AcceptOutcome::Exhausted,
             libc::ECANCELED | libc::EBADF | libc::EINVAL => AcceptOutcome::Canceled,
             e => AcceptOutcome::Unexpected(e),
@@ -124,7 +154,10 @@ impl AcceptOutcome {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RecvOutcome {
     /// `len` bytes in provided buffer `bid` (give it back with `Ring::recycle`).
-    Data { bid: u16, len: usize },
+    Data {
+        bid: u16,
+        len: usize,
+    },
     /// The peer closed its side (a 0-byte read).
     Eof,
     /// The buffer ring ran dry; the multishot recv has ended and must be re-armed.
@@ -142,7 +175,10 @@ impl RecvOutcome {
     pub fn from_result(res: i32, bid: Option<u16>) -> RecvOutcome {
         if res > 0 {
             return match bid {
-                Some(bid) => RecvOutcome::Data { bid, len: res as usize },
+                Some(bid) => RecvOutcome::Data {
+                    bid,
+                    len: res as usize,
+                },
                 // A positive result without a buffer would be a kernel contract break.
                 None => RecvOutcome::Unexpected(0),
             };
@@ -153,8 +189,14 @@ impl RecvOutcome {
         match errno_of(res) {
             libc::ENOBUFS => RecvOutcome::NoBuffers,
             libc::EINTR | libc::EAGAIN => RecvOutcome::Retry,
-            libc::ECONNRESET | libc::EPIPE | libc::ETIMEDOUT | libc::EHOSTUNREACH
-            | libc::ENETUNREACH | libc::ENETDOWN | libc::ECONNREFUSED | libc::ENOTCONN
+            libc::ECONNRESET
+            | libc::EPIPE
+            | libc::ETIMEDOUT
+            | libc::EHOSTUNREACH
+            | libc::ENETUNREACH
+            | libc::ENETDOWN
+            | libc::ECONNREFUSED
+            | libc::ENOTCONN
             | libc::ECONNABORTED => RecvOutcome::PeerClosed,
             libc::ECANCELED => RecvOutcome::Canceled,
             e => RecvOutcome::Unexpected(e),
@@ -180,8 +222,14 @@ impl SendOutcome {
         }
         match errno_of(res) {
             libc::EINTR | libc::EAGAIN | libc::ENOBUFS => SendOutcome::Retry,
-            libc::ECONNRESET | libc::EPIPE | libc::ETIMEDOUT | libc::EHOSTUNREACH
-            | libc::ENETUNREACH | libc::ENETDOWN | libc::ENOTCONN | libc::ECONNREFUSED
+            libc::ECONNRESET
+            | libc::EPIPE
+            | libc::ETIMEDOUT
+            | libc::EHOSTUNREACH
+            | libc::ENETUNREACH
+            | libc::ENETDOWN
+            | libc::ENOTCONN
+            | libc::ECONNREFUSED
             | libc::ECONNABORTED => SendOutcome::PeerClosed,
             libc::ECANCELED => SendOutcome::Canceled,
             e => SendOutcome::Unexpected(e),
@@ -251,30 +299,75 @@ mod tests {
 
     #[test]
     fn recv_errnos_map_to_named_outcomes() {
-        assert_eq!(RecvOutcome::from_result(5, Some(9)), RecvOutcome::Data { bid: 9, len: 5 });
+        assert_eq!(
+            RecvOutcome::from_result(5, Some(9)),
+            RecvOutcome::Data { bid: 9, len: 5 }
+        );
         assert_eq!(RecvOutcome::from_result(0, None), RecvOutcome::Eof);
-        assert_eq!(RecvOutcome::from_result(-libc::ENOBUFS, None), RecvOutcome::NoBuffers);
-        assert_eq!(RecvOutcome::from_result(-libc::ECONNRESET, None), RecvOutcome::PeerClosed);
-        assert_eq!(RecvOutcome::from_result(-libc::EINTR, None), RecvOutcome::Retry);
-        assert_eq!(RecvOutcome::from_result(-libc::ECANCELED, None), RecvOutcome::Canceled);
-        assert_eq!(RecvOutcome::from_result(-libc::EINVAL, None), RecvOutcome::Unexpected(libc::EINVAL));
-        assert_eq!(RecvOutcome::from_result(3, None), RecvOutcome::Unexpected(0));
+        assert_eq!(
+            RecvOutcome::from_result(-libc::ENOBUFS, None),
+            RecvOutcome::NoBuffers
+        );
+        assert_eq!(
+            RecvOutcome::from_result(-libc::ECONNRESET, None),
+            RecvOutcome::PeerClosed
+        );
+        assert_eq!(
+            RecvOutcome::from_result(-libc::EINTR, None),
+            RecvOutcome::Retry
+        );
+        assert_eq!(
+            RecvOutcome::from_result(-libc::ECANCELED, None),
+            RecvOutcome::Canceled
+        );
+        assert_eq!(
+            RecvOutcome::from_result(-libc::EINVAL, None),
+            RecvOutcome::Unexpected(libc::EINVAL)
+        );
+        assert_eq!(
+            RecvOutcome::from_result(3, None),
+            RecvOutcome::Unexpected(0)
+        );
     }
 
     #[test]
     fn send_accept_file_and_cancel_errnos_map_to_named_outcomes() {
         assert_eq!(SendOutcome::from_result(10), SendOutcome::Sent(10));
-        assert_eq!(SendOutcome::from_result(-libc::EPIPE), SendOutcome::PeerClosed);
+        assert_eq!(
+            SendOutcome::from_result(-libc::EPIPE),
+            SendOutcome::PeerClosed
+        );
         assert_eq!(SendOutcome::from_result(-libc::EAGAIN), SendOutcome::Retry);
         assert_eq!(AcceptOutcome::from_result(4), AcceptOutcome::Accepted(4));
-        assert_eq!(AcceptOutcome::from_result(-libc::ECONNABORTED), AcceptOutcome::Transient);
-        assert_eq!(AcceptOutcome::from_result(-libc::EMFILE), AcceptOutcome::Exhausted);
-        assert_eq!(AcceptOutcome::from_result(-libc::ECANCELED), AcceptOutcome::Canceled);
-        assert_eq!(FileOutcome::from_result(-libc::ENOSPC), FileOutcome::NoSpace);
-        assert_eq!(FileOutcome::from_result(-libc::EDQUOT), FileOutcome::NoSpace);
-        assert_eq!(FileOutcome::from_result(-libc::EIO), FileOutcome::Failed(libc::EIO));
+        assert_eq!(
+            AcceptOutcome::from_result(-libc::ECONNABORTED),
+            AcceptOutcome::Transient
+        );
+        assert_eq!(
+            AcceptOutcome::from_result(-libc::EMFILE),
+            AcceptOutcome::Exhausted
+        );
+        assert_eq!(
+            AcceptOutcome::from_result(-libc::ECANCELED),
+            AcceptOutcome::Canceled
+        );
+        assert_eq!(
+            FileOutcome::from_result(-libc::ENOSPC),
+            FileOutcome::NoSpace
+        );
+        assert_eq!(
+            FileOutcome::from_result(-libc::EDQUOT),
+            FileOutcome::NoSpace
+        );
+        assert_eq!(
+            FileOutcome::from_result(-libc::EIO),
+            FileOutcome::Failed(libc::EIO)
+        );
         assert_eq!(FileOutcome::from_result(-libc::EINTR), FileOutcome::Retry);
-        assert_eq!(CancelOutcome::from_result(-libc::ENOENT), CancelOutcome::TooLate);
+        assert_eq!(
+            CancelOutcome::from_result(-libc::ENOENT),
+            CancelOutcome::TooLate
+        );
         assert_eq!(CancelOutcome::from_result(0), CancelOutcome::Done);
     }
 }
