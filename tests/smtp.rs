@@ -1539,3 +1539,19 @@ fn three_hundred_concurrent_connections_are_all_served() {
     }
     assert_eq!(server.new_files().len(), 300);
 }
+
+#[test]
+fn command_lines_may_end_in_a_bare_lf() {
+    // Documented leniency (src/protocol/mod.rs): a bare LF ends a command line; only message
+    // data must use CRLF.
+    let server = Server::start(&[]);
+    let mut c = server.connect();
+    c.send(b"EHLO lf.example\nMAIL FROM:<a@client.example>\nRCPT TO:<b@dest.example>\nDATA\n");
+    for code in ["250", "250", "250", "354"] {
+        let r = c.reply();
+        assert!(r.starts_with(code), "expected {code}, got {r:?}");
+    }
+    c.send(b"crlf data\r\n.\r\n");
+    assert!(c.reply().starts_with("250"));
+    assert_eq!(parse_stored(&only_file(&server)).body, b"crlf data\r\n");
+}
