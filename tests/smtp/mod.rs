@@ -1489,7 +1489,8 @@ fn floods_are_read_and_dropped_in_bounded_memory() {
     let server = Server::start(&["--max-message-size", "1000", "--workers", "1"]);
     let mut c = server.connect();
     c.ehlo("client.example");
-    flood(&mut c, 16);
+    // Twice the receive buffer pool of a worker (1024 x 16 KiB), so every buffer was used once.
+    flood(&mut c, 32);
     let before = peak_rss_kib(server.pid());
     flood(&mut c, 64);
     c.expect("NOOP", 250);
