@@ -83,6 +83,24 @@ fn check_date(date: &str) {
     let hms: Vec<&str> = f[3].split(':').collect();
     assert!(hms.len() == 3 && hms.iter().all(|x| x.len() == 2 && x.bytes().all(|b| b.is_ascii_digit())), "date {date:?}");
     assert!(f[4].len() == 5 && (f[4].starts_with('+') || f[4].starts_with('-')), "date {date:?}");
+    // And it is now (within ten minutes), whatever the zone.
+    let month = months.iter().position(|m| *m == f[1]).unwrap() as i64 + 1;
+    let (h, m, sec): (i64, i64, i64) = (hms[0].parse().unwrap(), hms[1].parse().unwrap(), hms[2].parse().unwrap());
+    let zone: i64 = f[4][1..3].parse::<i64>().unwrap() * 3600 + f[4][3..5].parse::<i64>().unwrap() * 60;
+    let zone = if f[4].starts_with('-') { -zone } else { zone };
+    let epoch = days_from_civil(year as i64, month, mday as i64) * 86_400 + h * 3600 + m * 60 + sec - zone;
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+    assert!((epoch - now).abs() < 600, "date {date:?} is {} s away from now", epoch - now);
+}
+
+/// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's days_from_civil).
+fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = if y >= 0 { y } else { y - 399 } / 400;
+    let yoe = y - era * 400;
+    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
 }
 
 /// Every reply after EHLO carries an enhanced status code (RFC 2034): `ddd x.y.z ...`.
