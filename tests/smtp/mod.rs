@@ -994,7 +994,6 @@ fn ipv6_listen_works() {
     assert_eq!(st.body, b"over v6\r\n");
     // The IPv4 listener of the same server still works.
     server.connect().expect("NOOP", 250);
-    let _ = std::io::stdout().flush();
 }
 
 // ---------------------------------------------------------------------------------------------
