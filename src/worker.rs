@@ -212,8 +212,12 @@ struct Conn {
     closing: bool,
     closing_since: Option<Instant>,
     close_pushed: bool,
-    /// Holds a place in the global and per-IP counts.
+    /// Got a session (passed the connection limits): logged and counted at its end.
     admitted: bool,
+    /// Still holds its place in the global and per-IP counts. Given back as soon as the
+    /// connection starts closing, before its last reply goes out: a client that reconnects the
+    /// moment it reads 221 must not find its own old connection still counted.
+    holds_slot: bool,
     reason: EndReason,
     /// When the client last made progress (see `TRICKLE_BYTES`); the idle timer runs from here.
     last_active: Instant,
@@ -544,6 +548,7 @@ impl Worker {
             closing_since: None,
             close_pushed: false,
             admitted: false,
+            holds_slot: false,
             reason: EndReason::Quit,
             last_active: now,
             trickle: 0,
@@ -565,6 +570,7 @@ impl Worker {
             conn.closing = true;
         } else {
             conn.admitted = true;
+            conn.holds_slot = true;
             self.report.metrics.connections_accepted += 1;
             conn.session.greet(&mut conn.out);
             conn.recv_id = Some(
@@ -760,6 +766,10 @@ impl Worker {
         if conn.closing && conn.closing_since.is_none() {
             conn.closing_since = Some(Instant::now());
         }
+        if conn.closing && conn.holds_slot {
+            conn.holds_slot = false;
+            self.shared.release(conn.peer.ip());
+        }
         if conn.send_id.is_none() && !conn.out.is_empty() && conn.reason != EndReason::Reset {
             let mut buf = std::mem::take(&mut conn.spare);
             std::mem::swap(&mut buf, &mut conn.out);
@@ -853,7 +863,7 @@ impl Worker {
             return;
         }
         let conn = self.conns.remove(slot).expect("checked");
-        if conn.admitted {
+        if conn.holds_slot {
             self.shared.release(conn.peer.ip());
         }
         if conn.admitted {
@@ -1711,6 +1721,24 @@ mod tests {
             Duration::from_secs(3),
         );
         assert_eq!(steady, None, "a body arriving steadily was cut");
+    }
+
+    #[test]
+    fn a_client_at_its_limit_may_reconnect_as_soon_as_it_reads_221() {
+        let w = TestWorker::start(true, |a| a.max_connections_per_ip = Some(2));
+        let (_held, mut held_r) = connect(w.addr);
+        assert_eq!(reply(&mut held_r), 220);
+        let (mut s, mut r) = connect(w.addr);
+        assert_eq!(reply(&mut r), 220);
+        for i in 0..100 {
+            s.write_all(b"QUIT\r\n").unwrap();
+            assert_eq!(reply(&mut r), 221);
+            (s, r) = connect(w.addr);
+            assert_eq!(reply(&mut r), 220, "reconnect {i} right after 221 was refused");
+        }
+        // The limit itself still holds.
+        let (_s3, mut r3) = connect(w.addr);
+        assert_eq!(reply(&mut r3), 421);
     }
 
     #[test]
