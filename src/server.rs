@@ -102,6 +102,24 @@ pub(crate) fn bind_all(
     Ok(per_worker)
 }
 
+/// Raises the soft limit on open files to the hard limit: every connection is a descriptor,
+/// and --max-connections should be what limits them, not a default `ulimit -n` of 1024.
+fn raise_fd_limit(wanted: usize) {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return;
+    };
+    if soft < hard {
+        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+    }
+    if (hard as usize) < wanted {
+        tracing::warn!(
+            "the open-file limit ({hard}) is below --max-connections plus what the workers need \
+             ({wanted}); connections beyond it wait in the backlog (raise `ulimit -Hn`)"
+        );
+    }
+}
+
 /// The CPUs this process may run on, in order.
 fn allowed_cpus() -> Vec<usize> {
     use nix::sched::{sched_getaffinity, CpuSet};
@@ -138,6 +156,7 @@ pub fn run(cfg: Config) -> Result<(), ServerError> {
         stores.push(Store::open(&cfg.store, i, &cfg.session.hostname).map_err(ServerError::Store)?);
     }
     let listeners = bind_all(&cfg.listen, workers)?;
+    raise_fd_limit(cfg.connections_max + 64 * workers);
 
     // Block the shutdown signals before any thread starts, so every thread inherits the mask and
     // only the signal thread ever takes them.

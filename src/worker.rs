@@ -49,7 +49,7 @@ const TRICKLE_BYTES: usize = 1024;
 /// Unfed input beyond which the receive is paused.
 const PENDING_CAP: usize = 64 * 1024;
 /// Provided receive buffers per worker, and their size.
-const RECV_BUFS: u16 = 1024;
+const RECV_BUFS: u16 = 512;
 const RECV_BUF_LEN: u32 = 16 * 1024;
 /// How often idle timers and deadlines are checked.
 const TICK: Duration = Duration::from_millis(250);
@@ -324,6 +324,9 @@ pub struct Worker {
     ring: Ring,
     listeners: Vec<Option<socket2::Socket>>,
     accept_ids: Vec<Option<u64>>,
+    /// Listeners whose accept stopped on EMFILE/ENOMEM, re-armed at the next tick.
+    accept_retry: Vec<usize>,
+    accept_warned: Option<Instant>,
     wake: Arc<EventFd>,
     store: Store,
     conns: Slab<Conn>,
@@ -360,6 +363,8 @@ impl Worker {
             ring,
             listeners: listeners.into_iter().map(Some).collect(),
             accept_ids: vec![None; n],
+            accept_retry: Vec::new(),
+            accept_warned: None,
             wake,
             store,
             conns: Slab::new(),
@@ -496,10 +501,18 @@ impl Worker {
             AcceptOutcome::Accepted(fd) => self.accepted(fd),
             AcceptOutcome::Transient => {}
             AcceptOutcome::Exhausted => {
-                tracing::warn!(
-                    worker = self.index,
-                    "accept: out of descriptors or memory; connections wait in the backlog"
-                );
+                let now = Instant::now();
+                if self
+                    .accept_warned
+                    .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(10))
+                {
+                    self.accept_warned = Some(now);
+                    tracing::warn!(
+                        worker = self.index,
+                        "accept: out of file descriptors or memory; new connections wait in the backlog \
+                         (raise `ulimit -n` or lower --max-connections)"
+                    );
+                }
             }
             AcceptOutcome::Canceled => {}
             AcceptOutcome::Unexpected(e) => {
@@ -511,11 +524,11 @@ impl Worker {
             if self.shutting_down {
                 // The listener goes away only now: the kernel no longer uses it.
                 self.listeners[i] = None;
+            } else if matches!(AcceptOutcome::from_result(c.res), AcceptOutcome::Exhausted) {
+                // Re-arm at the next tick, once closes had a chance to free descriptors, rather
+                // than spin on EMFILE (the loop keeps serving the open connections meanwhile).
+                self.accept_retry.push(i);
             } else {
-                if matches!(AcceptOutcome::from_result(c.res), AcceptOutcome::Exhausted) {
-                    // Give descriptors a moment to free up instead of spinning.
-                    std::thread::sleep(Duration::from_millis(5));
-                }
                 self.arm_accept(i);
             }
         }
@@ -926,6 +939,9 @@ impl Worker {
     }
 
     fn tick(&mut self, now: Instant) {
+        for i in std::mem::take(&mut self.accept_retry) {
+            self.arm_accept(i);
+        }
         if let Some(g) = self.grace_deadline {
             if now >= g && !self.forced {
                 self.forced = true;
@@ -1734,7 +1750,11 @@ mod tests {
             s.write_all(b"QUIT\r\n").unwrap();
             assert_eq!(reply(&mut r), 221);
             (s, r) = connect(w.addr);
-            assert_eq!(reply(&mut r), 220, "reconnect {i} right after 221 was refused");
+            assert_eq!(
+                reply(&mut r),
+                220,
+                "reconnect {i} right after 221 was refused"
+            );
         }
         // The limit itself still holds.
         let (_s3, mut r3) = connect(w.addr);
