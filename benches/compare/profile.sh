@@ -24,7 +24,14 @@ esac
 PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 SPEC=discard
 if [[ $STORE == maildir ]]; then
-    rm -rf "$WORK/profile-maildir"
+    # Deleting many files and then creating many more in the same ext4 group within a minute
+    # makes ext4 (without a journal) scan past the freed inodes: wait that out (see run.py).
+    if [[ -d $WORK/profile-maildir ]]; then
+        rm -rf "$WORK/profile-maildir"
+        sync
+        echo "profile.sh: waiting 65 s after deleting the last profile's maildir" >&2
+        sleep 65
+    fi
     SPEC=maildir:$WORK/profile-maildir
 fi
 OUTP=$WORK/profile-$STORE-$SHAPE
@@ -33,7 +40,6 @@ PERFPID=
 cleanup() {
     [[ -n $PERFPID ]] && kill -INT "$PERFPID" 2>/dev/null && wait "$PERFPID" 2>/dev/null || true
     [[ -n $SERVER ]] && kill "$SERVER" 2>/dev/null && wait "$SERVER" 2>/dev/null || true
-    rm -rf "$WORK/profile-maildir"
 }
 trap cleanup EXIT
 ulimit -n "$(ulimit -Hn)"

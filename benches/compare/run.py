@@ -60,6 +60,7 @@ SERVER_CORE = int(env("SERVER_CORE", "0"))
 CLIENT_CORE = int(env("CLIENT_CORE", "1"))
 PERF = shutil.which("perf") and env("FSYNC_COUNT", "1") == "1"
 NOTE = env("NOTE", "")
+FS_SETTLE_S = float(env("FS_SETTLE_S", "70"))
 # ringmx logs one line per session at its default level (info), as Postfix does; the default is
 # what is measured unless RINGMX_LOG (a --log-level filter) says otherwise.
 RINGMX_LOG = env("RINGMX_LOG", "")
@@ -172,6 +173,16 @@ def busy_builders():
     return n
 
 
+def core_busy_s(core):
+    """Seconds the given core spent busy (not idle, not iowait) since boot, from /proc/stat."""
+    with open("/proc/stat") as f:
+        for line in f:
+            if line.startswith(f"cpu{core} "):
+                v = [int(x) for x in line.split()[1:]]
+                return (sum(v[:8]) - v[3] - v[4]) / TCK
+    return 0.0
+
+
 def loadavg():
     with open("/proc/loadavg") as f:
         return float(f.read().split()[0])
@@ -242,9 +253,6 @@ class Server:
     def alive(self):
         return self.pid is not None and proc_stat(self.pid) is not None
 
-    def clean(self):
-        """Between runs: forget stored messages."""
-
     def stored(self):
         """Messages in the store now, or None when the server keeps none."""
         return None
@@ -262,10 +270,10 @@ class Server:
 
 
 class Ringmx(Server):
-    def __init__(self, store):
+    def __init__(self, store, maildir="maildir"):
         super().__init__()
         self.store = store
-        self.maildir = os.path.join(WORK, "maildir") if store == "maildir" else None
+        self.maildir = os.path.join(WORK, maildir) if store == "maildir" else None
         self.name = "ringmx-" + store
         self.log = os.path.join(WORK, f"{self.name}.log")
         self.exit_lines = []
@@ -278,8 +286,6 @@ class Ringmx(Server):
                 "--shutdown-grace", "2"] + (["--log-level", RINGMX_LOG] if RINGMX_LOG else [])
 
     def start(self):
-        if self.maildir:
-            shutil.rmtree(self.maildir, ignore_errors=True)
         self.cmd = " ".join(shlex.quote(a) for a in self.argv())
         lf = open(self.log, "a")
         lf.write(f"\n=== {time.ctime()} {self.cmd}\n")
@@ -301,14 +307,6 @@ class Ringmx(Server):
         tail = [re.sub(r"\x1b\[[0-9;]*m", "", l) for l in tail]
         self.exit_lines = [l for l in tail if re.search(r"stopped|fsync|commit", l)
                            and "session end" not in l][-4:]
-
-    def clean(self):
-        if self.maildir:
-            for sub in ("new", "cur"):
-                d = os.path.join(self.maildir, sub)
-                if os.path.isdir(d):
-                    for e in os.scandir(d):
-                        os.unlink(e.path)
 
     def stored(self):
         if self.maildir:
@@ -381,14 +379,6 @@ class Postfix(Server):
         if not wait_port(self.port):
             self.stop()
             raise RuntimeError("private postfix did not greet")
-        self.clean()
-
-    def clean(self):
-        subprocess.run(["postsuper", "-c", self.dir, "-d", "ALL"], capture_output=True)
-        try:
-            open(os.path.join(self.dir, "maillog"), "w").close()
-        except OSError:
-            pass
 
     def stored(self):
         n = 0
@@ -410,11 +400,11 @@ class Postfix(Server):
         self.pid = None
 
 
-def make_server(name):
+def make_server(name, idle=False):
     if name == "ringmx-discard":
         return Ringmx("discard")
     if name == "ringmx-maildir":
-        return Ringmx("maildir")
+        return Ringmx("maildir", "maildir-idle" if idle else "maildir")
     if name == "smtp-sink":
         return SmtpSink()
     if name == "postfix":
@@ -552,22 +542,28 @@ def measure(server, shape, rep, rate=None):
     jf = os.path.join(WORK, f"{tag}.json")
     if os.path.exists(jf):
         os.unlink(jf)
-    server.clean()
     argv, n_fixed = client_argv(server, shape, jf, rate)
     timeout = (OPEN_DURATION if rate else DURATION) + 90
     fc = FsyncCounter(server.pid, os.path.join(WORK, f"{tag}.perf")) \
         if server.name == "ringmx-maildir" else None
+    stored0 = server.stored()
     la, bb = loadavg(), busy_builders()
     c0 = children_cpu_s()
     s0 = tree_cpu_s(server.pid)
+    k0 = core_busy_s(SERVER_CORE)
     rc, wall, out, err = run_client(argv, timeout)
     time.sleep(0.3)  # let the server finish the last QUIT/close
     s1 = tree_cpu_s(server.pid)
+    k1 = core_busy_s(SERVER_CORE)
     c1 = children_cpu_s()
     fs = fc.result() if fc else None
     stored = server.stored()
+    if stored is not None:
+        stored -= stored0
     r = dict(server=server.name, shape=shape, rep=rep, rc=rc, wall_s=wall,
              server_cpu_s=s1 - s0, client_cpu_s=c1 - c0, loadavg=la, builders=bb,
+             # Share of the server's core used by anything but the server (others' builds).
+             foreign_core_pct=max(0.0, 100 * ((k1 - k0) - (s1 - s0)) / (wall + 0.3)),
              builders_after=busy_builders(), stored=stored, open_rate=rate,
              cmd=" ".join(shlex.quote(a) for a in ["taskset", "-c", str(CLIENT_CORE)] + argv))
     if CLIENT == "smtp-source":
@@ -594,7 +590,8 @@ def measure(server, shape, rep, rate=None):
     log(f"{tag}: {acc} msgs, {r['msgs_per_s']:.0f} msg/s, cpu/msg "
         f"{r['cpu_us_per_msg'] or 0:.1f} us, client {r['client_cpu_us_per_msg'] or 0:.1f} us, "
         f"p50 {r.get('p50_us')} p99 {r.get('p99_us')} us, stored {stored}, rc {rc}, "
-        f"load {la:.1f}, builders {bb}"
+        f"load {la:.1f}, builders {bb}, others on core {SERVER_CORE} "
+        f"{r['foreign_core_pct']:.0f}%"
         + (f", fsyncs/msg {r['fsyncs_per_msg']:.3f}" if r.get("fsyncs_per_msg") else "")
         + (f"  ERR {r.get('error')}" if r.get("error") else ""))
     return r
@@ -609,7 +606,7 @@ def hold_client(port, n):
 
 
 def measure_idle(name, rep):
-    server = make_server(name)
+    server = make_server(name, idle=True)
     n = POSTFIX_IDLE_CONNS if name == "postfix" else IDLE_CONNS
     server.start()
     try:
@@ -711,7 +708,10 @@ def report(results, idle, opens, started_at, commands, exit_lines):
     la = [r["loadavg"] for r in results] or [0]
     bb = [max(r["builders"], r.get("builders_after", 0)) for r in results] or [0]
     busy = sum(1 for b in bb if b)
-    A(f"- Conditions: server on core {SERVER_CORE}, client on core {CLIENT_CORE}; 1-min load "
+    fc = [r["foreign_core_pct"] for r in results] or [0]
+    A(f"- Conditions: server on core {SERVER_CORE}, client on core {CLIENT_CORE}; other users' "
+      f"processes took {statistics.median(fc):.0f}% (median; range {min(fc):.0f}-{max(fc):.0f}%) "
+      f"of the server's core during the runs; 1-min load "
       f"average {min(la):.1f}-{max(la):.1f} during the runs; compiler processes of other "
       f"users were running during {busy} of {len(bb)} runs (max {max(bb)} at once)"
       + (" -- figures are noisy, CPU per message less so than messages/s."
@@ -851,6 +851,30 @@ def report(results, idle, opens, started_at, commands, exit_lines):
 
 # ---------------------------------------------------------------- main
 
+def clear_old_stores():
+    """Delete the previous invocation's stores, before anything is measured.
+
+    Nothing is deleted between runs: on ext4 without a journal (this VM's root file system),
+    creating a file scans past every inode of the group freed in the last 60 s (300 s while the
+    inode table is dirty; ialloc.c recently_deleted()), and deleting the previous run's 100,000
+    messages halved the maildir's rate and put ext4's inode search at the top of its profile. So
+    the stores grow during an invocation, the next one deletes them first, syncs, and the
+    file-creating runs start FS_SETTLE_S later (the idle-connection shape runs meanwhile).
+    Returns when the deletion ended, or 0 when there was nothing to delete."""
+    victims = [os.path.join(WORK, d) for d in ("maildir", "maildir-idle")]
+    pf = Postfix()
+    subprocess.run(["postfix", "-c", pf.dir, "stop"], capture_output=True)
+    victims.append(os.path.join(pf.dir, "queue"))
+    victims = [v for v in victims if os.path.exists(v)]
+    if not victims:
+        return 0.0
+    log("deleting the previous run's stores: " + ", ".join(victims))
+    for v in victims:
+        shutil.rmtree(v, ignore_errors=True)
+    subprocess.run(["sync"])
+    return time.time()
+
+
 def main():
     os.makedirs(WORK, exist_ok=True)
     os.sched_setaffinity(0, {CLIENT_CORE})
@@ -865,7 +889,25 @@ def main():
         if CLIENT == "loadgen" and not os.access(LOADGEN, os.X_OK):
             raise SystemExit(f"{LOADGEN} missing: build it, or run with CLIENT=smtp-source")
         closed = [s for s in SHAPES_SEL if s in SHAPES]
+        cleaned_at = clear_old_stores()
+        if "d" in SHAPES_SEL:
+            for rep in range(REPS):
+                for name in SERVERS:
+                    try:
+                        r = measure_idle(name, rep)
+                    except (RuntimeError, OSError, ValueError) as e:
+                        log(f"SKIP {name} (d): {e}")
+                        continue
+                    idle.append(r)
+            commands.append(f"# client, shape (d)\ntaskset -c {CLIENT_CORE} python3 "
+                            f"benches/compare/hold.py 127.0.0.1 PORT N 120   "
+                            f"(N = {IDLE_CONNS}; {POSTFIX_IDLE_CONNS} for the private Postfix)")
         if closed or "open" in SHAPES_SEL:
+            wait = cleaned_at + FS_SETTLE_S - time.time()
+            if cleaned_at and wait > 0:
+                log(f"waiting {wait:.0f} s more for ext4 to stop skipping the inodes freed by "
+                    f"the clean-up (see BENCHMARKS.md)")
+                time.sleep(wait)
             for name in SERVERS:
                 s = make_server(name)
                 try:
@@ -903,18 +945,6 @@ def main():
                 s.stop()
                 if isinstance(s, Ringmx):
                     exit_lines += [f"{s.name}: {l}" for l in s.exit_lines]
-        if "d" in SHAPES_SEL:
-            for rep in range(REPS):
-                for name in SERVERS:
-                    try:
-                        r = measure_idle(name, rep)
-                    except (RuntimeError, OSError, ValueError) as e:
-                        log(f"SKIP {name} (d): {e}")
-                        continue
-                    idle.append(r)
-            commands.append(f"# client, shape (d)\ntaskset -c {CLIENT_CORE} python3 "
-                            f"benches/compare/hold.py 127.0.0.1 PORT N 120   "
-                            f"(N = {IDLE_CONNS}; {POSTFIX_IDLE_CONNS} for the private Postfix)")
     finally:
         for s in servers:
             try:
