@@ -1506,7 +1506,7 @@ fn floods_are_read_and_dropped_in_bounded_memory() {
     let server = Server::start(&["--max-message-size", "1000", "--workers", "1"]);
     let mut c = server.connect();
     c.ehlo("client.example");
-    // Twice the receive buffer pool of a worker (1024 x 16 KiB), so every buffer was used once.
+    // Over twice a worker's receive buffer pool (512 or 1024 x 16 KiB): every buffer was used.
     flood(&mut c, 32);
     let before = peak_rss_kib(server.pid());
     flood(&mut c, 64);
