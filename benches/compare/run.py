@@ -861,10 +861,13 @@ def clear_old_stores():
     the stores grow during an invocation, the next one deletes them first, syncs, and the
     file-creating runs start FS_SETTLE_S later (the idle-connection shape runs meanwhile).
     Returns when the deletion ended, or 0 when there was nothing to delete."""
-    victims = [os.path.join(WORK, d) for d in ("maildir", "maildir-idle")]
-    pf = Postfix()
-    subprocess.run(["postfix", "-c", pf.dir, "stop"], capture_output=True)
-    victims.append(os.path.join(pf.dir, "queue"))
+    victims = []
+    if "ringmx-maildir" in SERVERS:
+        victims += [os.path.join(WORK, d) for d in ("maildir", "maildir-idle")]
+    if "postfix" in SERVERS:
+        pf = Postfix()
+        subprocess.run(["postfix", "-c", pf.dir, "stop"], capture_output=True)
+        victims.append(os.path.join(pf.dir, "queue"))
     victims = [v for v in victims if os.path.exists(v)]
     if not victims:
         return 0.0
