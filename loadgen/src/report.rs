@@ -79,6 +79,8 @@ pub struct Report {
     pub pipelining_requested: bool,
     pub server_offers_pipelining: bool,
     pub warmup_s: f64,
+    /// --batch: completions may be held for up to this percentage of the recent reply time.
+    pub batch_pct: f64,
     /// Measured time: from the end of the warmup to the end of the last measured session.
     pub elapsed_s: f64,
     pub throughput: Throughput,
@@ -136,6 +138,9 @@ impl Report {
             if self.server_offers_pipelining { "yes" } else { "no" }
         );
         let _ = writeln!(s, "latency: {}", self.latency_basis);
+        if self.batch_pct > 0.0 {
+            let _ = writeln!(s, "timestamps: late by at most {}% of the reply time measured (--batch, saves generator CPU)", self.batch_pct);
+        }
         let _ = writeln!(s, "measured {:.2} s (warmup {} s left out)", self.elapsed_s, self.warmup_s);
         let _ = writeln!(s);
         let _ = writeln!(

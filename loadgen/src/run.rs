@@ -134,6 +134,7 @@ pub fn run(cfg: Config) -> Result<ExitCode> {
         size: cfg.size.max(if cfg.size == 1 { 2 } else { 0 }),
         intervals: intervals_wanted,
         open_slots: cfg.open_slots,
+        batch_pct: cfg.batch_pct,
     });
 
     let mut log_out = match &cfg.hdr_log {
@@ -250,6 +251,7 @@ pub fn run(cfg: Config) -> Result<ExitCode> {
         size_bytes: cfg.size,
         pipelining_requested: cfg.script.pipelining,
         warmup_s: cfg.warmup.as_secs_f64(),
+        batch_pct: cfg.batch_pct,
         ..Default::default()
     };
     report.fill_figures(&total.phases, &total.counts, &total.errors, elapsed.as_secs_f64());

@@ -225,13 +225,13 @@ impl Ring {
     }
 
     /// Submits what is queued and waits for at least one completion or until `timeout`.
-    pub fn submit_and_wait(&mut self, timeout: Option<Duration>) -> io::Result<()> {
+    pub fn submit_and_wait(&mut self, timeout: Option<Duration>, want: usize, min_wait_us: u32) -> io::Result<()> {
         let r = match timeout {
             None => self.ring.submitter().submit_and_wait(1),
             Some(t) => {
                 let ts = types::Timespec::from(t);
-                let args = types::SubmitArgs::new().timespec(&ts);
-                self.ring.submitter().submit_with_args(1, &args)
+                let args = types::SubmitArgs::new().timespec(&ts).min_wait_usec(min_wait_us);
+                self.ring.submitter().submit_with_args(if min_wait_us > 0 { want.max(1) } else { 1 }, &args)
             }
         };
         match r {
@@ -268,7 +268,7 @@ impl Drop for Ring {
         let _ = unsafe { self.ring.submission().push(&e) };
         let mut buf = Vec::new();
         for _ in 0..100 {
-            let _ = self.submit_and_wait(Some(Duration::from_millis(10)));
+            let _ = self.submit_and_wait(Some(Duration::from_millis(10)), 1, 0);
             let mut cq = self.ring.completion();
             cq.sync();
             for cqe in &mut cq {
