@@ -51,7 +51,8 @@ for _ in $(seq 50); do
     (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null && break
     sleep 0.1
 done
-taskset -c 1 perf record -g -o "$OUTP.data" -p "$SERVER" 2>"$OUTP.perf.log" &
+taskset -c 1 perf record -F 999 --call-graph "${CALLGRAPH:-dwarf,16384}" -o "$OUTP.data" -p "$SERVER" \
+    2>"$OUTP.perf.log" &
 PERFPID=$!
 sleep 0.5
 taskset -c 1 "$BIN/ringmx-loadgen" --target "127.0.0.1:$PORT" "${ARGS[@]}" --threads 1 \
