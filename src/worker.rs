@@ -34,6 +34,7 @@ use std::time::{Duration, Instant, SystemTime};
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::protocol::{CommitResult, Envelope, Feed, Phase, Session};
+use crate::ring::slab::Slab;
 use crate::ring::{
     AcceptOutcome, Completion, EventFd, FileOutcome, Op, RecvOutcome, Ring, SendOutcome, Token,
 };
@@ -264,58 +265,6 @@ struct Batch {
     dir_sync_pushed: bool,
 }
 
-/// Fixed-capacity free-list slab with per-slot generations.
-struct Slab<T> {
-    items: Vec<Option<T>>,
-    generations: Vec<u32>,
-    free: Vec<u32>,
-    len: usize,
-}
-
-impl<T> Slab<T> {
-    fn new() -> Slab<T> {
-        Slab {
-            items: Vec::new(),
-            generations: Vec::new(),
-            free: Vec::new(),
-            len: 0,
-        }
-    }
-    /// A free slot and its generation (the slot is not yet filled).
-    fn vacant(&mut self) -> (u32, u32) {
-        let slot = match self.free.pop() {
-            Some(s) => s,
-            None => {
-                self.items.push(None);
-                self.generations.push(0);
-                (self.items.len() - 1) as u32
-            }
-        };
-        (slot, self.generations[slot as usize])
-    }
-    fn fill(&mut self, slot: u32, item: T) {
-        debug_assert!(self.items[slot as usize].is_none());
-        self.items[slot as usize] = Some(item);
-        self.len += 1;
-    }
-    fn get_mut(&mut self, slot: u32, generation: u32) -> Option<&mut T> {
-        let s = slot as usize;
-        if s < self.items.len() && self.generations[s] == generation {
-            self.items[s].as_mut()
-        } else {
-            None
-        }
-    }
-    fn remove(&mut self, slot: u32) -> Option<T> {
-        let item = self.items.get_mut(slot as usize)?.take()?;
-        self.generations[slot as usize] =
-            self.generations[slot as usize].wrapping_add(1) & Token::GEN_MASK;
-        self.free.push(slot);
-        self.len -= 1;
-        Some(item)
-    }
-}
-
 /// Everything one worker owns.
 pub struct Worker {
     index: usize,
@@ -367,9 +316,9 @@ impl Worker {
             accept_warned: None,
             wake,
             store,
-            conns: Slab::new(),
-            commits: Slab::new(),
-            batches: Slab::new(),
+            conns: Slab::new(Token::GEN_MASK),
+            commits: Slab::new(Token::GEN_MASK),
+            batches: Slab::new(Token::GEN_MASK),
             open_batch: None,
             dirty: Vec::new(),
             shutting_down: false,
@@ -410,8 +359,8 @@ impl Worker {
             }
             self.flush_dirty();
             if self.shutting_down
-                && self.conns.len == 0
-                && self.commits.len == 0
+                && self.conns.is_empty()
+                && self.commits.is_empty()
                 && self.listeners.iter().all(|l| l.is_none())
             {
                 // Let cancelled ops and closes finish so no buffer is freed under the kernel.
@@ -436,7 +385,7 @@ impl Worker {
 
     fn next_deadline(&self, now: Instant) -> Instant {
         let mut d = self.next_tick;
-        if let Some(b) = self.open_batch.and_then(|b| self.batches.items[b].as_ref()) {
+        if let Some(b) = self.open_batch.and_then(|b| self.batches.get(b as u32)) {
             d = d.min(b.opened + Duration::from_micros(self.cfg.batch_delay_us_max));
         }
         if let Some(g) = self.grace_deadline {
@@ -923,8 +872,7 @@ impl Worker {
 
     fn shutdown_sessions(&mut self, force: bool) {
         let mut touched = Vec::new();
-        for (slot, item) in self.conns.items.iter_mut().enumerate() {
-            let Some(conn) = item else { continue };
+        for (slot, _, conn) in self.conns.iter_mut() {
             if conn.closing {
                 continue;
             }
@@ -933,7 +881,7 @@ impl Worker {
                 conn.reason = EndReason::Shutdown;
                 conn.pending.clear();
             }
-            touched.push((slot as u32, conn.generation));
+            touched.push((slot, conn.generation));
         }
         self.dirty.extend(touched);
     }
@@ -950,8 +898,7 @@ impl Worker {
         }
         let idle = self.cfg.idle_timeout;
         let mut touched = Vec::new();
-        for (slot, item) in self.conns.items.iter_mut().enumerate() {
-            let Some(conn) = item else { continue };
+        for (slot, _, conn) in self.conns.iter_mut() {
             if conn.closing {
                 let stuck = conn
                     .closing_since
@@ -964,7 +911,7 @@ impl Worker {
                     // The client does not read our last reply: stop waiting for the send.
                     if let Some(id) = conn.send_id {
                         self.ring.push(
-                            Token::new(K_IGNORE, slot as u32, conn.generation),
+                            Token::new(K_IGNORE, slot, conn.generation),
                             Op::Cancel { target: id },
                         );
                     }
@@ -976,7 +923,7 @@ impl Worker {
                 conn.closing = true;
                 conn.reason = EndReason::Timeout;
                 conn.pending.clear();
-                touched.push((slot as u32, conn.generation));
+                touched.push((slot, conn.generation));
             }
         }
         self.dirty.extend(touched);
@@ -987,8 +934,8 @@ impl Worker {
     fn progress_batches(&mut self, now: Instant) {
         // Close the open batch on size, age, or when nothing older is still in flight.
         if let Some(b) = self.open_batch {
-            let older_in_flight = self.batches.len > 1;
-            if let Some(batch) = self.batches.items[b].as_mut() {
+            let older_in_flight = self.batches.len() > 1;
+            if let Some(batch) = self.batches.get_any_mut(b as u32) {
                 let full = batch.entries.len() >= self.cfg.batch_messages_max;
                 let old = now.duration_since(batch.opened)
                     >= Duration::from_micros(self.cfg.batch_delay_us_max);
@@ -998,34 +945,34 @@ impl Worker {
                 }
             }
         }
-        for b in 0..self.batches.items.len() {
+        for b in 0..self.batches.slots() {
             self.maybe_sync_batch(b);
         }
     }
 
     /// A closed batch whose messages are all renamed (or failed) gets its directory fsync.
     fn maybe_sync_batch(&mut self, b: usize) {
-        let Some(batch) = self.batches.items[b].as_ref() else {
+        let Some(batch) = self.batches.get(b as u32) else {
             return;
         };
         if !batch.closed || batch.dir_sync_pushed {
             return;
         }
         let all_done = batch.entries.iter().all(|&e| {
-            self.commits.items[e]
-                .as_ref()
+            self.commits
+                .get(e as u32)
                 .is_none_or(|c| c.step == Step::Done)
         });
         if !all_done {
             return;
         }
         let any_renamed = batch.entries.iter().any(|&e| {
-            self.commits.items[e]
-                .as_ref()
+            self.commits
+                .get(e as u32)
                 .is_some_and(|c| c.result.is_none())
         });
-        let generation = self.batches.generations[b];
-        let batch = self.batches.items[b].as_mut().expect("checked");
+        let generation = self.batches.generation(b as u32).unwrap_or(0);
+        let batch = self.batches.get_any_mut(b as u32).expect("checked");
         batch.dir_sync_pushed = true;
         match (&self.store, any_renamed) {
             (Store::Maildir(m), true) => {
@@ -1231,7 +1178,9 @@ impl Worker {
 
     /// A commit step failed: close the file if open, unlink the tmp file, remember the answer.
     fn fail_commit(&mut self, e: u32, errno: i32) {
-        let generation = self.commits.generations[e as usize];
+        let Some(generation) = self.commits.generation(e) else {
+            return;
+        };
         let Some(entry) = self.commits.get_mut(e, generation) else {
             return;
         };
@@ -1332,7 +1281,7 @@ fn feed_from(
                                 b as usize
                             }
                         };
-                        if let Some(batch) = batches.items[b].as_mut() {
+                        if let Some(batch) = batches.get_any_mut(b as u32) {
                             batch.entries.push(e as usize);
                             if batch.entries.len() >= cfg.batch_messages_max {
                                 batch.closed = true;

@@ -10,6 +10,7 @@
 //! and never reaches the caller; a full submission queue is flushed and the push retried.
 pub mod bufs;
 pub mod op;
+pub mod slab;
 
 use std::collections::VecDeque;
 use std::io;
@@ -127,9 +128,7 @@ pub struct Ring {
     // on every buffer) before `bufs` and `table` free the memory the kernel may have used.
     uring: IoUring,
     bufs: BufRing,
-    table: Vec<Option<InFlight>>,
-    generations: Vec<u32>,
-    free: Vec<u32>,
+    table: slab::Slab<InFlight>,
     ready: VecDeque<Completion>,
     in_flight: usize,
 }
@@ -201,9 +200,7 @@ impl Ring {
         Ok(Ring {
             uring,
             bufs,
-            table: Vec::new(),
-            generations: Vec::new(),
-            free: Vec::new(),
+            table: slab::Slab::new(u32::MAX),
             ready: VecDeque::new(),
             in_flight: 0,
         })
@@ -269,20 +266,12 @@ impl Ring {
     /// Queues `op`; the kernel sees it at the next `submit` or `wait`. Returns the op's id, for
     /// `Op::Cancel`.
     pub fn push(&mut self, token: Token, op: Op) -> u64 {
-        let slot = match self.free.pop() {
-            Some(s) => s,
-            None => {
-                self.table.push(None);
-                self.generations.push(0);
-                (self.table.len() - 1) as u32
-            }
-        };
-        let generation = self.generations[slot as usize];
+        let (slot, generation) = self.table.vacant();
         let user_data = ((generation as u64) << 32) | slot as u64;
-        self.table[slot as usize] = Some(InFlight { token, op });
+        self.table.fill(slot, InFlight { token, op });
         self.in_flight += 1;
         let entry = {
-            let inflight = self.table[slot as usize].as_mut().expect("just stored");
+            let inflight = self.table.get_any_mut(slot).expect("just stored");
             build_entry(&mut inflight.op).user_data(user_data)
         };
         self.push_entry(&entry);
@@ -368,7 +357,7 @@ impl Ring {
             let cq = self.uring.completion();
             for cqe in cq {
                 let user_data = cqe.user_data();
-                let slot = user_data as u32 as usize;
+                let slot = user_data as u32;
                 let generation = (user_data >> 32) as u32;
                 let res = cqe.result();
                 let flags = cqe.flags();
@@ -376,10 +365,7 @@ impl Ring {
                 if let Some(b) = bid {
                     self.bufs.taken(b);
                 }
-                if slot >= self.table.len()
-                    || self.generations[slot] != generation
-                    || self.table[slot].is_none()
-                {
+                if self.table.get_mut(slot, generation).is_none() {
                     // Cannot happen: each slot's generation changes only after its final
                     // completion. Keep the buffer accounting right and go on.
                     tracing::error!("completion for unknown op {user_data:#x} (res {res})");
@@ -396,7 +382,7 @@ impl Ring {
                 }
                 let more = cqueue::more(flags);
                 if more {
-                    let token = self.table[slot].as_ref().expect("checked").token;
+                    let token = self.table.get_mut(slot, generation).expect("checked").token;
                     self.ready.push_back(Completion {
                         token,
                         res,
@@ -406,9 +392,7 @@ impl Ring {
                     });
                     continue;
                 }
-                let inflight = self.table[slot].take().expect("checked");
-                self.generations[slot] = self.generations[slot].wrapping_add(1);
-                self.free.push(slot as u32);
+                let inflight = self.table.remove(slot).expect("checked");
                 self.in_flight -= 1;
                 let multishot =
                     matches!(inflight.op, Op::AcceptMulti { .. } | Op::RecvMulti { .. });
