@@ -547,6 +547,18 @@ mod tests {
     use std::io::{Read, Write};
 
     #[test]
+    fn setup_failures_are_explained_in_words() {
+        let eperm = diagnose_setup(libc::EPERM);
+        assert!(eperm.contains("io_uring_disabled") || eperm.contains("seccomp"), "{eperm}");
+        let enosys = diagnose_setup(libc::ENOSYS);
+        assert!(enosys.contains("seccomp") && enosys.contains("6.0"), "{enosys}");
+        assert!(diagnose_setup(libc::ENOMEM).contains("RLIMIT_MEMLOCK"));
+        let e = SetupError::Missing { what: "IORING_OP_RENAMEAT", cause: "kernel 5.4".into() };
+        let line = e.to_string();
+        assert!(line.contains("IORING_OP_RENAMEAT") && !line.contains('\n'), "{line}");
+    }
+
+    #[test]
     fn probe_passes_on_this_kernel() {
         Ring::probe().unwrap();
     }
