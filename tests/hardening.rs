@@ -567,10 +567,11 @@ fn blast(addr: SocketAddr, prefix: &[u8], total: usize, mut make: impl FnMut(usi
 /// server's fixed buffers are in use.
 const RSS_GROWTH_MAX_KIB: u64 = 8 * 1024;
 
-/// One worker's receive-buffer pool (src/worker.rs: 1024 provided buffers of 16 KiB). The kernel
-/// picks buffers in ring order, so the first bulk transfer pages the whole pool in; that is a
-/// fixed cost, paid once, not growth caused by the attack.
-const RECV_POOL_KIB: u64 = 1024 * 16;
+/// One worker's receive-buffer pool (src/worker.rs: RECV_BUFS = 512 provided buffers of
+/// RECV_BUF_LEN = 16 KiB; keep in step). The kernel picks buffers in ring order, so the first bulk
+/// transfer pages the whole pool in; that is a fixed cost, paid once, not growth caused by the
+/// attack.
+const RECV_POOL_KIB: u64 = 512 * 16;
 
 fn warm_up(server: &Server) -> u64 {
     // Warm up allocator arenas and buffers with ordinary traffic before taking the baseline.
