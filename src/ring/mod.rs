@@ -8,6 +8,8 @@
 //! Completions are reaped into a queue first and handled by the caller afterwards, never from
 //! inside the reap (STYLE habit 4). An interrupted single-shot op (EINTR) is pushed again here
 //! and never reaches the caller; a full submission queue is flushed and the push retried.
+#![deny(clippy::undocumented_unsafe_blocks)]
+
 pub mod bufs;
 pub mod op;
 pub mod slab;
