@@ -8,7 +8,10 @@ pub mod harness;
 use std::path::PathBuf;
 
 fn corpus_dir(target: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fuzz").join("corpus").join(target)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("fuzz")
+        .join("corpus")
+        .join(target)
 }
 
 /// Runs `f` on every file of the target's corpus; names the file that failed. Returns the count.
@@ -37,23 +40,35 @@ fn replay(target: &str, f: fn(&[u8])) -> usize {
 #[test]
 fn session_corpus_replays() {
     let n = replay("session", harness::session_target);
-    assert!(n >= 10, "the session corpus should hold at least 10 inputs, found {n}");
+    assert!(
+        n >= 10,
+        "the session corpus should hold at least 10 inputs, found {n}"
+    );
 }
 
 #[test]
 fn session_raw_corpus_replays() {
     let n = replay("session_raw", harness::session_raw_target);
-    assert!(n >= 5, "the session_raw corpus should hold at least 5 inputs, found {n}");
+    assert!(
+        n >= 5,
+        "the session_raw corpus should hold at least 5 inputs, found {n}"
+    );
 }
 
 #[test]
 fn parse_corpus_replays() {
     let n = replay("parse", harness::parse_target);
-    assert!(n >= 10, "the parse corpus should hold at least 10 inputs, found {n}");
+    assert!(
+        n >= 10,
+        "the parse corpus should hold at least 10 inputs, found {n}"
+    );
 }
 
 #[test]
 fn data_corpus_replays() {
     let n = replay("data", harness::data_target);
-    assert!(n >= 10, "the data corpus should hold at least 10 inputs, found {n}");
+    assert!(
+        n >= 10,
+        "the data corpus should hold at least 10 inputs, found {n}"
+    );
 }

@@ -39,7 +39,10 @@ impl Smtp {
         stream.set_read_timeout(Some(Duration::from_secs(10)))?;
         stream.set_write_timeout(Some(Duration::from_secs(30)))?;
         stream.set_nodelay(true)?;
-        let mut s = Smtp { r: BufReader::new(stream.try_clone()?), w: stream };
+        let mut s = Smtp {
+            r: BufReader::new(stream.try_clone()?),
+            w: stream,
+        };
         let greeting = s.reply()?;
         Ok((s, greeting))
     }
@@ -50,7 +53,10 @@ impl Smtp {
         loop {
             let mut line = String::new();
             if self.r.read_line(&mut line)? == 0 {
-                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, format!("closed after {all:?}")));
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!("closed after {all:?}"),
+                ));
             }
             let done = line.len() < 4 || line.as_bytes()[3] != b'-';
             all.push_str(line.trim_end_matches(['\r', '\n']));
@@ -97,7 +103,14 @@ impl Smtp {
             match self.r.read(&mut buf) {
                 Ok(0) => return true,
                 Ok(_) => continue,
-                Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => return false,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    return false
+                }
                 Err(_) => return true,
             }
         }
@@ -134,7 +147,9 @@ pub fn stuff(body: &[u8]) -> Vec<u8> {
 pub fn token_body(token: &str, filler_lines: usize) -> Vec<u8> {
     let mut b = format!("Subject: {token}\r\nX-Token: {token}\r\n\r\n").into_bytes();
     for i in 0..filler_lines {
-        b.extend_from_slice(format!("{i:05} .{token} the quick brown fox jumps over the lazy dog\r\n").as_bytes());
+        b.extend_from_slice(
+            format!("{i:05} .{token} the quick brown fox jumps over the lazy dog\r\n").as_bytes(),
+        );
     }
     b.extend_from_slice(format!("END {token}\r\n").as_bytes());
     b
@@ -153,12 +168,19 @@ pub fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
 
 /// Every file in new/ by token. Panics on a file that has no token or is not complete (does not
 /// end with the body that token was sent with) or whose header block is missing.
-pub fn stored_by_token(new_dir: &Path, filler_lines: impl Fn(&str) -> usize) -> HashMap<String, Vec<PathBuf>> {
+pub fn stored_by_token(
+    new_dir: &Path,
+    filler_lines: impl Fn(&str) -> usize,
+) -> HashMap<String, Vec<PathBuf>> {
     let mut by: HashMap<String, Vec<PathBuf>> = HashMap::new();
     for p in list_dir(new_dir) {
         let data = std::fs::read(&p).unwrap();
         let token = token_of(&data).unwrap_or_else(|| {
-            panic!("{}: partial file in new/ ({} bytes, cut before its X-Token header)", p.display(), data.len())
+            panic!(
+                "{}: partial file in new/ ({} bytes, cut before its X-Token header)",
+                p.display(),
+                data.len()
+            )
         });
         let body = token_body(&token, filler_lines(&token));
         assert!(
@@ -168,7 +190,11 @@ pub fn stored_by_token(new_dir: &Path, filler_lines: impl Fn(&str) -> usize) -> 
             data.len(),
             body.len()
         );
-        assert!(data.starts_with(b"Return-Path: <"), "{}: header block missing", p.display());
+        assert!(
+            data.starts_with(b"Return-Path: <"),
+            "{}: header block missing",
+            p.display()
+        );
         by.entry(token).or_default().push(p);
     }
     by
@@ -213,7 +239,10 @@ impl RssPeak {
 /// Raises this process's soft RLIMIT_NOFILE towards `want` (up to the hard limit); children
 /// (the server) inherit it. Returns the soft limit now in force.
 pub fn raise_nofile(want: u64) -> u64 {
-    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
     // SAFETY: getrlimit/setrlimit only read and write the struct we pass.
     unsafe {
         libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
@@ -228,9 +257,15 @@ pub fn raise_nofile(want: u64) -> u64 {
 
 /// A seed for "random moments", printed so a failing run can be repeated (HARDENING_SEED).
 pub fn seed() -> u64 {
-    let s = std::env::var("HARDENING_SEED").ok().and_then(|v| v.parse().ok()).unwrap_or_else(|| {
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos() as u64
-    });
+    let s = std::env::var("HARDENING_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .subsec_nanos() as u64
+        });
     println!("HARDENING_SEED={s}");
     s
 }
@@ -261,7 +296,9 @@ pub fn normal_client(addr: SocketAddr, n: usize, pause: Duration, tag: &str) -> 
     for i in 0..n {
         let token = format!("{tag}-{i}");
         let t0 = Instant::now();
-        let r = c.message("n@example.org", "rcpt@example.com", &token_body(&token, 3)).expect("normal transaction");
+        let r = c
+            .message("n@example.org", "rcpt@example.com", &token_body(&token, 3))
+            .expect("normal transaction");
         lat.push(t0.elapsed());
         assert!(r.starts_with("250"), "normal client transaction {i}: {r:?}");
         thread::sleep(pause);
@@ -273,11 +310,17 @@ pub fn normal_client(addr: SocketAddr, n: usize, pause: Duration, tag: &str) -> 
 
 /// Asserts the server still takes a whole transaction on a fresh connection.
 pub fn still_serving(server: &Server, what: &str) {
-    let (mut c, g) = Smtp::connect(server.addr).unwrap_or_else(|e| panic!("after {what}: connect: {e}"));
+    let (mut c, g) =
+        Smtp::connect(server.addr).unwrap_or_else(|e| panic!("after {what}: connect: {e}"));
     assert!(g.starts_with("220"), "after {what}: greeting {g:?}");
-    assert!(c.cmd("EHLO after.example").unwrap().starts_with("250"), "after {what}: EHLO");
+    assert!(
+        c.cmd("EHLO after.example").unwrap().starts_with("250"),
+        "after {what}: EHLO"
+    );
     let token = format!("after-{}", what.replace(' ', "-"));
-    let r = c.message("a@example.org", "b@example.com", &token_body(&token, 2)).unwrap();
+    let r = c
+        .message("a@example.org", "b@example.com", &token_body(&token, 2))
+        .unwrap();
     assert!(r.starts_with("250"), "after {what}: transaction got {r:?}");
     let _ = c.cmd("QUIT");
 }
@@ -307,7 +350,9 @@ fn crash_sigkill_loses_no_acknowledged_message() {
     for c in 0..CRASH_CLIENTS {
         let (acked, stop) = (acked.clone(), stop.clone());
         clients.push(thread::spawn(move || -> usize {
-            let Ok((mut s, g)) = Smtp::connect(addr) else { return 0 };
+            let Ok((mut s, g)) = Smtp::connect(addr) else {
+                return 0;
+            };
             if !g.starts_with("220") || s.cmd("EHLO crash.example").is_err() {
                 return 0;
             }
@@ -317,7 +362,11 @@ fn crash_sigkill_loses_no_acknowledged_message() {
                     break;
                 }
                 let token = format!("c{c}-{n}");
-                match s.message("crash@example.org", "rcpt@example.com", &token_body(&token, crash_filler(&token))) {
+                match s.message(
+                    "crash@example.org",
+                    "rcpt@example.com",
+                    &token_body(&token, crash_filler(&token)),
+                ) {
                     Ok(r) if r.starts_with("250") => acked.lock().unwrap().push(token),
                     Ok(r) => panic!("{token}: unexpected reply before the crash: {r:?}"),
                     Err(_) => break, // the server died
@@ -341,14 +390,25 @@ fn crash_sigkill_loses_no_acknowledged_message() {
         h.join().expect("client thread");
     }
     let acked = acked.lock().unwrap().clone();
-    assert!(killed_at >= 100, "only {killed_at} messages acknowledged in 20 s before the kill");
+    assert!(
+        killed_at >= 100,
+        "only {killed_at} messages acknowledged in 20 s before the kill"
+    );
     let maildir = dir.path().join("maildir");
     let by_token = stored_by_token(&maildir.join("new"), crash_filler);
     for (token, files) in &by_token {
-        assert_eq!(files.len(), 1, "{token} stored {} times: {files:?}", files.len());
+        assert_eq!(
+            files.len(),
+            1,
+            "{token} stored {} times: {files:?}",
+            files.len()
+        );
     }
     for token in &acked {
-        assert!(by_token.contains_key(token), "{token} got 250 but is not in new/");
+        assert!(
+            by_token.contains_key(token),
+            "{token} got 250 but is not in new/"
+        );
     }
     let tmp_left = list_dir(&maildir.join("tmp")).len();
     println!(
@@ -359,16 +419,32 @@ fn crash_sigkill_loses_no_acknowledged_message() {
     );
 
     // Leftovers: one of ours from the dead process, one from some other program.
-    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
-    let ours = maildir.join("tmp").join(format!("{secs}.M1P{pid}Q999999W0.{HOSTNAME}"));
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let ours = maildir
+        .join("tmp")
+        .join(format!("{secs}.M1P{pid}Q999999W0.{HOSTNAME}"));
     std::fs::write(&ours, b"Return-Path: <x@example.org>\r\nhalf a mess").unwrap();
     let foreign = maildir.join("tmp").join("1700000000.another-mda.host");
     std::fs::write(&foreign, b"being written by someone else").unwrap();
 
-    let server = Server::start_in(dir, &["--max-connections-per-ip", "200"]).expect("restart on the same maildir");
-    assert!(!ours.exists(), "our orphaned tmp/ file survived the restart");
-    assert!(foreign.exists(), "a foreign tmp/ file was deleted on restart");
-    assert_eq!(list_dir(&maildir.join("tmp")), vec![foreign.clone()], "tmp/ after restart");
+    let server = Server::start_in(dir, &["--max-connections-per-ip", "200"])
+        .expect("restart on the same maildir");
+    assert!(
+        !ours.exists(),
+        "our orphaned tmp/ file survived the restart"
+    );
+    assert!(
+        foreign.exists(),
+        "a foreign tmp/ file was deleted on restart"
+    );
+    assert_eq!(
+        list_dir(&maildir.join("tmp")),
+        vec![foreign.clone()],
+        "tmp/ after restart"
+    );
     let before = server.new_files().len();
     assert_eq!(before, by_token.len(), "restart changed new/");
     still_serving(&server, "restart");
@@ -387,8 +463,14 @@ fn greeting_from(src: Ipv4Addr, addr: SocketAddr) -> (Option<Smtp>, String) {
 
 fn refused(src: Ipv4Addr, addr: SocketAddr, what: &str) {
     let (s, g) = greeting_from(src, addr);
-    assert!(g.starts_with("421"), "{what}: a connection from {src} over the limit got {g:?}, expected 421");
-    assert!(s.unwrap().wait_closed(), "{what}: the refused connection was not closed");
+    assert!(
+        g.starts_with("421"),
+        "{what}: a connection from {src} over the limit got {g:?}, expected 421"
+    );
+    assert!(
+        s.unwrap().wait_closed(),
+        "{what}: the refused connection was not closed"
+    );
 }
 
 /// Opens the full allowance (per IP from several sources) once the server has released earlier
@@ -412,7 +494,10 @@ fn hold_all_eventually(addr: SocketAddr, ips: &[Ipv4Addr], per_ip: usize) -> Vec
             return held;
         }
         release(held);
-        assert!(Instant::now() < deadline, "slots were not released within 5 s of the clients leaving");
+        assert!(
+            Instant::now() < deadline,
+            "slots were not released within 5 s of the clients leaving"
+        );
         thread::sleep(Duration::from_millis(100));
     }
 }
@@ -443,7 +528,10 @@ fn flood_limits_hold_exactly_and_slots_are_released() {
         if g.starts_with("220") {
             break s.unwrap();
         }
-        assert!(Instant::now() < deadline, "the slot of a client that quit was not released: {g:?}");
+        assert!(
+            Instant::now() < deadline,
+            "the slot of a client that quit was not released: {g:?}"
+        );
         thread::sleep(Duration::from_millis(50));
     };
     refused(ip(6), addr, "global limit after one slot was reused");
@@ -455,7 +543,11 @@ fn flood_limits_hold_exactly_and_slots_are_released() {
     let results = flood(addr, &[ip(8)], 40);
     let ok = results.iter().filter(|(g, _)| g.starts_with("220")).count();
     let no = results.iter().filter(|(g, _)| g.starts_with("421")).count();
-    assert_eq!((ok, no), (PER_IP, 40 - PER_IP), "flood from one IP: 220s and 421s");
+    assert_eq!(
+        (ok, no),
+        (PER_IP, 40 - PER_IP),
+        "flood from one IP: 220s and 421s"
+    );
     release(results.into_iter().filter_map(|(_, s)| s).collect());
     // A concurrent flood from many IPs: exactly TOTAL get in.
     release(hold_all_eventually(addr, &ips, PER_IP));
@@ -465,7 +557,10 @@ fn flood_limits_hold_exactly_and_slots_are_released() {
     let no = results.iter().filter(|(g, _)| g.starts_with("421")).count();
     println!("FIGURE flood: 60 concurrent clients from 20 IPs, limit {TOTAL}: {ok} greeted, {no} got 421");
     assert_eq!(ok + no, 60, "every flooding client gets 220 or 421");
-    assert_eq!(ok, TOTAL, "concurrent flood: clients greeted with the global limit at {TOTAL}");
+    assert_eq!(
+        ok, TOTAL,
+        "concurrent flood: clients greeted with the global limit at {TOTAL}"
+    );
     release(results.into_iter().filter_map(|(_, s)| s).collect());
 
     // Everything released: the full allowance is available again, and the limits still hold.
@@ -511,7 +606,10 @@ fn still_serving_eventually(server: &Server) {
         if g.starts_with("220") {
             break;
         }
-        assert!(Instant::now() < deadline, "server does not greet again after the floods: {g:?}");
+        assert!(
+            Instant::now() < deadline,
+            "server does not greet again after the floods: {g:?}"
+        );
         thread::sleep(Duration::from_millis(100));
     }
     still_serving(server, "floods");
@@ -538,7 +636,13 @@ fn drain(stream: &mut TcpStream, quiet: Duration) -> String {
 
 /// Writes `total` bytes made by `make` in 64 KiB pieces while a second thread reads whatever
 /// the server answers; stops early (Ok) if the server closes. Returns (bytes written, replies).
-fn blast(addr: SocketAddr, prefix: &[u8], total: usize, mut make: impl FnMut(usize, &mut [u8]), suffix: &[u8]) -> (usize, String) {
+fn blast(
+    addr: SocketAddr,
+    prefix: &[u8],
+    total: usize,
+    mut make: impl FnMut(usize, &mut [u8]),
+    suffix: &[u8],
+) -> (usize, String) {
     let (mut c, g) = Smtp::connect(addr).expect("connect");
     assert!(g.starts_with("220"));
     let mut reader = c.r.get_ref().try_clone().unwrap();
@@ -597,8 +701,17 @@ fn attack_twice(what: &str, extra: &[&str], warm_message_bytes: usize, attack: i
         let (mut c, _) = Smtp::connect(server.addr).unwrap();
         c.cmd("EHLO warm.example").unwrap();
         let lines = warm_message_bytes / 60;
-        let r = c.message("w@example.org", "r@example.com", &token_body("warm-big", lines)).unwrap();
-        assert!(r.starts_with("250"), "warm-up message of {warm_message_bytes} bytes: {r:?}");
+        let r = c
+            .message(
+                "w@example.org",
+                "r@example.com",
+                &token_body("warm-big", lines),
+            )
+            .unwrap();
+        assert!(
+            r.starts_with("250"),
+            "warm-up message of {warm_message_bytes} bytes: {r:?}"
+        );
     }
     let base = warm_up(&server);
     let mut rounds = Vec::new();
@@ -634,8 +747,13 @@ fn attack_twice(what: &str, extra: &[&str], warm_message_bytes: usize, attack: i
 #[test]
 fn garbage_50mb_line_without_crlf() {
     attack_twice("50 MB line without CRLF", &[], 0, |server| {
-        let (written, replies) =
-            blast(server.addr, b"EHLO big.example\r\nMAIL FROM:<", 50 << 20, |_, b| b.fill(b'a'), b"\r\nQUIT\r\n");
+        let (written, replies) = blast(
+            server.addr,
+            b"EHLO big.example\r\nMAIL FROM:<",
+            50 << 20,
+            |_, b| b.fill(b'a'),
+            b"\r\nQUIT\r\n",
+        );
         let closed_early = written < 50 << 20;
         assert!(
             closed_early || replies.contains("\r\n500 ") || replies.contains("\r\n421 "),
@@ -663,11 +781,20 @@ fn garbage_random_binary() {
             }
         };
         let (written, replies) = blast(server.addr, b"", 8 << 20, noise, b"");
-        println!("FIGURE garbage: server took {written} bytes before closing; first replies {:?}", &replies[..replies.len().min(120)]);
+        println!(
+            "FIGURE garbage: server took {written} bytes before closing; first replies {:?}",
+            &replies[..replies.len().min(120)]
+        );
         for line in replies.lines() {
-            assert!(line.starts_with('5') || line.starts_with('4'), "garbage got a non-error reply {line:?}");
+            assert!(
+                line.starts_with('5') || line.starts_with('4'),
+                "garbage got a non-error reply {line:?}"
+            );
         }
-        assert!(written < 8 << 20 || replies.contains("421"), "garbage never hit the error limit");
+        assert!(
+            written < 8 << 20 || replies.contains("421"),
+            "garbage never hit the error limit"
+        );
     });
 }
 
@@ -675,40 +802,58 @@ fn garbage_random_binary() {
 /// memory stays flat while the excess is read and dropped, the session and server go on.
 #[test]
 fn garbage_20mb_body_over_the_size_limit() {
-    attack_twice("20 MB body over a 1 MiB limit", &["--max-message-size", "1048576"], 1_000_000, |server| {
-        let files_before = server.new_files().len();
-        let (mut c, _) = Smtp::connect(server.addr).unwrap();
-        assert!(c.cmd("EHLO big.example").unwrap().starts_with("250"));
-        assert!(c.cmd("MAIL FROM:<big@example.org>").unwrap().starts_with("250"));
-        assert!(c.cmd("RCPT TO:<r@example.com>").unwrap().starts_with("250"));
-        assert!(c.cmd("DATA").unwrap().starts_with("354"));
-        let line = b"0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef\r\n";
-        let mut chunk = Vec::new();
-        while chunk.len() < 64 * 1024 {
-            chunk.extend_from_slice(line);
-        }
-        let mut sent = 0;
-        let mut write_err = None;
-        while sent < 20 << 20 {
-            if let Err(e) = c.send(&chunk) {
-                write_err = Some(e);
-                break;
+    attack_twice(
+        "20 MB body over a 1 MiB limit",
+        &["--max-message-size", "1048576"],
+        1_000_000,
+        |server| {
+            let files_before = server.new_files().len();
+            let (mut c, _) = Smtp::connect(server.addr).unwrap();
+            assert!(c.cmd("EHLO big.example").unwrap().starts_with("250"));
+            assert!(c
+                .cmd("MAIL FROM:<big@example.org>")
+                .unwrap()
+                .starts_with("250"));
+            assert!(c.cmd("RCPT TO:<r@example.com>").unwrap().starts_with("250"));
+            assert!(c.cmd("DATA").unwrap().starts_with("354"));
+            let line = b"0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef\r\n";
+            let mut chunk = Vec::new();
+            while chunk.len() < 64 * 1024 {
+                chunk.extend_from_slice(line);
             }
-            sent += chunk.len();
-        }
-        let reply = match write_err {
-            None => c.send(b".\r\n").and_then(|_| c.reply()),
-            Some(e) => Err(e),
-        };
-        match reply {
-            Ok(r) => {
-                assert!(r.starts_with("552"), "20 MB body over the limit: expected 552, got {r:?}");
-                assert!(c.cmd("RSET").unwrap().starts_with("250"), "session did not go on after 552");
+            let mut sent = 0;
+            let mut write_err = None;
+            while sent < 20 << 20 {
+                if let Err(e) = c.send(&chunk) {
+                    write_err = Some(e);
+                    break;
+                }
+                sent += chunk.len();
             }
-            Err(e) => println!("FIGURE oversized body: server closed after {sent} bytes ({e})"),
-        }
-        assert_eq!(server.new_files().len(), files_before, "an oversized message was stored");
-    });
+            let reply = match write_err {
+                None => c.send(b".\r\n").and_then(|_| c.reply()),
+                Some(e) => Err(e),
+            };
+            match reply {
+                Ok(r) => {
+                    assert!(
+                        r.starts_with("552"),
+                        "20 MB body over the limit: expected 552, got {r:?}"
+                    );
+                    assert!(
+                        c.cmd("RSET").unwrap().starts_with("250"),
+                        "session did not go on after 552"
+                    );
+                }
+                Err(e) => println!("FIGURE oversized body: server closed after {sent} bytes ({e})"),
+            }
+            assert_eq!(
+                server.new_files().len(),
+                files_before,
+                "an oversized message was stored"
+            );
+        },
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -721,13 +866,17 @@ pub fn pipelined_transactions(server: &Server, n: usize) -> Duration {
     let files_before = server.new_files().len();
     let (mut c, _) = Smtp::connect(server.addr).unwrap();
     assert!(c.cmd("EHLO pipe.example").unwrap().contains("PIPELINING"));
-    c.r.get_ref().set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    c.r.get_ref()
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
     let mut w = c.w.try_clone().unwrap();
     let t0 = Instant::now();
     let writer = thread::spawn(move || -> io::Result<()> {
         let mut buf = Vec::with_capacity(1 << 20);
         for i in 0..n {
-            buf.extend_from_slice(b"MAIL FROM:<p@example.org>\r\nRCPT TO:<r@example.com>\r\nDATA\r\n");
+            buf.extend_from_slice(
+                b"MAIL FROM:<p@example.org>\r\nRCPT TO:<r@example.com>\r\nDATA\r\n",
+            );
             buf.extend_from_slice(&stuff(&token_body(&format!("p{i}"), 1)));
             if buf.len() > 256 * 1024 {
                 w.write_all(&buf)?;
@@ -739,27 +888,58 @@ pub fn pipelined_transactions(server: &Server, n: usize) -> Duration {
     });
     let mut queue_ids = Vec::with_capacity(n);
     for i in 0..n {
-        for (what, code) in [("MAIL", "250"), ("RCPT", "250"), ("DATA", "354"), ("end of data", "250")] {
-            let r = c.reply().unwrap_or_else(|e| panic!("transaction {i} {what}: {e}"));
-            assert!(r.starts_with(code), "transaction {i} {what}: expected {code}, got {r:?}");
+        for (what, code) in [
+            ("MAIL", "250"),
+            ("RCPT", "250"),
+            ("DATA", "354"),
+            ("end of data", "250"),
+        ] {
+            let r = c
+                .reply()
+                .unwrap_or_else(|e| panic!("transaction {i} {what}: {e}"));
+            assert!(
+                r.starts_with(code),
+                "transaction {i} {what}: expected {code}, got {r:?}"
+            );
             if what == "end of data" {
                 queue_ids.push(r.rsplit(' ').next().unwrap().to_string());
             }
         }
     }
     let r = c.reply().unwrap();
-    assert!(r.starts_with("221"), "QUIT after {n} pipelined transactions: {r:?}");
+    assert!(
+        r.starts_with("221"),
+        "QUIT after {n} pipelined transactions: {r:?}"
+    );
     let elapsed = t0.elapsed();
-    writer.join().unwrap().expect("writing the pipelined transactions");
-    let by = stored_by_token(&server.maildir().join("new"), |t| if t.starts_with('p') { 1 } else { 2 });
-    assert_eq!(server.new_files().len(), files_before + n, "messages stored");
+    writer
+        .join()
+        .unwrap()
+        .expect("writing the pipelined transactions");
+    let by = stored_by_token(&server.maildir().join("new"), |t| {
+        if t.starts_with('p') {
+            1
+        } else {
+            2
+        }
+    });
+    assert_eq!(
+        server.new_files().len(),
+        files_before + n,
+        "messages stored"
+    );
     let unique: HashSet<&String> = queue_ids.iter().collect();
     assert_eq!(unique.len(), n, "queue ids repeat");
     for (i, qid) in queue_ids.iter().enumerate() {
-        let files = by.get(&format!("p{i}")).unwrap_or_else(|| panic!("p{i} not stored"));
+        let files = by
+            .get(&format!("p{i}"))
+            .unwrap_or_else(|| panic!("p{i} not stored"));
         assert_eq!(files.len(), 1, "p{i} stored {} times", files.len());
         let data = std::fs::read(&files[0]).unwrap();
-        assert!(find(&data, qid.as_bytes()).is_some(), "p{i}: its 250 named {qid}, its file does not: replies out of order");
+        assert!(
+            find(&data, qid.as_bytes()).is_some(),
+            "p{i}: its 250 named {qid}, its file does not: replies out of order"
+        );
     }
     elapsed
 }
@@ -770,7 +950,10 @@ fn pipelining_10000_transactions_in_order() {
     let server = Server::start(&[]);
     let n = 10_000;
     let elapsed = pipelined_transactions(&server, n);
-    println!("FIGURE pipelining: {n} transactions on one connection in {elapsed:?} ({:.0}/s)", n as f64 / elapsed.as_secs_f64());
+    println!(
+        "FIGURE pipelining: {n} transactions on one connection in {elapsed:?} ({:.0}/s)",
+        n as f64 / elapsed.as_secs_f64()
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -786,7 +969,10 @@ fn slow_idle_connection_times_out() {
     let waited = t0.elapsed();
     let r = r.unwrap_or_else(|e| panic!("idle connection: no 421 before the close ({e})"));
     assert!(r.starts_with("421 4.4.2"), "idle timeout reply: {r:?}");
-    assert!(waited >= Duration::from_millis(900) && waited < Duration::from_secs(4), "idle timeout of 1 s fired after {waited:?}");
+    assert!(
+        waited >= Duration::from_millis(900) && waited < Duration::from_secs(4),
+        "idle timeout of 1 s fired after {waited:?}"
+    );
     assert!(c.wait_closed(), "not closed after the idle timeout");
 }
 
@@ -817,9 +1003,8 @@ fn slow_trickling_client_cannot_hold_a_session() {
                 return Ok(t0.elapsed());
             }
             thread::sleep(Duration::from_millis(400));
-            match reader.read(&mut buf) {
-                Ok(0) => return Ok(t0.elapsed()),
-                Ok(_) | Err(_) => {}
+            if let Ok(0) = reader.read(&mut buf) {
+                return Ok(t0.elapsed());
             }
         }
         Err(format!("a client trickling {} one byte per 400 ms still held its session after 10 s (10x --idle-timeout)", if data_phase { "a body" } else { "a command line" }))
@@ -843,7 +1028,11 @@ fn slow_trickling_client_cannot_hold_a_session() {
 #[test]
 fn abuse_idle_and_slow_connections_scaled() {
     let r = idle_and_slow_abuse(500, 100, 60, Duration::from_millis(50));
-    assert!(r.rss_per_conn_bytes < 64 * 1024, "{} bytes of RSS per idle connection", r.rss_per_conn_bytes);
+    assert!(
+        r.rss_per_conn_bytes < 64 * 1024,
+        "{} bytes of RSS per idle connection",
+        r.rss_per_conn_bytes
+    );
 }
 
 pub struct AbuseReport {
@@ -857,7 +1046,14 @@ pub struct AbuseReport {
 pub fn idle_and_slow_abuse(idle: usize, slow: usize, n: usize, pause: Duration) -> AbuseReport {
     raise_nofile(2 * (idle + slow) as u64 + 1024);
     let max = (idle + slow + 100).to_string();
-    let server = Server::start(&["--max-connections", &max, "--max-connections-per-ip", &max, "--idle-timeout", "120"]);
+    let server = Server::start(&[
+        "--max-connections",
+        &max,
+        "--max-connections-per-ip",
+        &max,
+        "--idle-timeout",
+        "120",
+    ]);
     let base = warm_up(&server);
     let pid = server.pid();
     let src = |i: usize| Ipv4Addr::new(127, 0, 0, 2 + (i % 250) as u8);
@@ -865,14 +1061,16 @@ pub fn idle_and_slow_abuse(idle: usize, slow: usize, n: usize, pause: Duration) 
     let t0 = Instant::now();
     let mut idlers = Vec::with_capacity(idle);
     for i in 0..idle {
-        let s = tcp_from(src(i), server.addr).unwrap_or_else(|e| panic!("idle connection {i}: {e}"));
+        let s =
+            tcp_from(src(i), server.addr).unwrap_or_else(|e| panic!("idle connection {i}: {e}"));
         idlers.push(s);
     }
     // Every idle connection must be greeted (not refused).
     for (i, s) in idlers.iter_mut().enumerate() {
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         let mut g = [0u8; 3];
-        s.read_exact(&mut g).unwrap_or_else(|e| panic!("idle connection {i}: no greeting: {e}"));
+        s.read_exact(&mut g)
+            .unwrap_or_else(|e| panic!("idle connection {i}: no greeting: {e}"));
         assert_eq!(&g, b"220", "idle connection {i} was not greeted");
     }
     let opened = t0.elapsed();
@@ -932,7 +1130,10 @@ pub fn idle_and_slow_abuse(idle: usize, slow: usize, n: usize, pause: Duration) 
         lat.last().unwrap()
     );
     still_serving(&server, "idle and slow abuse");
-    AbuseReport { rss_per_conn_bytes: per_conn, p99 }
+    AbuseReport {
+        rss_per_conn_bytes: per_conn,
+        p99,
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -942,9 +1143,16 @@ struct Mount(PathBuf);
 
 impl Drop for Mount {
     fn drop(&mut self) {
-        let ok = std::process::Command::new("umount").arg(&self.0).status().map(|s| s.success()).unwrap_or(false);
+        let ok = std::process::Command::new("umount")
+            .arg(&self.0)
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
         if !ok {
-            let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.0)
+                .status();
         }
     }
 }
@@ -957,11 +1165,17 @@ fn disk_full_gets_452_and_recovers() {
     let top = tempfile::tempdir().unwrap();
     let mnt = top.path().join("mnt");
     std::fs::create_dir(&mnt).unwrap();
-    let st = std::process::Command::new("mount").args(["-t", "tmpfs", "-o", "size=2m", "tmpfs"]).arg(&mnt).output();
+    let st = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=2m", "tmpfs"])
+        .arg(&mnt)
+        .output();
     match st {
         Ok(o) if o.status.success() => {}
         Ok(o) => {
-            println!("SKIP disk_full_gets_452_and_recovers: mount not permitted: {}", String::from_utf8_lossy(&o.stderr).trim());
+            println!(
+                "SKIP disk_full_gets_452_and_recovers: mount not permitted: {}",
+                String::from_utf8_lossy(&o.stderr).trim()
+            );
             return;
         }
         Err(e) => {
@@ -983,33 +1197,62 @@ fn disk_full_gets_452_and_recovers() {
     let mut refused = Vec::new();
     for i in 0..40 {
         let token = format!("full{i}");
-        let r = c.message("f@example.org", "r@example.com", &token_body(&token, filler_lines(&token))).expect("transaction on a full disk");
+        let r = c
+            .message(
+                "f@example.org",
+                "r@example.com",
+                &token_body(&token, filler_lines(&token)),
+            )
+            .expect("transaction on a full disk");
         if r.starts_with("250") {
-            assert!(refused.is_empty(), "{token} acknowledged after an earlier one failed for space, with no space freed");
+            assert!(
+                refused.is_empty(),
+                "{token} acknowledged after an earlier one failed for space, with no space freed"
+            );
             acked.push(token);
         } else {
-            assert!(r.starts_with("452 4.3.1") || r.starts_with("451"), "{token} on a full disk: expected 452 4.3.1 or 451, got {r:?}");
+            assert!(
+                r.starts_with("452 4.3.1") || r.starts_with("451"),
+                "{token} on a full disk: expected 452 4.3.1 or 451, got {r:?}"
+            );
             refused.push(token);
             if refused.len() >= 3 {
                 break;
             }
         }
     }
-    println!("FIGURE disk full: {} acknowledged on the 2 MiB tmpfs before {} got 452/451", acked.len(), refused.len());
+    println!(
+        "FIGURE disk full: {} acknowledged on the 2 MiB tmpfs before {} got 452/451",
+        acked.len(),
+        refused.len()
+    );
     assert!(!acked.is_empty(), "nothing fit on the disk");
     assert!(!refused.is_empty(), "the disk never filled up");
     let by = stored_by_token(&mnt.join("maildir").join("new"), filler_lines);
     for t in &acked {
-        assert_eq!(by.get(t).map(|v| v.len()), Some(1), "{t} acknowledged but not stored exactly once");
+        assert_eq!(
+            by.get(t).map(|v| v.len()),
+            Some(1),
+            "{t} acknowledged but not stored exactly once"
+        );
     }
     for t in &refused {
         assert!(!by.contains_key(t), "{t} got a 4xx but is in new/");
     }
-    assert_eq!(list_dir(&mnt.join("maildir").join("tmp")), Vec::<PathBuf>::new(), "tmp/ holds leftovers of failed writes");
-    assert!(c.cmd("NOOP").unwrap().starts_with("250"), "session after a 452");
+    assert_eq!(
+        list_dir(&mnt.join("maildir").join("tmp")),
+        Vec::<PathBuf>::new(),
+        "tmp/ holds leftovers of failed writes"
+    );
+    assert!(
+        c.cmd("NOOP").unwrap().starts_with("250"),
+        "session after a 452"
+    );
 
     std::fs::remove_file(&filler).unwrap();
-    let r = c.message("f@example.org", "r@example.com", &token_body("back", 2)).unwrap();
+    let r = c
+        .message("f@example.org", "r@example.com", &token_body("back", 2))
+        .unwrap();
     assert!(r.starts_with("250"), "after space returned: {r:?}");
     let by = stored_by_token(&mnt.join("maildir").join("new"), filler_lines);
     assert!(by.contains_key("back"));

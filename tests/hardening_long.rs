@@ -13,8 +13,16 @@ use crate::hardening::{idle_and_slow_abuse, pipelined_transactions};
 #[ignore = "long: 5,000 idle + 1,000 slow connections; run by hand, see HARDENING.md"]
 fn abuse_5000_idle_and_1000_slow_connections() {
     let r = idle_and_slow_abuse(5000, 1000, 300, Duration::from_millis(100));
-    assert!(r.rss_per_conn_bytes < 64 * 1024, "{} bytes of RSS per idle connection", r.rss_per_conn_bytes);
-    assert!(r.p99 < Duration::from_secs(1), "normal client's p99 {:?} under abuse", r.p99);
+    assert!(
+        r.rss_per_conn_bytes < 64 * 1024,
+        "{} bytes of RSS per idle connection",
+        r.rss_per_conn_bytes
+    );
+    assert!(
+        r.p99 < Duration::from_secs(1),
+        "normal client's p99 {:?} under abuse",
+        r.p99
+    );
 }
 
 /// Pipelining at 5x the CI size, for a throughput figure on one connection.
@@ -24,5 +32,8 @@ fn pipelining_50000_transactions_in_order() {
     let server = Server::start(&[]);
     let n = 50_000;
     let elapsed = pipelined_transactions(&server, n);
-    println!("FIGURE pipelining: {n} transactions on one connection in {elapsed:?} ({:.0}/s)", n as f64 / elapsed.as_secs_f64());
+    println!(
+        "FIGURE pipelining: {n} transactions on one connection in {elapsed:?} ({:.0}/s)",
+        n as f64 / elapsed.as_secs_f64()
+    );
 }

@@ -52,10 +52,12 @@ pub struct Transcript {
 pub fn commit_result(n: usize, fail_every: usize) -> CommitResult {
     if fail_every > 0 && n % fail_every == fail_every - 1 {
         CommitResult::NoSpace
-    } else if fail_every > 0 && n % fail_every == 0 && n > 0 {
+    } else if fail_every > 0 && n.is_multiple_of(fail_every) && n > 0 {
         CommitResult::Failed
     } else {
-        CommitResult::Stored { queue_id: format!("Q{n:05}") }
+        CommitResult::Stored {
+            queue_id: format!("Q{n:05}"),
+        }
     }
 }
 
@@ -76,20 +78,34 @@ pub fn drive(cfg: Arc<SessionConfig>, chunks: &[&[u8]], fail_every: usize) -> Tr
                     break;
                 }
                 Feed::Commit { consumed } => {
-                    assert!(consumed <= rest.len(), "Commit consumed {consumed} of {}", rest.len());
+                    assert!(
+                        consumed <= rest.len(),
+                        "Commit consumed {consumed} of {}",
+                        rest.len()
+                    );
                     assert_eq!(s.phase(), Phase::Committing, "phase at Commit");
                     let m = s.take_message().expect("Feed::Commit without a message");
-                    assert!(s.take_message().is_none(), "one Commit handed over two messages");
+                    assert!(
+                        s.take_message().is_none(),
+                        "one Commit handed over two messages"
+                    );
                     assert!(
                         m.body.len() as u64 <= MAX_MESSAGE_SIZE,
                         "a {} byte body passed the {MAX_MESSAGE_SIZE} byte limit",
                         m.body.len()
                     );
-                    assert!(!m.envelope.rcpt_to.is_empty(), "a message with no recipient");
+                    assert!(
+                        !m.envelope.rcpt_to.is_empty(),
+                        "a message with no recipient"
+                    );
                     let n = t.messages.len();
                     t.messages.push(m);
                     s.committed(commit_result(n, fail_every), &mut t.replies);
-                    assert_ne!(s.phase(), Phase::Committing, "still committing after committed()");
+                    assert_ne!(
+                        s.phase(),
+                        Phase::Committing,
+                        "still committing after committed()"
+                    );
                     rest = &rest[consumed..];
                     if s.phase() == Phase::Closed {
                         t.closed = true;
@@ -100,7 +116,11 @@ pub fn drive(cfg: Arc<SessionConfig>, chunks: &[&[u8]], fail_every: usize) -> Tr
                     }
                 }
                 Feed::Close { consumed } => {
-                    assert!(consumed <= rest.len(), "Close consumed {consumed} of {}", rest.len());
+                    assert!(
+                        consumed <= rest.len(),
+                        "Close consumed {consumed} of {}",
+                        rest.len()
+                    );
                     assert_eq!(s.phase(), Phase::Closed, "phase at Close");
                     t.closed = true;
                     break 'chunks;
@@ -136,7 +156,11 @@ pub fn chunk_by_seed(input: &[u8], seed: u8) -> Vec<&[u8]> {
         x ^= x >> 17;
         x ^= x << 5;
         // Mostly tiny chunks (splitting every token), sometimes large ones.
-        let len = if x % 8 == 0 { 1 + (x >> 8) as usize % 4096 } else { 1 + (x >> 8) as usize % 7 };
+        let len = if x.is_multiple_of(8) {
+            1 + (x >> 8) as usize % 4096
+        } else {
+            1 + (x >> 8) as usize % 7
+        };
         let end = (at + len).min(input.len());
         out.push(&input[at..end]);
         at = end;
@@ -212,14 +236,18 @@ pub fn smtp_from_bytes(data: &[u8]) -> Vec<u8> {
 /// The session fuzz target: one run whole, one run chunked as the seed says, one run a byte at
 /// a time; all three must agree.
 pub fn session_target(data: &[u8]) {
-    let Some((&seed, rest)) = data.split_first() else { return };
+    let Some((&seed, rest)) = data.split_first() else {
+        return;
+    };
     let input = smtp_from_bytes(rest);
     session_check(&input, seed);
 }
 
 /// Like `session_target` but over raw bytes (no alphabet mapping).
 pub fn session_raw_target(data: &[u8]) {
-    let Some((&seed, rest)) = data.split_first() else { return };
+    let Some((&seed, rest)) = data.split_first() else {
+        return;
+    };
     session_check(rest, seed);
 }
 
@@ -243,9 +271,16 @@ pub fn assert_transcripts_eq(a: &Transcript, b: &Transcript, what: &str) {
             String::from_utf8_lossy(&b.replies)
         );
     }
-    assert_eq!(a.messages.len(), b.messages.len(), "{what}: message count differs");
+    assert_eq!(
+        a.messages.len(),
+        b.messages.len(),
+        "{what}: message count differs"
+    );
     for (i, (x, y)) in a.messages.iter().zip(&b.messages).enumerate() {
-        assert_eq!(x.envelope, y.envelope, "{what}: envelope of message {i} differs");
+        assert_eq!(
+            x.envelope, y.envelope,
+            "{what}: envelope of message {i} differs"
+        );
         assert!(x.body == y.body, "{what}: body of message {i} differs");
     }
     assert_eq!(a.closed, b.closed, "{what}: one closed, the other did not");
@@ -254,16 +289,29 @@ pub fn assert_transcripts_eq(a: &Transcript, b: &Transcript, what: &str) {
 /// Every reply line is `DDD<SP or ->text<CRLF>` with a first digit 2-5, and a multi-line reply
 /// keeps its code.
 pub fn check_replies_well_formed(replies: &[u8]) {
-    assert!(replies.is_empty() || replies.ends_with(b"\r\n"), "replies do not end in CRLF");
+    assert!(
+        replies.is_empty() || replies.ends_with(b"\r\n"),
+        "replies do not end in CRLF"
+    );
     let mut cont: Option<&[u8]> = None;
     for line in replies.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
-        assert!(line.ends_with(b"\r"), "reply line without CR: {:?}", String::from_utf8_lossy(line));
+        assert!(
+            line.ends_with(b"\r"),
+            "reply line without CR: {:?}",
+            String::from_utf8_lossy(line)
+        );
         let line = &line[..line.len() - 1];
         assert!(!line.contains(&b'\r'), "bare CR inside a reply line");
-        assert!(line.len() >= 3, "short reply line {:?}", String::from_utf8_lossy(line));
+        assert!(
+            line.len() >= 3,
+            "short reply line {:?}",
+            String::from_utf8_lossy(line)
+        );
         let code = &line[..3];
         assert!(
-            (b'2'..=b'5').contains(&code[0]) && code[1].is_ascii_digit() && code[2].is_ascii_digit(),
+            (b'2'..=b'5').contains(&code[0])
+                && code[1].is_ascii_digit()
+                && code[2].is_ascii_digit(),
             "bad reply code in {:?}",
             String::from_utf8_lossy(line)
         );
@@ -271,7 +319,10 @@ pub fn check_replies_well_formed(replies: &[u8]) {
             assert_eq!(c, code, "multi-line reply changed its code");
         }
         let sep = line.get(3).copied();
-        assert!(matches!(sep, None | Some(b' ') | Some(b'-')), "bad separator after the code");
+        assert!(
+            matches!(sep, None | Some(b' ') | Some(b'-')),
+            "bad separator after the code"
+        );
         cont = if sep == Some(b'-') { Some(code) } else { None };
     }
     assert!(cont.is_none(), "multi-line reply never finished");
@@ -294,7 +345,11 @@ pub fn reference_data(raw: &[u8]) -> Option<(Vec<u8>, usize)> {
         if line == b"." {
             return Some((body, next));
         }
-        let line = if line.first() == Some(&b'.') { &line[1..] } else { line };
+        let line = if line.first() == Some(&b'.') {
+            &line[1..]
+        } else {
+            line
+        };
         body.extend_from_slice(line);
         body.extend_from_slice(b"\r\n");
         at = next;
@@ -321,7 +376,8 @@ pub fn stuff(body: &[u8]) -> Vec<u8> {
 /// by LF or an LF not preceded by CR: the slow version of the scanner's bare CR/LF flag.
 pub fn reference_bare(raw: &[u8]) -> bool {
     (0..raw.len()).any(|i| {
-        (raw[i] == b'\r' && raw.get(i + 1) != Some(&b'\n')) || (raw[i] == b'\n' && (i == 0 || raw[i - 1] != b'\r'))
+        (raw[i] == b'\r' && raw.get(i + 1) != Some(&b'\n'))
+            || (raw[i] == b'\n' && (i == 0 || raw[i - 1] != b'\r'))
     })
 }
 
@@ -344,7 +400,11 @@ pub fn scan_chunks(chunks: &[&[u8]], max: u64) -> Scanned {
     let mut end = None;
     for c in chunks {
         if let Some(consumed) = sc.scan(c, &mut body) {
-            assert!(consumed <= c.len(), "scan consumed {consumed} of {}", c.len());
+            assert!(
+                consumed <= c.len(),
+                "scan consumed {consumed} of {}",
+                c.len()
+            );
             assert!(sc.is_done(), "scan returned Some but is not done");
             end = Some(offset + consumed);
             break;
@@ -353,16 +413,32 @@ pub fn scan_chunks(chunks: &[&[u8]], max: u64) -> Scanned {
         offset += c.len();
     }
     if sc.rejecting() {
-        assert!(body.is_empty(), "a rejected body is still held ({} bytes)", body.len());
+        assert!(
+            body.is_empty(),
+            "a rejected body is still held ({} bytes)",
+            body.len()
+        );
     }
-    Scanned { end, body, bare: sc.bare_cr_lf(), too_big: sc.too_big(), len: sc.len() }
+    Scanned {
+        end,
+        body,
+        bare: sc.bare_cr_lf(),
+        too_big: sc.too_big(),
+        len: sc.len(),
+    }
 }
 
 /// The DATA scanner fuzz target: whole, chunked (seeded) and bytewise scans agree with each other
 /// and with `reference_data`/`reference_bare`.
 pub fn data_target(data: &[u8]) {
-    let Some((&seed, rest)) = data.split_first() else { return };
-    let input = if seed & 1 == 1 { smtp_from_bytes(rest) } else { rest.to_vec() };
+    let Some((&seed, rest)) = data.split_first() else {
+        return;
+    };
+    let input = if seed & 1 == 1 {
+        smtp_from_bytes(rest)
+    } else {
+        rest.to_vec()
+    };
     data_check(&input, seed);
 }
 
@@ -372,17 +448,31 @@ pub fn data_check(input: &[u8], seed: u8) {
     let chunked = scan_chunks(&chunk_by_seed(input, seed), max);
     assert_eq!(whole, chunked, "DATA scanner: whole vs chunked");
     let bytes: Vec<&[u8]> = input.chunks(1).collect();
-    assert_eq!(whole, scan_chunks(&bytes, max), "DATA scanner: whole vs bytewise");
+    assert_eq!(
+        whole,
+        scan_chunks(&bytes, max),
+        "DATA scanner: whole vs bytewise"
+    );
     match reference_data(input) {
-        None => assert_eq!(whole.end, None, "scanner found an end the reference does not"),
+        None => assert_eq!(
+            whole.end, None,
+            "scanner found an end the reference does not"
+        ),
         Some((ref_body, ref_end)) => {
-            assert_eq!(whole.end, Some(ref_end), "scanner and reference disagree on the end of data");
+            assert_eq!(
+                whole.end,
+                Some(ref_end),
+                "scanner and reference disagree on the end of data"
+            );
             let bare = reference_bare(&input[..ref_end]);
             assert_eq!(whole.bare, bare, "bare CR/LF flag");
             assert_eq!(whole.len, ref_body.len() as u64, "unstuffed length");
             assert_eq!(whole.too_big, ref_body.len() as u64 > max, "too_big flag");
             if !bare && ref_body.len() as u64 <= max {
-                assert!(whole.body == ref_body, "scanner body differs from the reference body");
+                assert!(
+                    whole.body == ref_body,
+                    "scanner body differs from the reference body"
+                );
             }
         }
     }
@@ -410,7 +500,10 @@ pub fn reference_verb(line: &[u8]) -> Option<Verb> {
         ("EXPN", Verb::Expn),
         ("HELP", Verb::Help),
     ];
-    names.iter().find(|(n, _)| tok.eq_ignore_ascii_case(n)).map(|&(_, v)| v)
+    names
+        .iter()
+        .find(|(n, _)| tok.eq_ignore_ascii_case(n))
+        .map(|&(_, v)| v)
 }
 
 fn within(outer: &[u8], inner: &[u8]) -> bool {
@@ -427,7 +520,10 @@ pub fn assert_borrows(line: &[u8], cmd: &Command<'_>) {
         _ => vec![],
     };
     for s in slices {
-        assert!(within(line, s), "a command field is not a slice of the line");
+        assert!(
+            within(line, s),
+            "a command field is not a slice of the line"
+        );
     }
 }
 
@@ -438,7 +534,11 @@ pub fn parse_target(line: &[u8]) {
     let want = reference_verb(line);
     match &got {
         Ok(cmd) => {
-            assert_eq!(Some(cmd.verb()), want, "parsed verb differs from the reference");
+            assert_eq!(
+                Some(cmd.verb()),
+                want,
+                "parsed verb differs from the reference"
+            );
             assert_borrows(line, cmd);
             match *cmd {
                 Command::Mail { from, .. } => assert_path(from.mailbox, from.domain),
@@ -452,7 +552,11 @@ pub fn parse_target(line: &[u8]) {
     // Trailing spaces and tabs never change the outcome.
     let mut padded = line.to_vec();
     padded.extend_from_slice(b" \t ");
-    assert_eq!(shape(&parse_command(&padded)), shape(&got), "trailing blanks changed the parse");
+    assert_eq!(
+        shape(&parse_command(&padded)),
+        shape(&got),
+        "trailing blanks changed the parse"
+    );
     // Nor does the case of the verb.
     if let Some(sp) = line.iter().position(|&b| b == b' ').or(Some(line.len())) {
         let mut flipped = line.to_vec();
@@ -461,7 +565,11 @@ pub fn parse_target(line: &[u8]) {
                 *b ^= 0x20;
             }
         }
-        assert_eq!(shape(&parse_command(&flipped)), shape(&got), "the verb's case changed the parse");
+        assert_eq!(
+            shape(&parse_command(&flipped)),
+            shape(&got),
+            "the verb's case changed the parse"
+        );
     }
 }
 
@@ -473,8 +581,18 @@ pub fn shape(r: &Result<Command<'_>, ParseError>) -> String {
 /// A parsed path's domain is the tail of its mailbox after an `@` (or empty).
 fn assert_path(mailbox: &[u8], domain: &[u8]) {
     if !domain.is_empty() {
-        assert!(mailbox.ends_with(domain), "domain is not the mailbox's tail");
-        assert_eq!(mailbox[mailbox.len() - domain.len() - 1], b'@', "domain does not follow an @");
+        assert!(
+            mailbox.ends_with(domain),
+            "domain is not the mailbox's tail"
+        );
+        assert_eq!(
+            mailbox[mailbox.len() - domain.len() - 1],
+            b'@',
+            "domain does not follow an @"
+        );
     }
-    assert!(std::str::from_utf8(mailbox).is_ok(), "a mailbox that is not UTF-8");
+    assert!(
+        std::str::from_utf8(mailbox).is_ok(),
+        "a mailbox that is not UTF-8"
+    );
 }
