@@ -1075,8 +1075,10 @@ impl Worker {
         if conn.closing {
             return;
         }
-        conn.session.committed(result, &mut conn.out);
-        if conn.session.phase() == Phase::Closed {
+        let peer = conn.peer;
+        if guarded(peer, || conn.session.committed(result, &mut conn.out)).is_none() {
+            internal_error(conn, &self.cfg.session.hostname);
+        } else if conn.session.phase() == Phase::Closed {
             conn.closing = true;
             if self.shutting_down {
                 conn.reason = EndReason::Shutdown;
@@ -1206,6 +1208,28 @@ fn unreachable_op(op: &Op) -> ! {
     panic!("commit step got a completion for {}", op.name())
 }
 
+/// Runs a session call, turning a panic (a bug: by contract no input makes the session panic)
+/// into the end of this one connection instead of the end of every connection on the worker.
+fn guarded<R>(peer: SocketAddr, f: impl FnOnce() -> R) -> Option<R> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(r) => Some(r),
+        Err(_) => {
+            tracing::error!(client = %peer.ip(), "the session panicked (a bug); closing this connection");
+            None
+        }
+    }
+}
+
+/// After a session panicked: its state is unknown, so say 421 and close.
+fn internal_error(conn: &mut Conn, hostname: &str) {
+    conn.out.clear();
+    conn.out
+        .extend_from_slice(format!("421 4.3.0 {hostname} Error: internal error\r\n").as_bytes());
+    conn.pending.clear();
+    conn.closing = true;
+    conn.reason = EndReason::Error;
+}
+
 /// Feeds `input` to the connection's session until it needs more, commits, or closes.
 /// Whatever cannot be fed now (behind a commit) is appended to `conn.pending`.
 #[allow(clippy::too_many_arguments)]
@@ -1226,7 +1250,12 @@ fn feed_from(
             conn.pending.extend_from_slice(&input[pos..]);
             return;
         }
-        match conn.session.feed(&input[pos..], &mut conn.out) {
+        let peer = conn.peer;
+        let Some(fed) = guarded(peer, || conn.session.feed(&input[pos..], &mut conn.out)) else {
+            internal_error(conn, &cfg.session.hostname);
+            return;
+        };
+        match fed {
             Feed::NeedMore => return,
             Feed::Close { .. } => {
                 conn.closing = true;
@@ -1708,6 +1737,15 @@ mod tests {
         // The limit itself still holds.
         let (_s3, mut r3) = connect(w.addr);
         assert_eq!(reply(&mut r3), 421);
+    }
+
+    #[test]
+    fn a_panicking_session_call_is_contained() {
+        let peer: SocketAddr = "192.0.2.9:25".parse().unwrap();
+        assert_eq!(guarded(peer, || 7), Some(7));
+        // The panic message below is expected in this test's captured output.
+        let r: Option<()> = guarded(peer, || panic!("deliberate panic in a test"));
+        assert_eq!(r, None);
     }
 
     #[test]
