@@ -1091,12 +1091,16 @@ pub fn idle_and_slow_abuse(idle: usize, slow: usize, n: usize, pause: Duration) 
                 })
                 .collect();
             let mut at = 0;
+            // Slow connections the server still took a byte from in the last round.
+            let mut alive = 0;
             while !stop.load(Ordering::Relaxed) {
                 let tick = Instant::now();
                 let byte = if at < script.len() { script[at] } else { b'x' };
+                alive = 0;
                 for c in conns.iter_mut() {
                     if c.write(&[byte]).is_ok() {
                         bytes_sent.fetch_add(1, Ordering::Relaxed);
+                        alive += 1;
                     }
                     let mut sink = [0u8; 512];
                     let _ = c.read(&mut sink);
@@ -1106,7 +1110,7 @@ pub fn idle_and_slow_abuse(idle: usize, slow: usize, n: usize, pause: Duration) 
                     thread::sleep(Duration::from_millis(20));
                 }
             }
-            conns.len()
+            alive
         })
     };
     thread::sleep(Duration::from_millis(1500));
@@ -1114,7 +1118,7 @@ pub fn idle_and_slow_abuse(idle: usize, slow: usize, n: usize, pause: Duration) 
     let lat = normal_client(server.addr, n, pause, "abuse");
     let peak = peak.finish();
     stop.store(true, Ordering::Relaxed);
-    slow_thread.join().unwrap();
+    let slow_alive = slow_thread.join().unwrap();
     let during = rss_kib(pid);
     drop(idlers);
     thread::sleep(Duration::from_millis(1000));
@@ -1123,7 +1127,7 @@ pub fn idle_and_slow_abuse(idle: usize, slow: usize, n: usize, pause: Duration) 
     let p99 = percentile(&lat, 99.0);
     let per_conn = (with_idle.saturating_sub(base) * 1024) / idle.max(1) as u64;
     println!(
-        "FIGURE abuse {idle} idle + {slow} slow ({} slow bytes sent): opened idle in {opened:?}; RSS base {base} KiB, \
+        "FIGURE abuse {idle} idle + {slow} slow ({} slow bytes sent, {slow_alive} slow still connected at the end): opened idle in {opened:?}; RSS base {base} KiB, \
          with idle {with_idle} KiB ({per_conn} B/conn), peak {peak} KiB, during {during} KiB, after close {after} KiB; \
          normal client {n} transactions p50 {p50:?} p99 {p99:?} max {:?}",
         bytes_sent.load(Ordering::Relaxed),
