@@ -1,7 +1,7 @@
 //! Drivers shared by the fuzz targets and by `cargo test`.
 //!
 //! The fuzz targets (`fuzz/fuzz_targets/*.rs`) call these functions, and the stable test suite
-//! includes this very file (`tests/fuzz_corpus.rs` via `#[path]`) to replay the committed corpus
+//! includes this very file (`tests/fuzz_corpus/mod.rs` via `#[path]`) to replay the committed corpus
 //! and to drive the property tests, so a corpus file always runs through exactly the code the
 //! fuzzer ran. It depends on nothing but `ringmx` and `std`, and every check is an `assert!`:
 //! a failed check is a crash to the fuzzer and a failed test to `cargo test`.

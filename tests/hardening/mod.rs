@@ -1,7 +1,7 @@
 //! Hardening against crashes, floods, garbage and a full disk, against the real binary on
 //! 127.0.0.1. Each test is bounded in count and time and stops by itself; figures worth keeping
 //! (RSS deltas, latencies) are printed as `FIGURE ...` lines (`--nocapture` shows them).
-//! The full-size abuse run lives in `hardening_long.rs` (`#[ignore]`, see HARDENING.md).
+//! The full-size abuse run lives in `hardening_long` (`tests/hardening_long/mod.rs`) (`#[ignore]`, see HARDENING.md).
 
 use std::collections::{HashMap, HashSet};
 use std::io::{self, BufRead, BufReader, Read, Write};
@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use crate::common::{list_dir, Server, HOSTNAME};
 
 // ---------------------------------------------------------------------------------------------
-// Tools shared with hardening_long.rs.
+// Tools shared with hardening_long.
 
 /// A tolerant SMTP client: every step returns `io::Result`, so a test can watch a server die or
 /// close on it without panicking in a helper.
@@ -1023,7 +1023,7 @@ fn slow_trickling_client_cannot_hold_a_session() {
 }
 
 /// Scaled-down CI version of the idle/slow abuse (the full one, 5,000 idle + 1,000 slow, is in
-/// hardening_long.rs): 500 idle connections and 100 sending a byte a second while a normal
+/// hardening_long): 500 idle connections and 100 sending a byte a second while a normal
 /// client's transactions succeed; RSS per idle connection and the normal client's p99 reported.
 #[test]
 fn abuse_idle_and_slow_connections_scaled() {

@@ -2,7 +2,7 @@
 //! the very functions the fuzz targets call (`fuzz/src/lib.rs`, included here as `harness`), so a
 //! crash the fuzzer found and we committed stays fixed.
 
-#[path = "../fuzz/src/lib.rs"]
+#[path = "../../fuzz/src/lib.rs"]
 pub mod harness;
 
 use std::path::PathBuf;
