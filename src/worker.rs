@@ -47,6 +47,9 @@ const OUT_CAP: usize = 64 * 1024;
 /// (so --idle-timeout doubles as a minimum data rate of TRICKLE_BYTES per timeout period), or
 /// when the session answers something. Bytes that make no progress never restart it.
 const TRICKLE_BYTES: usize = 1024;
+/// A connection keeps an emptied input or send buffer for reuse only up to this capacity, so a
+/// burst does not pin its memory for the rest of a long, idle session.
+const KEEP_BUF_BYTES: usize = 4096;
 /// Unfed input beyond which the receive is paused.
 const PENDING_CAP: usize = 64 * 1024;
 /// Provided receive buffers per worker, and their size.
@@ -598,10 +601,6 @@ impl Worker {
                         conn.trickle = 0;
                     }
                 }
-                if finished && !conn.closing && !conn.eof && !conn.paused {
-                    // The multishot receive ended after data (the kernel may do so): re-arm.
-                    Self::rearm(&mut self.ring, conn, slot);
-                }
             }
             RecvOutcome::Eof => {
                 conn.eof = true;
@@ -610,12 +609,9 @@ impl Worker {
                     conn.reason = EndReason::PeerClosed;
                 }
             }
-            RecvOutcome::NoBuffers | RecvOutcome::Retry => {
-                if !conn.closing && !conn.paused {
-                    Self::rearm(&mut self.ring, conn, slot);
-                }
-            }
-            RecvOutcome::Canceled => {}
+            // Out of buffers, interrupted, or cancelled for a pause that is already over: the
+            // re-arm below takes care of all three.
+            RecvOutcome::NoBuffers | RecvOutcome::Retry | RecvOutcome::Canceled => {}
             RecvOutcome::PeerClosed => {
                 conn.closing = true;
                 conn.reason = EndReason::Reset;
@@ -627,6 +623,11 @@ impl Worker {
                 conn.closing = true;
                 conn.reason = EndReason::Error;
             }
+        }
+        if finished && !conn.closing && !conn.eof && !conn.paused {
+            // The multishot receive ended while we still want input (after data, ENOBUFS, a
+            // signal, or a pause cancelled too late to matter): arm a new one.
+            Self::rearm(&mut self.ring, conn, slot);
         }
         if conn.pending.len() > PENDING_CAP && !conn.paused && !conn.closing {
             // Too much unanswered input: stop reading until the session catches up.
@@ -677,9 +678,9 @@ impl Worker {
                 &self.cfg,
                 &mut self.to_push,
             );
-            // `feed_from` put what it could not feed into the (empty) `conn.pending`; keep the
-            // larger allocation when nothing is left.
-            if conn.pending.is_empty() {
+            // `feed_from` put what it could not feed into the (empty) `conn.pending`; when
+            // nothing is left, keep the old allocation unless a burst made it large.
+            if conn.pending.is_empty() && input.capacity() <= KEEP_BUF_BYTES {
                 input.clear();
                 conn.pending = input;
             }
@@ -795,7 +796,9 @@ impl Worker {
                 }
                 let mut buf = buf;
                 buf.clear();
-                conn.spare = buf;
+                if buf.capacity() <= KEEP_BUF_BYTES {
+                    conn.spare = buf;
+                }
             }
             SendOutcome::Retry => {
                 conn.send_id = Some(self.ring.push(c.token, Op::Send { fd, buf, off }));
