@@ -8,6 +8,7 @@
 # Needs: smtp-sink and smtp-source (Debian package postfix; the mail system need not run), python3,
 # taskset, and a release build of ringmx-loadgen (LOADGEN=path, default target/release or
 # $CARGO_TARGET_DIR/release). Usage: loadgen/bench-vs-smtp-source.sh [MESSAGES] [RUNS]
+# Extra ringmx-loadgen flags (e.g. --batch 0) can be given in LOADGEN_ARGS.
 set -euo pipefail
 
 MESSAGES=${1:-20000}
@@ -48,7 +49,7 @@ run_shape() {
   local lg=() ss=()
   for i in $(seq "$RUNS"); do
     lg+=("$(cpu_of "$LOADGEN" --target 127.0.0.1:$PORT --connections 50 --sessions $sessions \
-      --messages-per-session $per_session --size 1024 --timeout 30)")
+      --messages-per-session $per_session --size 1024 --timeout 30 ${LOADGEN_ARGS:-})")
     if [ "$per_session" = 1 ]; then
       ss+=("$(cpu_of smtp-source -s 50 -m $MESSAGES -l 1024 127.0.0.1:$PORT)")
     else
@@ -76,6 +77,6 @@ PY
   echo "$name: ringmx-loadgen ${lg_us} µs/msg (runs: ${lg[*]} s), smtp-source ${ss_us} µs/msg (runs: ${ss[*]} s), ratio $(awk -v a="$lg_us" -v b="$ss_us" 'BEGIN {printf "%.2f", a / b}')"
 }
 
-echo "messages per run: $MESSAGES, runs: $RUNS, smtp-sink on core 0 port $PORT, clients on core 1"
+echo "messages per run: $MESSAGES, runs: $RUNS, smtp-sink on core 0 port $PORT, clients on core 1, ringmx-loadgen flags: ${LOADGEN_ARGS:-(defaults)}"
 run_shape "(a) 1 x 1 KB per session, 50 sessions" 1
 run_shape "(b) 50 x 1 KB per session, 50 sessions" 50

@@ -28,7 +28,10 @@ pub fn compare(base: &Report, cur: &Report, max_pct: f64) -> Vec<String> {
                     ));
                 }
             }
-            _ => out.push(format!("{} has no samples now (the baseline had {})", bp.name, bp.count)),
+            _ => out.push(format!(
+                "{} has no samples now (the baseline had {})",
+                bp.name, bp.count
+            )),
         }
     }
     out
@@ -39,16 +42,42 @@ pub fn shape_differences(base: &Report, cur: &Report) -> Vec<String> {
     let mut out = Vec::new();
     let mut check = |what: &str, a: String, b: String| {
         if a != b {
-            out.push(format!("{what} differs from the baseline ({a} there, {b} now)"));
+            out.push(format!(
+                "{what} differs from the baseline ({a} there, {b} now)"
+            ));
         }
     };
     check("mode", base.mode.clone(), cur.mode.clone());
-    check("connections", format!("{:?}", base.connections), format!("{:?}", cur.connections));
-    check("rate", format!("{:?}", base.rate_per_s), format!("{:?}", cur.rate_per_s));
-    check("messages per session", base.messages_per_session.to_string(), cur.messages_per_session.to_string());
-    check("recipients", base.recipients.to_string(), cur.recipients.to_string());
-    check("size", base.size_bytes.to_string(), cur.size_bytes.to_string());
-    check("pipelining", base.pipelining_requested.to_string(), cur.pipelining_requested.to_string());
+    check(
+        "connections",
+        format!("{:?}", base.connections),
+        format!("{:?}", cur.connections),
+    );
+    check(
+        "rate",
+        format!("{:?}", base.rate_per_s),
+        format!("{:?}", cur.rate_per_s),
+    );
+    check(
+        "messages per session",
+        base.messages_per_session.to_string(),
+        cur.messages_per_session.to_string(),
+    );
+    check(
+        "recipients",
+        base.recipients.to_string(),
+        cur.recipients.to_string(),
+    );
+    check(
+        "size",
+        base.size_bytes.to_string(),
+        cur.size_bytes.to_string(),
+    );
+    check(
+        "pipelining",
+        base.pipelining_requested.to_string(),
+        cur.pipelining_requested.to_string(),
+    );
     out
 }
 
@@ -62,7 +91,12 @@ mod tests {
         r.throughput.messages_per_s = msgs;
         r.phases = p99s
             .iter()
-            .map(|(n, p)| PhaseSummary { name: n.to_string(), count: 100, p99_us: *p, ..Default::default() })
+            .map(|(n, p)| PhaseSummary {
+                name: n.to_string(),
+                count: 100,
+                p99_us: *p,
+                ..Default::default()
+            })
             .collect();
         r
     }
@@ -70,11 +104,26 @@ mod tests {
     #[test]
     fn within_the_allowance_is_no_regression() {
         let base = report(1000.0, &[("session", 1000), ("transaction", 500)]);
-        assert!(compare(&base, &report(950.0, &[("session", 1090), ("transaction", 400)]), 10.0).is_empty());
+        assert!(compare(
+            &base,
+            &report(950.0, &[("session", 1090), ("transaction", 400)]),
+            10.0
+        )
+        .is_empty());
         // Exactly at the limit still passes.
-        assert!(compare(&base, &report(900.0, &[("session", 1100), ("transaction", 550)]), 10.0).is_empty());
+        assert!(compare(
+            &base,
+            &report(900.0, &[("session", 1100), ("transaction", 550)]),
+            10.0
+        )
+        .is_empty());
         // Getting faster is never a regression.
-        assert!(compare(&base, &report(5000.0, &[("session", 10), ("transaction", 5)]), 0.0).is_empty());
+        assert!(compare(
+            &base,
+            &report(5000.0, &[("session", 10), ("transaction", 5)]),
+            0.0
+        )
+        .is_empty());
     }
 
     #[test]
@@ -82,15 +131,33 @@ mod tests {
         let base = report(1000.0, &[("session", 1000)]);
         let r = compare(&base, &report(800.0, &[("session", 1000)]), 10.0);
         assert_eq!(r.len(), 1);
-        assert!(r[0].contains("throughput fell 20.0%") && r[0].contains("1000.0 -> 800.0"), "{}", r[0]);
+        assert!(
+            r[0].contains("throughput fell 20.0%") && r[0].contains("1000.0 -> 800.0"),
+            "{}",
+            r[0]
+        );
     }
 
     #[test]
     fn rising_p99_names_the_phase() {
-        let base = report(1000.0, &[("connect", 100), ("session", 1000), ("transaction", 500)]);
-        let r = compare(&base, &report(1000.0, &[("connect", 100), ("session", 1000), ("transaction", 800)]), 10.0);
+        let base = report(
+            1000.0,
+            &[("connect", 100), ("session", 1000), ("transaction", 500)],
+        );
+        let r = compare(
+            &base,
+            &report(
+                1000.0,
+                &[("connect", 100), ("session", 1000), ("transaction", 800)],
+            ),
+            10.0,
+        );
         assert_eq!(r.len(), 1, "{r:?}");
-        assert!(r[0].contains("p99 of transaction rose 60.0%") && r[0].contains("500 -> 800"), "{}", r[0]);
+        assert!(
+            r[0].contains("p99 of transaction rose 60.0%") && r[0].contains("500 -> 800"),
+            "{}",
+            r[0]
+        );
     }
 
     #[test]

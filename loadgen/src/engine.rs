@@ -216,7 +216,8 @@ pub fn run_thread(
 impl Engine {
     fn run(&mut self) -> Result<()> {
         let mut cqes: Vec<Completion> = Vec::with_capacity(1024);
-        let tick = (self.cfg.timeout / 10).clamp(Duration::from_millis(1), Duration::from_millis(100));
+        let tick =
+            (self.cfg.timeout / 10).clamp(Duration::from_millis(1), Duration::from_millis(100));
         let mut next_check = Instant::now() + tick;
         loop {
             let now = Instant::now();
@@ -249,7 +250,10 @@ impl Engine {
             }
             let wait = wake.saturating_duration_since(now);
             let batch_us = self.batch_wait_us();
-            self.ring.submit_and_wait(Some(wait), self.active, batch_us).context("io_uring wait failed")?;
+            self.stats.batch_wait_us_max = self.stats.batch_wait_us_max.max(u64::from(batch_us));
+            self.ring
+                .submit_and_wait(Some(wait), self.active, batch_us)
+                .context("io_uring wait failed")?;
             self.ring.reap(&mut cqes);
             let now = Instant::now();
             for c in cqes.drain(..) {
@@ -298,7 +302,9 @@ impl Engine {
             if !can {
                 return false;
             }
-            let Some(slot) = self.free.pop() else { return true };
+            let Some(slot) = self.free.pop() else {
+                return true;
+            };
             let n = self.t + self.k * self.cfg.threads;
             self.k += 1;
             self.start_session(slot, n, now, now);
@@ -331,12 +337,20 @@ impl Engine {
                 c.fd = fd;
                 let gen = c.gen;
                 if let Err(e) = self.ring.connect(slot, gen, fd) {
-                    self.broken(slot, ErrorKind::from_errno(e.raw_os_error().unwrap_or(0)), now);
+                    self.broken(
+                        slot,
+                        ErrorKind::from_errno(e.raw_os_error().unwrap_or(0)),
+                        now,
+                    );
                 }
             }
             Err(e) => {
                 c.fd = -1;
-                self.broken(slot, ErrorKind::from_errno(e.raw_os_error().unwrap_or(0)), now);
+                self.broken(
+                    slot,
+                    ErrorKind::from_errno(e.raw_os_error().unwrap_or(0)),
+                    now,
+                );
             }
         }
     }
@@ -347,7 +361,10 @@ impl Engine {
         }
         let slot = c.slot;
         let conn = &mut self.conns[slot as usize];
-        debug_assert_eq!(conn.gen, c.gen, "a slot is reused only after its close completed");
+        debug_assert_eq!(
+            conn.gen, c.gen,
+            "a slot is reused only after its close completed"
+        );
         if c.kind == OpKind::Close {
             self.finish_session(slot, now);
             return Ok(());
@@ -368,7 +385,9 @@ impl Engine {
                 conn.state = State::Live;
                 conn.deadline = now + self.cfg.timeout;
                 if conn.measured {
-                    self.stats.phases.record(Phase::Connect, us(now - conn.start));
+                    self.stats
+                        .phases
+                        .record(Phase::Connect, us(now - conn.start));
                     if let Some(iv) = &mut self.interval {
                         iv.phases.record(Phase::Connect, us(now - conn.start));
                     }
@@ -414,7 +433,11 @@ impl Engine {
         let (input, mut cmd) = self.ring.recv_and_cmd(slot, len, cmd_busy);
         let conn = &mut self.conns[slot as usize];
         let sample = (now - conn.asked).as_nanos() as u64;
-        self.reply_ns_avg = if self.reply_ns_avg == 0 { sample } else { (self.reply_ns_avg * 15 + sample) / 16 };
+        self.reply_ns_avg = if self.reply_ns_avg == 0 {
+            sample
+        } else {
+            (self.reply_ns_avg * 15 + sample) / 16
+        };
         let mut pos = 0;
         // The first action other than Wait; at most one per read is legitimate.
         let mut next: Option<Action> = None;
@@ -425,7 +448,10 @@ impl Engine {
             let o = match r {
                 None => break,
                 Some(Err(e)) => {
-                    let got: String = String::from_utf8_lossy(&input[pos - used..pos]).chars().take(60).collect();
+                    let got: String = String::from_utf8_lossy(&input[pos - used..pos])
+                        .chars()
+                        .take(60)
+                        .collect();
                     text = Some(format!("{e}: {got:?}"));
                     conn.session.on_garbage()
                 }
@@ -438,14 +464,24 @@ impl Engine {
                 Some(Ok(reply)) => {
                     let cmd = cmd.as_deref_mut().expect("command buffer is free");
                     cmd.clear();
-                    let o = conn.session.on_reply(&cfg.script, reply.code, reply.pipelining, cmd);
+                    let o = conn
+                        .session
+                        .on_reply(&cfg.script, reply.code, reply.pipelining, cmd);
                     if o.error.is_some() {
                         text = Some(format!("{:?}", conn.parser.text()));
                     }
                     o
                 }
             };
-            apply(&mut self.stats, &mut self.interval, &cfg, conn, &o, now, text.as_deref());
+            apply(
+                &mut self.stats,
+                &mut self.interval,
+                &cfg,
+                conn,
+                &o,
+                now,
+                text.as_deref(),
+            );
             if o.action == Action::Close {
                 next = Some(Action::Close);
                 break;
@@ -487,7 +523,15 @@ impl Engine {
     fn broken(&mut self, slot: u32, kind: ErrorKind, now: Instant) {
         let conn = &mut self.conns[slot as usize];
         let o = conn.session.on_broken(kind);
-        apply(&mut self.stats, &mut self.interval, &self.cfg, conn, &o, now, None);
+        apply(
+            &mut self.stats,
+            &mut self.interval,
+            &self.cfg,
+            conn,
+            &o,
+            now,
+            None,
+        );
         // Teardown pushes ring ops; a failure to push is reported on the next one.
         let _ = self.teardown(slot, false);
     }
@@ -534,14 +578,20 @@ impl Engine {
             counts.sessions_ok += 1;
             let v = us(now - conn.start);
             self.stats.phases.record(Phase::Session, v);
-            self.stats.last_end_ns = self.stats.last_end_ns.max((now - self.start).as_nanos() as u64);
+            self.stats.last_end_ns = self
+                .stats
+                .last_end_ns
+                .max((now - self.start).as_nanos() as u64);
             if let Some(iv) = &mut self.interval {
                 iv.phases.record(Phase::Session, v);
                 iv.sessions_ok += 1;
             }
         } else {
             counts.sessions_failed += 1;
-            self.stats.last_end_ns = self.stats.last_end_ns.max((now - self.start).as_nanos() as u64);
+            self.stats.last_end_ns = self
+                .stats
+                .last_end_ns
+                .max((now - self.start).as_nanos() as u64);
         }
         conn.state = State::Free;
         conn.fd = -1;
@@ -591,13 +641,26 @@ impl Engine {
         iv.messages_accepted = 0;
         iv.sessions_ok = 0;
         iv.errors = 0;
-        iv.index = (now.saturating_duration_since(self.start)).as_secs().max(iv.index + 1);
+        iv.index = (now.saturating_duration_since(self.start))
+            .as_secs()
+            .max(iv.index + 1);
     }
 }
 
 /// One line saying which session failed where, and what the server said.
-fn example(n: u64, kind: ErrorKind, step: Step, state: State, timeout: Duration, text: Option<&str>) -> String {
-    let at = if state == State::Connecting { "connect".to_string() } else { format!("waiting for the reply to {}", step.name()) };
+fn example(
+    n: u64,
+    kind: ErrorKind,
+    step: Step,
+    state: State,
+    timeout: Duration,
+    text: Option<&str>,
+) -> String {
+    let at = if state == State::Connecting {
+        "connect".to_string()
+    } else {
+        format!("waiting for the reply to {}", step.name())
+    };
     match (kind, text) {
         (ErrorKind::Timeout, _) => format!("session {n}: timeout {at} ({timeout:?})"),
         (ErrorKind::Reply(_), Some(t)) => format!("session {n}: {} answered {t}", step.name()),
@@ -669,6 +732,8 @@ fn apply(
         }
         let n = conn.session.n;
         let state = conn.state;
-        stats.errors.add(kind, || example(n, kind, step, state, cfg.timeout, text));
+        stats
+            .errors
+            .add(kind, || example(n, kind, step, state, cfg.timeout, text));
     }
 }

@@ -112,7 +112,11 @@ impl ErrorTable {
         let i = match self.entries.iter().position(|e| e.kind == kind) {
             Some(i) => i,
             None => {
-                self.entries.push(ErrorEntry { kind, count: 0, examples: Vec::new() });
+                self.entries.push(ErrorEntry {
+                    kind,
+                    count: 0,
+                    examples: Vec::new(),
+                });
                 self.entries.len() - 1
             }
         };
@@ -143,7 +147,10 @@ impl ErrorTable {
     }
 
     pub fn count(&self, kind: ErrorKind) -> u64 {
-        self.entries.iter().find(|e| e.kind == kind).map_or(0, |e| e.count)
+        self.entries
+            .iter()
+            .find(|e| e.kind == kind)
+            .map_or(0, |e| e.count)
     }
 }
 
@@ -153,12 +160,21 @@ mod tests {
 
     #[test]
     fn errnos_map_to_the_kinds_users_act_on() {
-        assert_eq!(ErrorKind::from_errno(libc::ECONNREFUSED), ErrorKind::Refused);
+        assert_eq!(
+            ErrorKind::from_errno(libc::ECONNREFUSED),
+            ErrorKind::Refused
+        );
         assert_eq!(ErrorKind::from_errno(libc::ECONNRESET), ErrorKind::Reset);
         assert_eq!(ErrorKind::from_errno(libc::EPIPE), ErrorKind::Reset);
         assert_eq!(ErrorKind::from_errno(libc::ETIMEDOUT), ErrorKind::Timeout);
-        assert_eq!(ErrorKind::from_errno(libc::EHOSTUNREACH), ErrorKind::Unreachable);
-        assert_eq!(ErrorKind::from_errno(libc::EMFILE), ErrorKind::Io(libc::EMFILE));
+        assert_eq!(
+            ErrorKind::from_errno(libc::EHOSTUNREACH),
+            ErrorKind::Unreachable
+        );
+        assert_eq!(
+            ErrorKind::from_errno(libc::EMFILE),
+            ErrorKind::Io(libc::EMFILE)
+        );
         assert_eq!(ErrorKind::Io(libc::EMFILE).name(), "io-EMFILE");
     }
 
@@ -188,7 +204,10 @@ mod tests {
         assert_eq!(t.total(), 11);
         let sorted = t.sorted();
         assert_eq!(sorted[0].kind, ErrorKind::Reply(451));
-        assert_eq!(sorted[0].examples, vec!["example 0", "example 1", "example 2"]);
+        assert_eq!(
+            sorted[0].examples,
+            vec!["example 0", "example 1", "example 2"]
+        );
     }
 
     #[test]
@@ -204,7 +223,11 @@ mod tests {
         assert_eq!(a.count(ErrorKind::Reset), 8);
         assert_eq!(a.count(ErrorKind::Refused), 1);
         assert_eq!(a.total(), 9);
-        let reset = a.sorted().into_iter().find(|e| e.kind == ErrorKind::Reset).unwrap();
+        let reset = a
+            .sorted()
+            .into_iter()
+            .find(|e| e.kind == ErrorKind::Reset)
+            .unwrap();
         assert_eq!(reset.examples, vec!["a1", "b0", "b1"]);
     }
 }

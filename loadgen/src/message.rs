@@ -33,7 +33,7 @@ impl Template {
         let mut lit = Vec::new();
         let mut rest = s;
         while let Some(open) = rest.find('{') {
-            lit.extend_from_slice(rest[..open].as_bytes());
+            lit.extend_from_slice(&rest.as_bytes()[..open]);
             let after = &rest[open..];
             let (seg, len) = if after.starts_with("{n}") {
                 (Seg::Session, 3)
@@ -159,13 +159,25 @@ mod tests {
         let mut out = Vec::new();
         t.render(&mut out, 17, 0, 3);
         assert_eq!(out, b"user17.0+3@example.com");
-        assert_eq!(Template::parse("--from", "a@b").unwrap().render_string(1, 2, 3), "a@b");
-        assert_eq!(Template::parse("--to", "{n}").unwrap().render_string(u64::MAX, 0, 0), u64::MAX.to_string());
+        assert_eq!(
+            Template::parse("--from", "a@b")
+                .unwrap()
+                .render_string(1, 2, 3),
+            "a@b"
+        );
+        assert_eq!(
+            Template::parse("--to", "{n}")
+                .unwrap()
+                .render_string(u64::MAX, 0, 0),
+            u64::MAX.to_string()
+        );
     }
 
     #[test]
     fn templates_reject_unknown_placeholders_and_line_breaks() {
-        let e = Template::parse("--to", "user{x}@example.com").unwrap_err().to_string();
+        let e = Template::parse("--to", "user{x}@example.com")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("--to") && e.contains("{x}"), "{e}");
         assert!(Template::parse("--from", "a@b\r\nRCPT TO:<x>").is_err());
     }
@@ -181,14 +193,20 @@ mod tests {
             assert!(line.ends_with(b"\r"), "bare LF at size {size}");
             assert!(!line.starts_with(b"."), "needs dot-stuffing at size {size}");
             assert!(line.len() <= LINE_CHARS_MAX + 1);
-            assert!(!line[..line.len() - 1].contains(&b'\r'), "bare CR at size {size}");
+            assert!(
+                !line[..line.len() - 1].contains(&b'\r'),
+                "bare CR at size {size}"
+            );
         }
     }
 
     #[test]
     fn message_has_exact_size_and_valid_lines_for_every_size() {
         for size in (0..400).filter(|&s| s != 1).chain([1024, 4096, 100_000]) {
-            check_message(&build_message(size, 7, "from@example.com", "to@example.com"), size);
+            check_message(
+                &build_message(size, 7, "from@example.com", "to@example.com"),
+                size,
+            );
         }
     }
 

@@ -130,7 +130,9 @@ impl ReplyParser {
     fn byte(&mut self, b: u8) -> Result<(), ReplyError> {
         match self.col {
             0 if (b'2'..=b'5').contains(&b) => self.line_code = u16::from(b - b'0'),
-            1 | 2 if b.is_ascii_digit() => self.line_code = self.line_code * 10 + u16::from(b - b'0'),
+            1 | 2 if b.is_ascii_digit() => {
+                self.line_code = self.line_code * 10 + u16::from(b - b'0')
+            }
             0..=2 => return Err(ReplyError::Garbage),
             3 if b == b' ' || b == b'-' => self.sep = b,
             3 => return Err(ReplyError::Garbage),
@@ -165,10 +167,9 @@ impl ReplyParser {
         } else if self.reply_code != self.line_code {
             return Some(Err(ReplyError::CodeMismatch));
         }
-        if !self.word_done || self.word_len < WORD_BYTES_MAX {
-            if &self.word[..self.word_len] == b"PIPELINING" {
-                self.pipelining = true;
-            }
+        // A keyword cut off at WORD_BYTES_MAX cannot be PIPELINING, which is shorter.
+        if &self.word[..self.word_len] == b"PIPELINING" {
+            self.pipelining = true;
         }
         let more = self.sep == b'-';
         self.col = 0;
@@ -180,7 +181,10 @@ impl ReplyParser {
         if more {
             return None;
         }
-        let reply = Reply { code: self.reply_code, pipelining: self.pipelining };
+        let reply = Reply {
+            code: self.reply_code,
+            pipelining: self.pipelining,
+        };
         self.reply_code = 0;
         self.first_line = true;
         Some(Ok(reply))
@@ -219,7 +223,10 @@ mod tests {
 
     #[test]
     fn single_line_replies() {
-        assert_eq!(parse_chunked(b"220 mx.example ESMTP\r\n", 64), vec![ok(220, false)]);
+        assert_eq!(
+            parse_chunked(b"220 mx.example ESMTP\r\n", 64),
+            vec![ok(220, false)]
+        );
         // A bare code with no text is legal (RFC 5321 4.2: textstring is optional).
         assert_eq!(parse_chunked(b"250\r\n", 64), vec![ok(250, false)]);
         // Lenient about bare LF line ends.
@@ -228,7 +235,8 @@ mod tests {
 
     #[test]
     fn multi_line_ehlo_reply_finds_pipelining() {
-        let ehlo = b"250-mx.example hello\r\n250-SIZE 10240000\r\n250-pipelining\r\n250 8BITMIME\r\n";
+        let ehlo =
+            b"250-mx.example hello\r\n250-SIZE 10240000\r\n250-pipelining\r\n250 8BITMIME\r\n";
         assert_eq!(parse_chunked(ehlo, 1000), vec![ok(250, true)]);
         let without = b"250-mx.example\r\n250-PIPELININGX\r\n250 SIZE PIPELINING\r\n";
         // Only a line whose keyword is exactly PIPELINING counts, not a prefix or a parameter.
@@ -278,17 +286,32 @@ mod tests {
     #[test]
     fn garbage_is_an_error_not_a_reply() {
         // An HTTP server on the SMTP port.
-        assert_eq!(parse_chunked(b"HTTP/1.1 400 Bad Request\r\n", 64), vec![Err(ReplyError::Garbage)]);
+        assert_eq!(
+            parse_chunked(b"HTTP/1.1 400 Bad Request\r\n", 64),
+            vec![Err(ReplyError::Garbage)]
+        );
         // First digit must be 2-5.
-        assert_eq!(parse_chunked(b"199 hmm\r\n", 64), vec![Err(ReplyError::Garbage)]);
-        assert_eq!(parse_chunked(b"620 hmm\r\n", 64), vec![Err(ReplyError::Garbage)]);
+        assert_eq!(
+            parse_chunked(b"199 hmm\r\n", 64),
+            vec![Err(ReplyError::Garbage)]
+        );
+        assert_eq!(
+            parse_chunked(b"620 hmm\r\n", 64),
+            vec![Err(ReplyError::Garbage)]
+        );
         // Fourth byte must be SP or '-'.
-        assert_eq!(parse_chunked(b"250Xok\r\n", 64), vec![Err(ReplyError::Garbage)]);
+        assert_eq!(
+            parse_chunked(b"250Xok\r\n", 64),
+            vec![Err(ReplyError::Garbage)]
+        );
         // Too short.
         assert_eq!(parse_chunked(b"25\r\n", 64), vec![Err(ReplyError::Garbage)]);
         assert_eq!(parse_chunked(b"\r\n", 64), vec![Err(ReplyError::Garbage)]);
         // Codes that change inside a multi-line reply.
-        assert_eq!(parse_chunked(b"250-a\r\n251 b\r\n", 64), vec![Err(ReplyError::CodeMismatch)]);
+        assert_eq!(
+            parse_chunked(b"250-a\r\n251 b\r\n", 64),
+            vec![Err(ReplyError::CodeMismatch)]
+        );
         let long = [b"250 ".as_slice(), &[b'x'; LINE_BYTES_MAX], b"\r\n"].concat();
         assert_eq!(parse_chunked(&long, 100), vec![Err(ReplyError::TooLong)]);
     }

@@ -27,7 +27,10 @@ pub struct PhaseSummary {
 impl PhaseSummary {
     pub fn from_histogram(name: &str, h: &Histogram<u64>) -> PhaseSummary {
         if h.is_empty() {
-            return PhaseSummary { name: name.into(), ..Default::default() };
+            return PhaseSummary {
+                name: name.into(),
+                ..Default::default()
+            };
         }
         PhaseSummary {
             name: name.into(),
@@ -81,6 +84,8 @@ pub struct Report {
     pub warmup_s: f64,
     /// --batch: completions may be held for up to this percentage of the recent reply time.
     pub batch_pct: f64,
+    /// The longest batch window actually used: no timestamp is later than this.
+    pub batch_wait_us_max: u64,
     /// Measured time: from the end of the warmup to the end of the last measured session.
     pub elapsed_s: f64,
     pub throughput: Throughput,
@@ -96,22 +101,45 @@ pub const CLOSED_BASIS: &str = "closed loop: each session is timed from its own 
 pub const OPEN_BASIS: &str = "open loop: sessions start on a fixed schedule and connect/session latency counts from the scheduled start, so stalls are fully represented (no coordinated omission)";
 
 impl Report {
-    pub fn fill_figures(&mut self, phases: &PhaseSet, counts: &Counts, errors: &ErrorTable, elapsed_s: f64) {
+    pub fn fill_figures(
+        &mut self,
+        phases: &PhaseSet,
+        counts: &Counts,
+        errors: &ErrorTable,
+        elapsed_s: f64,
+    ) {
         self.elapsed_s = (elapsed_s * 1000.0).round() / 1000.0;
-        let per_s = |v: f64| if elapsed_s > 0.0 { (v / elapsed_s * 10.0).round() / 10.0 } else { 0.0 };
+        let per_s = |v: f64| {
+            if elapsed_s > 0.0 {
+                (v / elapsed_s * 10.0).round() / 10.0
+            } else {
+                0.0
+            }
+        };
         self.throughput = Throughput {
             sessions_per_s: per_s(counts.sessions_ok as f64),
             messages_per_s: per_s(counts.messages_accepted as f64),
-            mb_per_s: if elapsed_s > 0.0 { (counts.bytes_accepted as f64 / 1e6 / elapsed_s * 1000.0).round() / 1000.0 } else { 0.0 },
+            mb_per_s: if elapsed_s > 0.0 {
+                (counts.bytes_accepted as f64 / 1e6 / elapsed_s * 1000.0).round() / 1000.0
+            } else {
+                0.0
+            },
         };
         self.counts = counts.clone();
         self.server_offers_pipelining = counts.server_pipelining;
-        self.phases = PHASES.iter().map(|p| PhaseSummary::from_histogram(p.name(), phases.get(*p))).collect();
+        self.phases = PHASES
+            .iter()
+            .map(|p| PhaseSummary::from_histogram(p.name(), phases.get(*p)))
+            .collect();
         self.errors_total = errors.total();
         self.errors = errors
             .sorted()
             .into_iter()
-            .map(|e| ErrorSummary { kind: e.kind.to_string(), count: e.count, examples: e.examples })
+            .map(|e| ErrorSummary {
+                kind: e.kind.to_string(),
+                count: e.count,
+                examples: e.examples,
+            })
             .collect();
     }
 
@@ -127,7 +155,11 @@ impl Report {
             (Some(c), None) => format!("closed loop, {c} connections"),
             _ => String::new(),
         };
-        let _ = writeln!(s, "ringmx-loadgen {} -> {}: {load}, {} threads", self.version, self.target, self.threads);
+        let _ = writeln!(
+            s,
+            "ringmx-loadgen {} -> {}: {load}, {} threads",
+            self.version, self.target, self.threads
+        );
         let _ = writeln!(
             s,
             "shape: {} message(s) x {} recipient(s) x {} bytes per session, pipelining {} (server offers it: {})",
@@ -139,9 +171,17 @@ impl Report {
         );
         let _ = writeln!(s, "latency: {}", self.latency_basis);
         if self.batch_pct > 0.0 {
-            let _ = writeln!(s, "timestamps: late by at most {}% of the reply time measured (--batch, saves generator CPU)", self.batch_pct);
+            let _ = writeln!(
+                s,
+                "timestamps: completions batched (--batch {}%): each is late by at most {} µs in this run, {}% of the mean reply time",
+                self.batch_pct, self.batch_wait_us_max, self.batch_pct
+            );
         }
-        let _ = writeln!(s, "measured {:.2} s (warmup {} s left out)", self.elapsed_s, self.warmup_s);
+        let _ = writeln!(
+            s,
+            "measured {:.2} s (warmup {} s left out)",
+            self.elapsed_s, self.warmup_s
+        );
         let _ = writeln!(s);
         let _ = writeln!(
             s,
@@ -152,7 +192,15 @@ impl Report {
             let _ = writeln!(
                 s,
                 "{:<12} {:>9} {:>10} {:>10.1} {:>10} {:>10} {:>10} {:>10} {:>10}",
-                p.name, p.count, p.min_us, p.mean_us, p.p50_us, p.p90_us, p.p99_us, p.p999_us, p.max_us
+                p.name,
+                p.count,
+                p.min_us,
+                p.mean_us,
+                p.p50_us,
+                p.p90_us,
+                p.p99_us,
+                p.p999_us,
+                p.max_us
             );
         }
         let _ = writeln!(s);
@@ -166,7 +214,11 @@ impl Report {
         let _ = writeln!(
             s,
             "sessions: {} ok, {} failed, {} unfinished; messages: {} accepted, {} failed",
-            c.sessions_ok, c.sessions_failed, c.sessions_unfinished, c.messages_accepted, c.messages_failed
+            c.sessions_ok,
+            c.sessions_failed,
+            c.sessions_unfinished,
+            c.messages_accepted,
+            c.messages_failed
         );
         if c.warmup_sessions > 0 {
             let _ = writeln!(
@@ -175,7 +227,11 @@ impl Report {
                 c.warmup_sessions, c.warmup_messages_accepted, c.warmup_errors
             );
         }
-        let _ = writeln!(s, "generator CPU: {:.1} µs per accepted message", self.generator_cpu_us_per_message);
+        let _ = writeln!(
+            s,
+            "generator CPU: {:.1} µs per accepted message",
+            self.generator_cpu_us_per_message
+        );
         if self.errors.is_empty() {
             let _ = writeln!(s, "errors: none");
         } else {

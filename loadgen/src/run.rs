@@ -49,8 +49,12 @@ pub fn main() -> ExitCode {
 /// unreachable or silent server is one clear line instead of a report full of errors.
 fn preflight(cfg: &Config) -> Result<()> {
     let t = &cfg.target_text;
-    let mut s = TcpStream::connect_timeout(&cfg.target, cfg.timeout)
-        .map_err(|e| anyhow!("cannot connect to {t} ({}): {e}; is an SMTP server listening there?", cfg.target))?;
+    let mut s = TcpStream::connect_timeout(&cfg.target, cfg.timeout).map_err(|e| {
+        anyhow!(
+            "cannot connect to {t} ({}): {e}; is an SMTP server listening there?",
+            cfg.target
+        )
+    })?;
     s.set_read_timeout(Some(cfg.timeout))?;
     let mut parser = ReplyParser::new();
     let mut buf = [0u8; 1024];
@@ -58,8 +62,16 @@ fn preflight(cfg: &Config) -> Result<()> {
         let n = match s.read(&mut buf) {
             Ok(0) => bail!("{t} closed the connection without sending a greeting"),
             Ok(n) => n,
-            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
-                bail!("{t} accepted the connection but sent no greeting within {:?} (--timeout)", cfg.timeout)
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                bail!(
+                    "{t} accepted the connection but sent no greeting within {:?} (--timeout)",
+                    cfg.timeout
+                )
             }
             Err(e) => bail!("{t}: reading the greeting failed: {e}"),
         };
@@ -67,13 +79,19 @@ fn preflight(cfg: &Config) -> Result<()> {
             (_, None) => continue,
             (_, Some(Ok(r))) => break r,
             (_, Some(Err(e))) => {
-                let got: String = String::from_utf8_lossy(&buf[..n]).chars().take(60).collect();
+                let got: String = String::from_utf8_lossy(&buf[..n])
+                    .chars()
+                    .take(60)
+                    .collect();
                 bail!("{t} does not speak SMTP ({e}): {got:?}")
             }
         }
     };
     if reply.code / 100 != 2 {
-        bail!("{t} does not accept sessions: it greeted with {:?}", parser.text());
+        bail!(
+            "{t} does not accept sessions: it greeted with {:?}",
+            parser.text()
+        );
     }
     let _ = s.write_all(b"QUIT\r\n");
     let _ = s.read(&mut buf);
@@ -89,7 +107,10 @@ struct Intervals {
 
 impl Intervals {
     fn add(&mut self, r: IntervalReport) {
-        let e = self.pending.entry(r.index).or_insert_with(|| (PhaseSet::default(), 0, 0));
+        let e = self
+            .pending
+            .entry(r.index)
+            .or_insert_with(|| (PhaseSet::default(), 0, 0));
         e.0.merge(&r.phases);
         e.1 += r.messages_accepted;
         e.2 += r.errors;
@@ -157,8 +178,11 @@ pub fn run(cfg: Config) -> Result<ExitCode> {
     };
 
     let bar = live.then(|| {
-        let b = indicatif::ProgressBar::with_draw_target(None, indicatif::ProgressDrawTarget::stdout());
-        b.set_style(indicatif::ProgressStyle::with_template("{spinner} {msg}").expect("valid template"));
+        let b =
+            indicatif::ProgressBar::with_draw_target(None, indicatif::ProgressDrawTarget::stdout());
+        b.set_style(
+            indicatif::ProgressStyle::with_template("{spinner} {msg}").expect("valid template"),
+        );
         b
     });
 
@@ -177,7 +201,11 @@ pub fn run(cfg: Config) -> Result<ExitCode> {
     }
     drop(tx);
 
-    let mut iv = Intervals { pending: BTreeMap::new(), latest: vec![None; cfg.threads as usize], errors_total: 0 };
+    let mut iv = Intervals {
+        pending: BTreeMap::new(),
+        latest: vec![None; cfg.threads as usize],
+        errors_total: 0,
+    };
     let mut emit = |ready: Vec<(u64, (PhaseSet, u64, u64))>, iv_errors: &mut u64| -> Result<()> {
         for (index, (phases, msgs, errs)) in ready {
             *iv_errors += errs;
@@ -185,15 +213,28 @@ pub fn run(cfg: Config) -> Result<ExitCode> {
                 for p in PHASES {
                     let h = phases.get(p);
                     if !h.is_empty() {
-                        log.write_histogram(h, Duration::from_secs(index), Duration::from_secs(1), Tag::new(p.name()))
-                            .map_err(|e| anyhow!("--hdr-log: {e}"))?;
+                        log.write_histogram(
+                            h,
+                            Duration::from_secs(index),
+                            Duration::from_secs(1),
+                            Tag::new(p.name()),
+                        )
+                        .map_err(|e| anyhow!("--hdr-log: {e}"))?;
                     }
                 }
             }
             if let Some(b) = &bar {
                 let s = phases.get(Phase::Session);
-                let p99 = if s.is_empty() { "-".to_string() } else { format!("{} µs", s.value_at_quantile(0.99)) };
-                b.set_message(format!("{:>4} s  {msgs} messages/s  session p99 {p99}  errors {}", index + 1, iv_errors));
+                let p99 = if s.is_empty() {
+                    "-".to_string()
+                } else {
+                    format!("{} µs", s.value_at_quantile(0.99))
+                };
+                b.set_message(format!(
+                    "{:>4} s  {msgs} messages/s  session p99 {p99}  errors {}",
+                    index + 1,
+                    iv_errors
+                ));
                 b.tick();
             }
         }
@@ -214,7 +255,6 @@ pub fn run(cfg: Config) -> Result<ExitCode> {
     }
     let ready = iv.take_ready(&[], true);
     emit(ready, &mut iv.errors_total)?;
-    drop(emit);
     drop(log);
     if let Some((f, _)) = log_out.as_mut() {
         f.flush().context("--hdr-log")?;
@@ -225,13 +265,19 @@ pub fn run(cfg: Config) -> Result<ExitCode> {
 
     let mut total = ThreadStats::default();
     for h in handles {
-        let stats = h.join().map_err(|_| anyhow!("a generator thread panicked"))??;
+        let stats = h
+            .join()
+            .map_err(|_| anyhow!("a generator thread panicked"))??;
         total.merge(&stats);
     }
     let wall = start.elapsed();
     let cpu = crate::uring::process_cpu_time().saturating_sub(cpu_start);
     let last_end = Duration::from_nanos(total.last_end_ns);
-    let elapsed = if last_end > cfg.warmup { last_end - cfg.warmup } else { wall.saturating_sub(cfg.warmup) };
+    let elapsed = if last_end > cfg.warmup {
+        last_end - cfg.warmup
+    } else {
+        wall.saturating_sub(cfg.warmup)
+    };
 
     let (mode, basis, connections, rate) = match cfg.mode {
         Mode::Closed { connections } => ("closed", CLOSED_BASIS, Some(connections), None),
@@ -252,12 +298,21 @@ pub fn run(cfg: Config) -> Result<ExitCode> {
         pipelining_requested: cfg.script.pipelining,
         warmup_s: cfg.warmup.as_secs_f64(),
         batch_pct: cfg.batch_pct,
+        batch_wait_us_max: total.batch_wait_us_max,
         ..Default::default()
     };
-    report.fill_figures(&total.phases, &total.counts, &total.errors, elapsed.as_secs_f64());
+    report.fill_figures(
+        &total.phases,
+        &total.counts,
+        &total.errors,
+        elapsed.as_secs_f64(),
+    );
     let all_accepted = total.counts.messages_accepted + total.counts.warmup_messages_accepted;
-    report.generator_cpu_us_per_message =
-        if all_accepted > 0 { (cpu.as_secs_f64() * 1e6 / all_accepted as f64 * 10.0).round() / 10.0 } else { 0.0 };
+    report.generator_cpu_us_per_message = if all_accepted > 0 {
+        (cpu.as_secs_f64() * 1e6 / all_accepted as f64 * 10.0).round() / 10.0
+    } else {
+        0.0
+    };
     print!("{}", report.table());
     std::io::stdout().flush()?;
 
@@ -266,13 +321,27 @@ pub fn run(cfg: Config) -> Result<ExitCode> {
         std::fs::write(p, text + "\n").with_context(|| format!("--json {}", p.display()))?;
     }
     if let Some(p) = &cfg.plot {
-        let title = format!("ringmx-loadgen -> {}: {}", cfg.target_text, if mode == "open" { "open loop" } else { "closed loop" });
-        std::fs::write(p, crate::plot::svg(&total.phases, &title)).with_context(|| format!("--plot {}", p.display()))?;
+        let title = format!(
+            "ringmx-loadgen -> {}: {}",
+            cfg.target_text,
+            if mode == "open" {
+                "open loop"
+            } else {
+                "closed loop"
+            }
+        );
+        std::fs::write(p, crate::plot::svg(&total.phases, &title))
+            .with_context(|| format!("--plot {}", p.display()))?;
     }
     if let Some((path, pct)) = &cfg.baseline {
-        let text = std::fs::read_to_string(path).with_context(|| format!("--baseline {}", path.display()))?;
-        let base: Report = serde_json::from_str(&text)
-            .with_context(|| format!("--baseline {} is not a ringmx-loadgen --json report", path.display()))?;
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("--baseline {}", path.display()))?;
+        let base: Report = serde_json::from_str(&text).with_context(|| {
+            format!(
+                "--baseline {} is not a ringmx-loadgen --json report",
+                path.display()
+            )
+        })?;
         for d in crate::baseline::shape_differences(&base, &report) {
             eprintln!("ringmx-loadgen: warning: {d}");
         }
@@ -283,7 +352,10 @@ pub fn run(cfg: Config) -> Result<ExitCode> {
             }
             return Ok(ExitCode::from(3));
         }
-        println!("baseline: no regression beyond {pct}% against {}", path.display());
+        println!(
+            "baseline: no regression beyond {pct}% against {}",
+            path.display()
+        );
     }
     Ok(ExitCode::SUCCESS)
 }

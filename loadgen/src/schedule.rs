@@ -40,7 +40,12 @@ pub struct OpenSchedule {
 
 impl OpenSchedule {
     pub fn new(rate: f64, threads: u64, t: u64, stop: Stop) -> OpenSchedule {
-        OpenSchedule { rate, threads, next: t, stop }
+        OpenSchedule {
+            rate,
+            threads,
+            next: t,
+            stop,
+        }
     }
 
     /// The next session's number and due offset, if the run is still starting sessions.
@@ -81,7 +86,10 @@ mod tests {
             let mut s = OpenSchedule::new(10.0, threads, t, Stop::Sessions(10));
             let mut last = None;
             while let Some((i, due)) = s.peek() {
-                assert!(last.is_none_or(|l| due > l), "due times increase per thread");
+                assert!(
+                    last.is_none_or(|l| due > l),
+                    "due times increase per thread"
+                );
                 last = Some(due);
                 all.push(i);
                 s.advance();
@@ -96,7 +104,8 @@ mod tests {
         let threads = 2;
         let mut count = 0;
         for t in 0..threads {
-            let mut s = OpenSchedule::new(200.0, threads, t, Stop::Duration(Duration::from_secs(3)));
+            let mut s =
+                OpenSchedule::new(200.0, threads, t, Stop::Duration(Duration::from_secs(3)));
             while let Some((_, due)) = s.peek() {
                 assert!(due < Duration::from_secs(3));
                 count += 1;

@@ -139,12 +139,19 @@ impl Session {
         self.errors += 1;
         let step = self.step;
         self.step = Step::Done;
-        Outcome { action: Action::Close, events: self.fail_events(step), error: Some((ErrorKind::Protocol, step)) }
+        Outcome {
+            action: Action::Close,
+            events: self.fail_events(step),
+            error: Some((ErrorKind::Protocol, step)),
+        }
     }
 
     /// A message in flight when the session breaks counts as failed.
     fn fail_events(&self, step: Step) -> u8 {
-        let in_txn = matches!(step, Step::Mail | Step::Rcpt(_) | Step::Data | Step::EndOfData);
+        let in_txn = matches!(
+            step,
+            Step::Mail | Step::Rcpt(_) | Step::Data | Step::EndOfData
+        );
         if in_txn && !self.txn_failed {
             ev::FAILED
         } else {
@@ -157,13 +164,27 @@ impl Session {
         self.errors += 1;
         let step = self.step;
         self.step = Step::Done;
-        Outcome { action: Action::Close, events: self.fail_events(step), error: Some((kind, step)) }
+        Outcome {
+            action: Action::Close,
+            events: self.fail_events(step),
+            error: Some((kind, step)),
+        }
     }
 
-    pub fn on_reply(&mut self, script: &Script, code: u16, pipelining: bool, out: &mut Vec<u8>) -> Outcome {
+    pub fn on_reply(
+        &mut self,
+        script: &Script,
+        code: u16,
+        pipelining: bool,
+        out: &mut Vec<u8>,
+    ) -> Outcome {
         let step = self.step;
         let class = code / 100;
-        let mut o = Outcome { action: Action::Send, events: 0, error: None };
+        let mut o = Outcome {
+            action: Action::Send,
+            events: 0,
+            error: None,
+        };
         if code == 421 && step != Step::Quit {
             // RFC 5321 3.8: the server is shutting the channel.
             self.errors += 1;
@@ -501,7 +522,11 @@ mod tests {
         let s = script(1, 1, false);
         let (_, errors, _) = play(
             &s,
-            &[(220, "EHLO client7\r\n"), (502, "HELO client7\r\n"), (250, "MAIL FROM:<s7@x>\r\n")],
+            &[
+                (220, "EHLO client7\r\n"),
+                (502, "HELO client7\r\n"),
+                (250, "MAIL FROM:<s7@x>\r\n"),
+            ],
         );
         assert!(errors.is_empty());
     }
@@ -511,8 +536,14 @@ mod tests {
         let s = script(1, 1, false);
         let (_, errors, _) = play(&s, &[(554, "QUIT\r\n"), (221, "")]);
         assert_eq!(errors, vec![(ErrorKind::Reply(554), Step::Banner)]);
-        let (events, errors, last) =
-            play(&s, &[(220, "EHLO client7\r\n"), (250, "MAIL FROM:<s7@x>\r\n"), (421, "")]);
+        let (events, errors, last) = play(
+            &s,
+            &[
+                (220, "EHLO client7\r\n"),
+                (250, "MAIL FROM:<s7@x>\r\n"),
+                (421, ""),
+            ],
+        );
         assert_eq!(errors, vec![(ErrorKind::Reply(421), Step::Mail)]);
         assert_eq!(last, Action::Close);
         assert_eq!(events[2], ev::FAILED);
@@ -522,15 +553,27 @@ mod tests {
     fn unexpected_replies_are_protocol_violations() {
         let s = script(1, 1, false);
         // 354 to MAIL.
-        let (events, errors, last) =
-            play(&s, &[(220, "EHLO client7\r\n"), (250, "MAIL FROM:<s7@x>\r\n"), (354, "")]);
+        let (events, errors, last) = play(
+            &s,
+            &[
+                (220, "EHLO client7\r\n"),
+                (250, "MAIL FROM:<s7@x>\r\n"),
+                (354, ""),
+            ],
+        );
         assert_eq!(errors, vec![(ErrorKind::Protocol, Step::Mail)]);
         assert_eq!(last, Action::Close);
         assert_eq!(events[2], ev::FAILED);
         // 250 to DATA.
         let (_, errors, _) = play(
             &s,
-            &[(220, "EHLO client7\r\n"), (250, "MAIL FROM:<s7@x>\r\n"), (250, "RCPT TO:<r0.0@y>\r\n"), (250, "DATA\r\n"), (250, "")],
+            &[
+                (220, "EHLO client7\r\n"),
+                (250, "MAIL FROM:<s7@x>\r\n"),
+                (250, "RCPT TO:<r0.0@y>\r\n"),
+                (250, "DATA\r\n"),
+                (250, ""),
+            ],
         );
         assert_eq!(errors, vec![(ErrorKind::Protocol, Step::Data)]);
     }

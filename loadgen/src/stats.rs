@@ -20,7 +20,13 @@ pub enum Phase {
     Session = 4,
 }
 
-pub const PHASES: [Phase; 5] = [Phase::Connect, Phase::Banner, Phase::Ehlo, Phase::Transaction, Phase::Session];
+pub const PHASES: [Phase; 5] = [
+    Phase::Connect,
+    Phase::Banner,
+    Phase::Ehlo,
+    Phase::Transaction,
+    Phase::Session,
+];
 
 impl Phase {
     pub fn name(self) -> &'static str {
@@ -49,7 +55,9 @@ pub struct PhaseSet {
 
 impl Default for PhaseSet {
     fn default() -> Self {
-        PhaseSet { h: std::array::from_fn(|_| new_histogram()) }
+        PhaseSet {
+            h: std::array::from_fn(|_| new_histogram()),
+        }
     }
 }
 
@@ -115,6 +123,9 @@ pub struct ThreadStats {
     pub errors: ErrorTable,
     /// Nanoseconds from the run's start to the end of this thread's last measured session.
     pub last_end_ns: u64,
+    /// Longest the kernel was allowed to hold completions for a batch (--batch), µs: no
+    /// timestamp of the run is later than this.
+    pub batch_wait_us_max: u64,
 }
 
 impl ThreadStats {
@@ -123,6 +134,7 @@ impl ThreadStats {
         self.counts.merge(&o.counts);
         self.errors.merge(&o.errors);
         self.last_end_ns = self.last_end_ns.max(o.last_end_ns);
+        self.batch_wait_us_max = self.batch_wait_us_max.max(o.batch_wait_us_max);
     }
 }
 

@@ -102,8 +102,20 @@ impl Ring {
             .setup_cqsize(entries * 2)
             .build(entries)
             .or_else(|_| IoUring::builder().setup_cqsize(entries * 2).build(entries))?;
-        let slots = (0..slots).map(|_| SlotBufs { cmd: Vec::new(), recv: Box::new([]), busy: 0 }).collect();
-        Ok(Ring { ring, slots, addr: Box::new(addr), message: message.into_boxed_slice(), in_flight: 0 })
+        let slots = (0..slots)
+            .map(|_| SlotBufs {
+                cmd: Vec::new(),
+                recv: Box::new([]),
+                busy: 0,
+            })
+            .collect();
+        Ok(Ring {
+            ring,
+            slots,
+            addr: Box::new(addr),
+            message: message.into_boxed_slice(),
+            in_flight: 0,
+        })
     }
 
     pub fn in_flight(&self) -> usize {
@@ -126,23 +138,37 @@ impl Ring {
     /// The slot's command buffer, to append commands to. Panics while a send from it is in flight.
     pub fn cmd_buf(&mut self, slot: u32) -> &mut Vec<u8> {
         let s = &mut self.slots[slot as usize];
-        assert!(s.busy & OpKind::SendCmd.busy_bit() == 0, "command buffer of slot {slot} is in flight");
+        assert!(
+            s.busy & OpKind::SendCmd.busy_bit() == 0,
+            "command buffer of slot {slot} is in flight"
+        );
         &mut s.cmd
     }
 
     /// The first `len` bytes received into the slot's buffer. Panics while a receive is in flight.
     pub fn received(&self, slot: u32, len: usize) -> &[u8] {
         let s = &self.slots[slot as usize];
-        assert!(s.busy & OpKind::Recv.busy_bit() == 0, "receive buffer of slot {slot} is in flight");
+        assert!(
+            s.busy & OpKind::Recv.busy_bit() == 0,
+            "receive buffer of slot {slot} is in flight"
+        );
         &s.recv[..len]
     }
 
     /// The received bytes and, unless a send from it is in flight (`cmd_busy`), the command
     /// buffer, at once: replies are parsed straight out of the receive buffer while the next
     /// commands are written.
-    pub fn recv_and_cmd(&mut self, slot: u32, len: usize, cmd_busy: bool) -> (&[u8], Option<&mut Vec<u8>>) {
+    pub fn recv_and_cmd(
+        &mut self,
+        slot: u32,
+        len: usize,
+        cmd_busy: bool,
+    ) -> (&[u8], Option<&mut Vec<u8>>) {
         let s = &mut self.slots[slot as usize];
-        assert!(s.busy & OpKind::Recv.busy_bit() == 0, "receive buffer of slot {slot} is in flight");
+        assert!(
+            s.busy & OpKind::Recv.busy_bit() == 0,
+            "receive buffer of slot {slot} is in flight"
+        );
         assert_eq!(cmd_busy, s.busy & OpKind::SendCmd.busy_bit() != 0);
         let cmd = if cmd_busy { None } else { Some(&mut s.cmd) };
         (&s.recv[..len], cmd)
@@ -185,7 +211,13 @@ impl Ring {
     }
 
     /// Sends the shared message bytes from `offset` on.
-    pub fn send_message(&mut self, slot: u32, gen: u16, fd: RawFd, offset: usize) -> io::Result<()> {
+    pub fn send_message(
+        &mut self,
+        slot: u32,
+        gen: u16,
+        fd: RawFd,
+        offset: usize,
+    ) -> io::Result<()> {
         let buf = &self.message[offset..];
         let e = opcode::Send::new(types::Fd(fd), buf.as_ptr(), buf.len() as u32)
             .flags(libc::MSG_NOSIGNAL)
@@ -220,23 +252,41 @@ impl Ring {
     }
 
     pub fn close(&mut self, slot: u32, gen: u16, fd: RawFd) -> io::Result<()> {
-        let e = opcode::Close::new(types::Fd(fd)).build().user_data(user_data(slot, gen, OpKind::Close));
+        let e = opcode::Close::new(types::Fd(fd))
+            .build()
+            .user_data(user_data(slot, gen, OpKind::Close));
         self.push(e, slot, OpKind::Close)
     }
 
     /// Submits what is queued and waits for at least one completion or until `timeout`.
-    pub fn submit_and_wait(&mut self, timeout: Option<Duration>, want: usize, min_wait_us: u32) -> io::Result<()> {
+    pub fn submit_and_wait(
+        &mut self,
+        timeout: Option<Duration>,
+        want: usize,
+        min_wait_us: u32,
+    ) -> io::Result<()> {
         let r = match timeout {
             None => self.ring.submitter().submit_and_wait(1),
             Some(t) => {
                 let ts = types::Timespec::from(t);
-                let args = types::SubmitArgs::new().timespec(&ts).min_wait_usec(min_wait_us);
-                self.ring.submitter().submit_with_args(if min_wait_us > 0 { want.max(1) } else { 1 }, &args)
+                let args = types::SubmitArgs::new()
+                    .timespec(&ts)
+                    .min_wait_usec(min_wait_us);
+                self.ring
+                    .submitter()
+                    .submit_with_args(if min_wait_us > 0 { want.max(1) } else { 1 }, &args)
             }
         };
         match r {
             Ok(_) => Ok(()),
-            Err(e) if matches!(e.raw_os_error(), Some(libc::ETIME) | Some(libc::EINTR) | Some(libc::EBUSY)) => Ok(()),
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::ETIME) | Some(libc::EINTR) | Some(libc::EBUSY)
+                ) =>
+            {
+                Ok(())
+            }
             Err(e) => Err(e),
         }
     }
@@ -249,10 +299,18 @@ impl Ring {
             let ud = cqe.user_data();
             let kind = OpKind::from_u8(ud as u8);
             let slot = (ud >> 32) as u32;
-            debug_assert!(!cqueue::more(cqe.flags()), "no multishot operations are used");
+            debug_assert!(
+                !cqueue::more(cqe.flags()),
+                "no multishot operations are used"
+            );
             self.slots[slot as usize].busy &= !kind.busy_bit();
             self.in_flight -= 1;
-            out.push(Completion { slot, gen: (ud >> 8) as u16, kind, result: cqe.result() });
+            out.push(Completion {
+                slot,
+                gen: (ud >> 8) as u16,
+                kind,
+                result: cqe.result(),
+            });
         }
     }
 }
@@ -263,7 +321,9 @@ impl Drop for Ring {
             return;
         }
         // Cancel everything and wait (bounded) so the kernel is done with our buffers.
-        let e = opcode::AsyncCancel2::new(types::CancelBuilder::any()).build().user_data(u64::MAX);
+        let e = opcode::AsyncCancel2::new(types::CancelBuilder::any())
+            .build()
+            .user_data(u64::MAX);
         // SAFETY: a cancel names no buffer.
         let _ = unsafe { self.ring.submission().push(&e) };
         let mut buf = Vec::new();
@@ -289,20 +349,26 @@ impl Drop for Ring {
 /// Raises the soft limit on open files to the hard limit (open loops can hold many
 /// connections). Returns the new soft limit.
 pub fn raise_nofile_limit() -> u64 {
-    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
     // SAFETY: getrlimit/setrlimit only read and write the struct we pass, which lives across the call.
     unsafe {
         if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
             return 1024;
         }
         if lim.rlim_cur < lim.rlim_max {
-            let want = libc::rlimit { rlim_cur: lim.rlim_max, rlim_max: lim.rlim_max };
+            let want = libc::rlimit {
+                rlim_cur: lim.rlim_max,
+                rlim_max: lim.rlim_max,
+            };
             if libc::setrlimit(libc::RLIMIT_NOFILE, &want) == 0 {
                 lim.rlim_cur = lim.rlim_max;
             }
         }
     }
-    lim.rlim_cur as u64
+    lim.rlim_cur
 }
 
 /// CPU time (user + system) used by this process so far.

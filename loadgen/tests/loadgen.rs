@@ -16,14 +16,31 @@ fn closed_run_counts_exactly_the_messages_the_server_accepted() {
     let out = dir.path().join("r.json");
     let addr = server.addr.to_string();
     let o = loadgen(&[
-        "--target", &addr, "--connections", "8", "--threads", "2", "--sessions", "120",
-        "--messages-per-session", "3", "--recipients", "2", "--size", "3000", "--json", out.to_str().unwrap(),
+        "--target",
+        &addr,
+        "--connections",
+        "8",
+        "--threads",
+        "2",
+        "--sessions",
+        "120",
+        "--messages-per-session",
+        "3",
+        "--recipients",
+        "2",
+        "--size",
+        "3000",
+        "--json",
+        out.to_str().unwrap(),
     ]);
     let (stdout, stderr) = text(&o);
     assert!(o.status.success(), "{stdout}\n{stderr}");
     let j = json(&out);
     assert_eq!(j["counts"]["messages_accepted"], 360, "{stdout}");
-    assert_eq!(server.accepted.load(std::sync::atomic::Ordering::SeqCst), 360);
+    assert_eq!(
+        server.accepted.load(std::sync::atomic::Ordering::SeqCst),
+        360
+    );
     assert_eq!(j["counts"]["sessions_ok"], 120);
     assert_eq!(j["errors_total"], 0, "{stdout}");
     assert_eq!(phase(&j, "transaction")["count"], 360);
@@ -41,25 +58,53 @@ fn pipelined_run_uses_pipelining_and_counts_right() {
     let out = dir.path().join("r.json");
     let addr = server.addr.to_string();
     let o = loadgen(&[
-        "--target", &addr, "--connections", "4", "--threads", "1", "--sessions", "40",
-        "--messages-per-session", "5", "--recipients", "3", "--pipelining", "--json", out.to_str().unwrap(),
+        "--target",
+        &addr,
+        "--connections",
+        "4",
+        "--threads",
+        "1",
+        "--sessions",
+        "40",
+        "--messages-per-session",
+        "5",
+        "--recipients",
+        "3",
+        "--pipelining",
+        "--json",
+        out.to_str().unwrap(),
     ]);
     let (stdout, stderr) = text(&o);
     assert!(o.status.success(), "{stdout}\n{stderr}");
     let j = json(&out);
     assert_eq!(j["server_offers_pipelining"], true);
     assert_eq!(j["counts"]["messages_accepted"], 200, "{stdout}");
-    assert_eq!(server.accepted.load(std::sync::atomic::Ordering::SeqCst), 200);
+    assert_eq!(
+        server.accepted.load(std::sync::atomic::Ordering::SeqCst),
+        200
+    );
     assert_eq!(j["errors_total"], 0, "{stdout}");
 }
 
 #[test]
 fn rcpt_451_shows_up_as_errors_not_throughput() {
-    let server = TestServer::start(Behaviour { rcpt_reply: "451 4.3.0 try again later", ..Default::default() });
+    let server = TestServer::start(Behaviour {
+        rcpt_reply: "451 4.3.0 try again later",
+        ..Default::default()
+    });
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("r.json");
     let addr = server.addr.to_string();
-    let o = loadgen(&["--target", &addr, "--connections", "5", "--sessions", "50", "--json", out.to_str().unwrap()]);
+    let o = loadgen(&[
+        "--target",
+        &addr,
+        "--connections",
+        "5",
+        "--sessions",
+        "50",
+        "--json",
+        out.to_str().unwrap(),
+    ]);
     let (stdout, stderr) = text(&o);
     assert!(o.status.success(), "{stdout}\n{stderr}");
     let j = json(&out);
@@ -74,8 +119,17 @@ fn rcpt_451_shows_up_as_errors_not_throughput() {
     let e = &j["errors"][0];
     assert_eq!(e["kind"], "451 (transient)");
     assert_eq!(e["count"], 50);
-    assert!(e["examples"][0].as_str().unwrap().contains("RCPT answered \"451 4.3.0 try again later\""), "{e}");
-    assert!(stdout.contains("451 (transient)") && stdout.contains("0.0 messages/s"), "{stdout}");
+    assert!(
+        e["examples"][0]
+            .as_str()
+            .unwrap()
+            .contains("RCPT answered \"451 4.3.0 try again later\""),
+        "{e}"
+    );
+    assert!(
+        stdout.contains("451 (transient)") && stdout.contains("0.0 messages/s"),
+        "{stdout}"
+    );
     assert_eq!(server.accepted.load(std::sync::atomic::Ordering::SeqCst), 0);
 }
 
@@ -91,7 +145,18 @@ fn open_loop_p999_shows_a_one_second_stall_and_closed_loop_says_what_it_is() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("open.json");
     let addr = server.addr.to_string();
-    let o = loadgen(&["--target", &addr, "--rate", "200", "--duration", "3", "--threads", "1", "--json", out.to_str().unwrap()]);
+    let o = loadgen(&[
+        "--target",
+        &addr,
+        "--rate",
+        "200",
+        "--duration",
+        "3",
+        "--threads",
+        "1",
+        "--json",
+        out.to_str().unwrap(),
+    ]);
     let (stdout, stderr) = text(&o);
     assert!(o.status.success(), "{stdout}\n{stderr}");
     let j = json(&out);
@@ -100,10 +165,16 @@ fn open_loop_p999_shows_a_one_second_stall_and_closed_loop_says_what_it_is() {
     let session = phase(&j, "session");
     assert!(session["count"].as_u64().unwrap() >= 590, "{stdout}");
     let p999 = session["p999_us"].as_u64().unwrap();
-    assert!(p999 >= 900_000, "open-loop p99.9 {p999} µs must reflect the 1 s stall\n{stdout}");
+    assert!(
+        p999 >= 900_000,
+        "open-loop p99.9 {p999} µs must reflect the 1 s stall\n{stdout}"
+    );
     // About a fifth of the sessions were due during the stall: even p90 is far above normal.
     assert!(session["p90_us"].as_u64().unwrap() >= 200_000, "{stdout}");
-    assert!(stdout.contains("open loop") && stdout.contains("no coordinated omission"), "{stdout}");
+    assert!(
+        stdout.contains("open loop") && stdout.contains("no coordinated omission"),
+        "{stdout}"
+    );
 
     // Closed loop against the same kind of server: the report says it is closed-loop and why
     // that matters.
@@ -113,13 +184,25 @@ fn open_loop_p999_shows_a_one_second_stall_and_closed_loop_says_what_it_is() {
     });
     let out = dir.path().join("closed.json");
     let addr = server.addr.to_string();
-    let o = loadgen(&["--target", &addr, "--connections", "4", "--duration", "2", "--json", out.to_str().unwrap()]);
+    let o = loadgen(&[
+        "--target",
+        &addr,
+        "--connections",
+        "4",
+        "--duration",
+        "2",
+        "--json",
+        out.to_str().unwrap(),
+    ]);
     let (stdout, stderr) = text(&o);
     assert!(o.status.success(), "{stdout}\n{stderr}");
     let j = json(&out);
     assert_eq!(j["mode"], "closed");
     assert!(j["latency_basis"].as_str().unwrap().contains("closed loop"));
-    assert!(stdout.contains("closed loop") && stdout.contains("under-represented"), "{stdout}");
+    assert!(
+        stdout.contains("closed loop") && stdout.contains("under-represented"),
+        "{stdout}"
+    );
 }
 
 #[test]
@@ -129,15 +212,28 @@ fn unreachable_target_is_one_clear_line_and_exit_1() {
     let (stdout, stderr) = text(&o);
     assert_eq!(o.status.code(), Some(1), "{stdout}\n{stderr}");
     assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
-    assert!(stderr.contains("cannot connect to 127.0.0.1:") && stderr.contains("refused"), "{stderr}");
+    assert!(
+        stderr.contains("cannot connect to 127.0.0.1:") && stderr.contains("refused"),
+        "{stderr}"
+    );
     assert!(stdout.is_empty());
 }
 
 #[test]
 fn server_that_never_greets_is_a_clear_error() {
-    let server = TestServer::start(Behaviour { never_greet: true, ..Default::default() });
+    let server = TestServer::start(Behaviour {
+        never_greet: true,
+        ..Default::default()
+    });
     let started = Instant::now();
-    let o = loadgen(&["--target", &server.addr.to_string(), "--sessions", "5", "--timeout", "0.5"]);
+    let o = loadgen(&[
+        "--target",
+        &server.addr.to_string(),
+        "--sessions",
+        "5",
+        "--timeout",
+        "0.5",
+    ]);
     let (stdout, stderr) = text(&o);
     assert_eq!(o.status.code(), Some(1), "{stdout}\n{stderr}");
     assert!(stderr.contains("sent no greeting within 500ms"), "{stderr}");
@@ -147,11 +243,27 @@ fn server_that_never_greets_is_a_clear_error() {
 #[test]
 fn bad_flags_exit_2_with_a_reason() {
     for (args, want) in [
-        (vec!["--target", "127.0.0.1:25", "--connections", "0"], "--connections"),
-        (vec!["--target", "127.0.0.1:25", "--rate", "10", "--connections", "5"], "cannot be used with"),
+        (
+            vec!["--target", "127.0.0.1:25", "--connections", "0"],
+            "--connections",
+        ),
+        (
+            vec![
+                "--target",
+                "127.0.0.1:25",
+                "--rate",
+                "10",
+                "--connections",
+                "5",
+            ],
+            "cannot be used with",
+        ),
         (vec!["--target", "127.0.0.1"], "needs a port"),
         (vec!["--connections", "5"], "--target"),
-        (vec!["--target", "127.0.0.1:25", "--to", "x{q}@y"], "placeholder"),
+        (
+            vec!["--target", "127.0.0.1:25", "--to", "x{q}@y"],
+            "placeholder",
+        ),
     ] {
         let o = loadgen(&args);
         let (_, stderr) = text(&o);
@@ -164,11 +276,25 @@ fn bad_flags_exit_2_with_a_reason() {
 fn outputs_hdr_log_plot_and_baseline_regression_exit_3() {
     let server = TestServer::start(Behaviour::default());
     let dir = tempfile::tempdir().unwrap();
-    let (json_p, log_p, svg_p) = (dir.path().join("r.json"), dir.path().join("r.hlog"), dir.path().join("r.svg"));
+    let (json_p, log_p, svg_p) = (
+        dir.path().join("r.json"),
+        dir.path().join("r.hlog"),
+        dir.path().join("r.svg"),
+    );
     let addr = server.addr.to_string();
     let o = loadgen(&[
-        "--target", &addr, "--connections", "4", "--duration", "2.2",
-        "--json", json_p.to_str().unwrap(), "--hdr-log", log_p.to_str().unwrap(), "--plot", svg_p.to_str().unwrap(),
+        "--target",
+        &addr,
+        "--connections",
+        "4",
+        "--duration",
+        "2.2",
+        "--json",
+        json_p.to_str().unwrap(),
+        "--hdr-log",
+        log_p.to_str().unwrap(),
+        "--plot",
+        svg_p.to_str().unwrap(),
     ]);
     let (stdout, stderr) = text(&o);
     assert!(o.status.success(), "{stdout}\n{stderr}");
@@ -178,32 +304,66 @@ fn outputs_hdr_log_plot_and_baseline_regression_exit_3() {
     let mut tags = std::collections::BTreeSet::new();
     let mut session_samples = 0;
     for item in hdrhistogram::serialization::interval_log::IntervalLogIterator::new(&log) {
-        if let hdrhistogram::serialization::interval_log::LogEntry::Interval(h) = item.expect("valid log entry") {
+        if let hdrhistogram::serialization::interval_log::LogEntry::Interval(h) =
+            item.expect("valid log entry")
+        {
             let tag = h.tag().unwrap().as_str().to_string();
             let decoded = base64_decode(h.encoded_histogram());
             let hist: hdrhistogram::Histogram<u64> =
-                hdrhistogram::serialization::Deserializer::new().deserialize(&mut decoded.as_slice()).unwrap();
+                hdrhistogram::serialization::Deserializer::new()
+                    .deserialize(&mut decoded.as_slice())
+                    .unwrap();
             if tag == "session" {
                 session_samples += hist.len();
             }
             tags.insert(tag);
         }
     }
-    assert_eq!(tags.into_iter().collect::<Vec<_>>(), ["banner", "connect", "ehlo", "session", "transaction"]);
+    assert_eq!(
+        tags.into_iter().collect::<Vec<_>>(),
+        ["banner", "connect", "ehlo", "session", "transaction"]
+    );
     let j = json(&json_p);
-    assert_eq!(session_samples, phase(&j, "session")["count"].as_u64().unwrap(), "log and report agree");
+    assert_eq!(
+        session_samples,
+        phase(&j, "session")["count"].as_u64().unwrap(),
+        "log and report agree"
+    );
 
     let svg = std::fs::read_to_string(&svg_p).unwrap();
     assert!(svg.starts_with("<svg") && svg.matches("<polyline").count() == 5);
 
     // Against itself: no regression. Against a baseline 10x faster: exit 3, naming throughput.
-    let o = loadgen(&["--target", &addr, "--connections", "4", "--duration", "1", "--baseline", json_p.to_str().unwrap(), "--max-regression", "1000"]);
+    let o = loadgen(&[
+        "--target",
+        &addr,
+        "--connections",
+        "4",
+        "--duration",
+        "1",
+        "--baseline",
+        json_p.to_str().unwrap(),
+        "--max-regression",
+        "1000",
+    ]);
     assert!(o.status.success(), "{:?}", text(&o));
     let mut fast = j.clone();
-    fast["throughput"]["messages_per_s"] = serde_json::json!(j["throughput"]["messages_per_s"].as_f64().unwrap() * 10.0);
+    fast["throughput"]["messages_per_s"] =
+        serde_json::json!(j["throughput"]["messages_per_s"].as_f64().unwrap() * 10.0);
     let fast_p = dir.path().join("fast.json");
     std::fs::write(&fast_p, fast.to_string()).unwrap();
-    let o = loadgen(&["--target", &addr, "--connections", "4", "--duration", "1", "--baseline", fast_p.to_str().unwrap(), "--max-regression", "20"]);
+    let o = loadgen(&[
+        "--target",
+        &addr,
+        "--connections",
+        "4",
+        "--duration",
+        "1",
+        "--baseline",
+        fast_p.to_str().unwrap(),
+        "--max-regression",
+        "20",
+    ]);
     let (stdout, stderr) = text(&o);
     assert_eq!(o.status.code(), Some(3), "{stdout}\n{stderr}");
     assert!(stdout.contains("REGRESSION: throughput fell"), "{stdout}");
@@ -258,7 +418,16 @@ fn start_ringmx() -> Ringmx {
     let addr = format!("127.0.0.1:{port}");
     let log = std::fs::File::create(dir.path().join("server.log")).unwrap();
     let child = Command::new(&bin)
-        .args(["serve", "--listen", &addr, "--hostname", "mx.loadgen.test", "--workers", "2", "--store"])
+        .args([
+            "serve",
+            "--listen",
+            &addr,
+            "--hostname",
+            "mx.loadgen.test",
+            "--workers",
+            "2",
+            "--store",
+        ])
         .arg(format!("maildir:{}", dir.path().join("maildir").display()))
         .stdin(Stdio::null())
         .stdout(log.try_clone().unwrap())
@@ -269,19 +438,28 @@ fn start_ringmx() -> Ringmx {
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
         if let Some(status) = server.child.try_wait().unwrap() {
-            let log = std::fs::read_to_string(server.dir.path().join("server.log")).unwrap_or_default();
+            let log =
+                std::fs::read_to_string(server.dir.path().join("server.log")).unwrap_or_default();
             panic!("ringmx exited with {status}: {log}");
         }
         if std::net::TcpStream::connect(&server.addr).is_ok() {
             return server;
         }
-        assert!(Instant::now() < deadline, "ringmx did not listen within 15 s");
+        assert!(
+            Instant::now() < deadline,
+            "ringmx did not listen within 15 s"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
 
 fn count_files(dir: &std::path::Path) -> u64 {
-    std::fs::read_dir(dir).map(|d| d.filter(|e| e.as_ref().is_ok_and(|e| e.path().is_file())).count() as u64).unwrap_or(0)
+    std::fs::read_dir(dir)
+        .map(|d| {
+            d.filter(|e| e.as_ref().is_ok_and(|e| e.path().is_file()))
+                .count() as u64
+        })
+        .unwrap_or(0)
 }
 
 #[test]
@@ -289,16 +467,36 @@ fn closed_run_against_ringmx_maildir_stores_exactly_what_was_reported_accepted()
     let server = start_ringmx();
     let out = server.dir.path().join("r.json");
     let o = loadgen(&[
-        "--target", &server.addr, "--connections", "8", "--threads", "2", "--sessions", "100",
-        "--messages-per-session", "2", "--json", out.to_str().unwrap(),
+        "--target",
+        &server.addr,
+        "--connections",
+        "8",
+        "--threads",
+        "2",
+        "--sessions",
+        "100",
+        "--messages-per-session",
+        "2",
+        "--json",
+        out.to_str().unwrap(),
     ]);
     let (stdout, stderr) = text(&o);
     assert!(o.status.success(), "{stdout}\n{stderr}");
     let j = json(&out);
     let accepted = j["counts"]["messages_accepted"].as_u64().unwrap();
-    assert_eq!(accepted, 200, "every message of a healthy run is accepted\n{stdout}");
+    assert_eq!(
+        accepted, 200,
+        "every message of a healthy run is accepted\n{stdout}"
+    );
     let maildir = server.dir.path().join("maildir");
     let stored = count_files(&maildir.join("new")) + count_files(&maildir.join("cur"));
-    assert_eq!(stored, accepted, "messages in the Maildir vs accepted by the generator\n{stdout}");
-    assert_eq!(count_files(&maildir.join("tmp")), 0, "nothing left half-written");
+    assert_eq!(
+        stored, accepted,
+        "messages in the Maildir vs accepted by the generator\n{stdout}"
+    );
+    assert_eq!(
+        count_files(&maildir.join("tmp")),
+        0,
+        "nothing left half-written"
+    );
 }

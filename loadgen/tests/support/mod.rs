@@ -24,7 +24,11 @@ pub struct Behaviour {
 
 impl Default for Behaviour {
     fn default() -> Self {
-        Behaviour { rcpt_reply: "250 2.1.5 ok", stall_after_connections: None, never_greet: false }
+        Behaviour {
+            rcpt_reply: "250 2.1.5 ok",
+            stall_after_connections: None,
+            never_greet: false,
+        }
     }
 }
 
@@ -82,7 +86,12 @@ impl TestServer {
                 });
             }
         });
-        TestServer { addr, accepted, connections, stop }
+        TestServer {
+            addr,
+            accepted,
+            connections,
+            stop,
+        }
     }
 }
 
@@ -113,7 +122,10 @@ fn serve(conn: TcpStream, s: &Shared) -> std::io::Result<()> {
         }
         let verb = line.get(..4).unwrap_or("").to_ascii_uppercase();
         match verb.as_str() {
-            "EHLO" => reply(&mut w, "250-tiny.test\r\n250-PIPELINING\r\n250 SIZE 100000000\r\n")?,
+            "EHLO" => reply(
+                &mut w,
+                "250-tiny.test\r\n250-PIPELINING\r\n250 SIZE 100000000\r\n",
+            )?,
             "HELO" | "MAIL" | "RSET" | "NOOP" => reply(&mut w, "250 2.0.0 ok\r\n")?,
             "RCPT" => reply(&mut w, &format!("{}\r\n", s.b.rcpt_reply))?,
             "DATA" => {
@@ -145,11 +157,17 @@ fn serve(conn: TcpStream, s: &Shared) -> std::io::Result<()> {
 
 /// Runs the generator with `args` (bounded by its own flags) and returns its output.
 pub fn loadgen(args: &[&str]) -> Output {
-    Command::new(LOADGEN).args(args).output().expect("run ringmx-loadgen")
+    Command::new(LOADGEN)
+        .args(args)
+        .output()
+        .expect("run ringmx-loadgen")
 }
 
 pub fn text(o: &Output) -> (String, String) {
-    (String::from_utf8_lossy(&o.stdout).into_owned(), String::from_utf8_lossy(&o.stderr).into_owned())
+    (
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
 }
 
 pub fn json(path: &Path) -> serde_json::Value {
@@ -157,7 +175,12 @@ pub fn json(path: &Path) -> serde_json::Value {
 }
 
 pub fn phase<'a>(j: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
-    j["phases"].as_array().unwrap().iter().find(|p| p["name"] == name).unwrap()
+    j["phases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == name)
+        .unwrap()
 }
 
 /// The workspace's `ringmx` server binary, built if it is missing (running only this package's
@@ -174,7 +197,9 @@ pub fn ringmx_binary() -> PathBuf {
     let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = Command::new(cargo);
-    cmd.current_dir(workspace).args(["build", "-p", "ringmx", "--bin", "ringmx"]).env("CARGO_TARGET_DIR", target_dir);
+    cmd.current_dir(workspace)
+        .args(["build", "-p", "ringmx", "--bin", "ringmx"])
+        .env("CARGO_TARGET_DIR", target_dir);
     if profile_dir.file_name().is_some_and(|n| n == "release") {
         cmd.arg("--release");
     }
@@ -185,5 +210,9 @@ pub fn ringmx_binary() -> PathBuf {
 }
 
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
