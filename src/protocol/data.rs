@@ -16,10 +16,10 @@
 //! Rejecting rather than passing the bytes on means no downstream system, however lenient, can be
 //! fooled into seeing two messages in one.
 //!
-//! Speed: the scanner reads the data once, 64 byte pairs at a time, with branch-free comparisons
-//! the compiler vectorizes: "CR if and only if LF follows" finds bare CR/LF, "LF then dot" finds
-//! the only places that need the state machine (dot-unstuffing and the end marker). Every 8 KiB
-//! stretch is copied with one `extend_from_slice` while still in the cache. No per-line work
+//! Speed: the scanner works in stretches of up to 8 KiB: a `memchr::memmem` search for LF-then-dot
+//! finds the only places that need the state machine (dot-unstuffing and the end marker), one
+//! branch-free pass the compiler vectorizes checks "CR if and only if LF follows" (bare CR/LF),
+//! and one `extend_from_slice` copies the stretch while it is still in the cache. No per-line work
 //! happens outside dot-started lines.
 //!
 //! Memory: once the body is known to be rejected (over the size limit or containing a bare CR/LF)
@@ -158,91 +158,62 @@ impl DataScanner {
         }
     }
 
-    /// The fast path, entered inside a line whose last byte was not a CR. Bytes are looked at in
-    /// chunks of 64 byte pairs with branch-free comparisons the compiler vectorizes: "CR if and
-    /// only if an LF follows" (the bare CR/LF check) and "LF then dot" (the only place the state
-    /// machine matters). A stuffed dot is dropped here without leaving the loop; the block ends at
-    /// the end marker (state `Done`), at the end of `input`, or just before a line-start dot whose
-    /// meaning the next read decides. The body is copied every `STRETCH` bytes, while the bytes
-    /// are still in the cache. Returns the new position.
+    /// The fast path, entered inside a line whose last byte was not a CR. Works one stretch of
+    /// up to `STRETCH` bytes at a time, so that each stretch is searched, checked and copied while
+    /// it is in the cache: a `memmem` search for LF-then-dot (the only place where the line
+    /// structure matters: dot-unstuffing and the end marker), one vectorized pass for bare CR/LF
+    /// over the bytes before it, and one `extend_from_slice`. A stuffed dot is dropped without
+    /// leaving the loop. Ends at the end marker (state `Done`), at the end of `input`, or just
+    /// before a line-start dot whose meaning the next read decides. Returns the new position.
     fn block(&mut self, input: &[u8], start: usize, body: &mut Vec<u8>) -> usize {
-        const W: usize = 64;
         const STRETCH: usize = 8 * 1024;
         let n = input.len();
         // The byte before `start` was not a CR, so an LF first is bare.
         if input[start] == b'\n' {
             self.bare = true;
         }
-        // Pairs (p, p + 1) for p < i have been judged; body bytes before `copied` are emitted.
+        // Search from `i`; body bytes before `copied` are emitted.
         let mut i = start;
         let mut copied = start;
         loop {
-            // Find the next LF followed by a dot; judge the pairs before it.
-            let mut lf = None;
-            while i + W < n {
-                if i - copied >= STRETCH {
-                    self.emit(body, &input[copied..i]);
-                    copied = i;
-                }
-                let Ok(c) = <&[u8; W + 1]>::try_from(&input[i..i + W + 1]) else { break };
-                let (mut bare, mut lf_dot) = (0u8, 0u8);
-                for k in 0..W {
-                    bare |= u8::from(c[k] == b'\r') ^ u8::from(c[k + 1] == b'\n');
-                    lf_dot |= u8::from(c[k] == b'\n') & u8::from(c[k + 1] == b'.');
-                }
-                if lf_dot != 0 {
-                    let k = (0..W).find(|&k| c[k] == b'\n' && c[k + 1] == b'.').unwrap_or(0);
-                    // Only the pairs before the dot: what follows it may be the end marker and
-                    // then the next commands, which are not part of this message.
-                    if bare != 0 && !self.bare && has_bare_cr_lf(&input[i..i + k + 1]) {
-                        self.bare = true;
-                    }
-                    lf = Some(i + k);
-                    break;
-                }
-                if bare != 0 {
-                    self.bare = true;
-                }
-                i += W;
+            let stop = (i + STRETCH).min(n);
+            // One byte past the stretch, so that an LF at its end is judged with what follows.
+            let look = (stop + 1).min(n);
+            let found = dot_line_finder().find(&input[i..look]).map(|k| i + k);
+            // Judge only the bytes before a dot line: what follows it may be the end marker and
+            // then the next commands, which are not part of this message.
+            let judged = found.map_or(look, |lf| lf + 1);
+            if !self.bare && has_bare_cr_lf(&input[i..judged]) {
+                self.bare = true;
             }
-            let lf = match lf {
-                Some(lf) => lf,
-                None => {
-                    // Fewer than W + 1 bytes left: plain comparisons.
-                    let tail = &input[i..];
-                    let k = tail.windows(2).position(|w| w[0] == b'\n' && w[1] == b'.');
-                    let judged = k.map_or(tail, |k| &tail[..k + 1]);
-                    if !self.bare && has_bare_cr_lf(judged) {
-                        self.bare = true;
-                    }
-                    match k {
-                        Some(k) => i + k,
-                        None => {
-                            self.emit(body, &input[copied..]);
-                            let prev_is_cr = n - 1 > start && input[n - 2] == b'\r';
-                            self.state = match input[n - 1] {
-                                b'\r' => State::Cr,
-                                b'\n' if prev_is_cr => State::LineStart,
-                                _ => State::Mid,
-                            };
-                            return n;
-                        }
-                    }
+            let Some(lf) = found else {
+                if stop < n {
+                    self.emit(body, &input[copied..stop]);
+                    copied = stop;
+                    i = stop;
+                    continue;
                 }
+                self.emit(body, &input[copied..]);
+                let prev_is_cr = n - 1 > start && input[n - 2] == b'\r';
+                self.state = match input[n - 1] {
+                    b'\r' => State::Cr,
+                    b'\n' if prev_is_cr => State::LineStart,
+                    _ => State::Mid,
+                };
+                return n;
             };
             let dot = lf + 1;
-            i = dot;
             if !(lf > start && input[lf - 1] == b'\r') {
                 // A bare LF (already flagged): the dot does not start a line; it is content.
+                i = dot;
                 continue;
             }
+            self.emit(body, &input[copied..dot]);
             if dot + 2 >= n {
                 // Too close to the end of the input to tell a stuffed dot from the end marker.
-                self.emit(body, &input[copied..dot]);
                 self.state = State::LineStart;
                 return dot;
             }
-            self.emit(body, &input[copied..dot]);
             if input[dot + 1] == b'\r' && input[dot + 2] == b'\n' {
                 self.state = State::Done;
                 return dot + 3;
@@ -269,6 +240,12 @@ impl DataScanner {
     }
 }
 
+/// The searcher for an LF followed by a dot, built once per process.
+fn dot_line_finder() -> &'static memchr::memmem::Finder<'static> {
+    static FINDER: std::sync::OnceLock<memchr::memmem::Finder<'static>> = std::sync::OnceLock::new();
+    FINDER.get_or_init(|| memchr::memmem::Finder::new(b"\n."))
+}
+
 /// True when some byte pair of `seg` breaks "CR if and only if LF follows": a CR followed by
 /// something else, or an LF preceded by something else. A CR as the very last byte is not judged
 /// (its LF may come in the next read). Written as fixed-width chunks of plain comparisons so that
@@ -279,22 +256,22 @@ fn has_bare_cr_lf(seg: &[u8]) -> bool {
         return false;
     }
     let (a, b) = (&seg[..seg.len() - 1], &seg[1..]);
-    let mut ca = a.chunks_exact(W);
-    let mut cb = b.chunks_exact(W);
-    for (x, y) in (&mut ca).zip(&mut cb) {
+    if a.len() < W {
+        return a.iter().zip(b).any(|(&x, &y)| (x == b'\r') != (y == b'\n'));
+    }
+    let window = |at: usize| {
         // Fixed-size views let the compiler drop the bounds checks and vectorize.
-        let (Ok(x), Ok(y)) = (<&[u8; W]>::try_from(x), <&[u8; W]>::try_from(y)) else {
+        let (Ok(x), Ok(y)) = (<&[u8; W]>::try_from(&a[at..at + W]), <&[u8; W]>::try_from(&b[at..at + W])) else {
             return true;
         };
         let mut acc = 0u8;
         for k in 0..W {
             acc |= u8::from(x[k] == b'\r') ^ u8::from(y[k] == b'\n');
         }
-        if acc != 0 {
-            return true;
-        }
-    }
-    ca.remainder().iter().zip(cb.remainder()).any(|(&x, &y)| (x == b'\r') != (y == b'\n'))
+        acc != 0
+    };
+    // Whole windows, then one last window overlapping the previous one instead of a slow tail.
+    (0..a.len() / W).any(|c| window(c * W)) || window(a.len() - W)
 }
 
 #[cfg(test)]
@@ -482,6 +459,53 @@ mod tests {
             }
             v.extend_from_slice(b"\r\n.\r\n");
             check(&v);
+        }
+    }
+
+    #[test]
+    fn long_bodies_across_stretches_match_the_oracle() {
+        // Bodies longer than the 8 KiB stretch, with line lengths that put LFs, dots and bare
+        // bytes on and around the stretch boundaries; fed whole and split at many offsets.
+        let mut x: u64 = 0xD1B5_4A32_D192_ED03;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for round in 0..40 {
+            let mut v = Vec::new();
+            while v.len() < 20_000 + (round * 997) {
+                let r = next();
+                if r % 5 == 0 {
+                    v.push(b'.');
+                }
+                let len = (r >> 8) as usize % 300;
+                v.extend(std::iter::repeat(b'w').take(len));
+                v.extend_from_slice(b"\r\n");
+            }
+            if round % 3 == 1 {
+                let at = next() as usize % v.len();
+                v[at] = if round % 2 == 0 { b'\r' } else { b'\n' };
+            }
+            // A dot line right on a stretch boundary.
+            let mut tail_dot = b"\r\n..x\r\n".to_vec();
+            let at = 8192 - 2 + round % 5;
+            if at + tail_dot.len() < v.len() {
+                v.splice(at..at + tail_dot.len(), tail_dot.drain(..));
+            }
+            v.extend_from_slice(b"\r\n.\r\nNOOP\n");
+            let want = naive(&v);
+            let norm = |r: Option<(usize, Vec<u8>, bool)>| r.map(|(c, b, bare)| (c, if bare { Vec::new() } else { b }, bare));
+            let want = norm(want);
+            assert_eq!(norm(chunked(&v, &[])), want, "round {round} whole");
+            let mut cuts: Vec<usize> = (0..30).map(|_| next() as usize % v.len()).collect();
+            cuts.extend([8191, 8192, 8193, 16384, 16385].iter().filter(|&&c| c < v.len()));
+            for cut in cuts {
+                assert_eq!(norm(chunked(&v, &[cut])), want, "round {round} cut {cut}");
+            }
+            let many: Vec<usize> = (1..v.len()).step_by(4093).collect();
+            assert_eq!(norm(chunked(&v, &many)), want, "round {round} many cuts");
         }
     }
 
