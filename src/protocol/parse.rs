@@ -81,8 +81,8 @@ impl Verb {
         self.props().needs_helo
     }
 
-    /// A 4xx/5xx answer to this verb counts toward `max_errors`. True for every verb today; it is
-    /// a property so that a future verb the server refuses for its own reasons can opt out.
+    /// A 4xx/5xx answer to this verb counts toward `max_errors`. False only for EXPN: its 502 is
+    /// our choice not to expand lists (RFC 5321 7.3), not a client mistake.
     pub const fn counts_errors(self) -> bool {
         self.props().counts_errors
     }
@@ -151,7 +151,7 @@ const TABLE: [Props; 11] = [
     Props { name: "NOOP", ends_group: true, needs_helo: false, counts_errors: true, syntax: "NOOP" },
     Props { name: "QUIT", ends_group: true, needs_helo: false, counts_errors: true, syntax: "QUIT" },
     Props { name: "VRFY", ends_group: true, needs_helo: false, counts_errors: true, syntax: "VRFY address" },
-    Props { name: "EXPN", ends_group: true, needs_helo: false, counts_errors: true, syntax: "EXPN list" },
+    Props { name: "EXPN", ends_group: true, needs_helo: false, counts_errors: false, syntax: "EXPN list" },
     Props { name: "HELP", ends_group: false, needs_helo: false, counts_errors: true, syntax: "HELP [topic]" },
 ];
 

@@ -302,21 +302,22 @@ impl Session {
         let cmd = match parse_command(line) {
             Ok(cmd) => cmd,
             Err(e) => {
+                let verb = e.verb();
                 match e {
-                    ParseError::Unknown => self.reject(out, reply::UNKNOWN),
+                    ParseError::Unknown => self.refuse(verb, out, reply::UNKNOWN),
                     ParseError::Syntax(v) => {
                         reply::syntax(out, v.syntax());
-                        self.count_error(out);
+                        self.refuse(verb, out, b"");
                     }
-                    ParseError::UnknownParam(_) => self.reject(out, reply::UNKNOWN_PARAM),
-                    ParseError::NeedsSmtputf8 => self.reject(out, reply::NEEDS_SMTPUTF8),
+                    ParseError::UnknownParam(_) => self.refuse(verb, out, reply::UNKNOWN_PARAM),
+                    ParseError::NeedsSmtputf8 => self.refuse(verb, out, reply::NEEDS_SMTPUTF8),
                 }
-                return e.verb();
+                return verb;
             }
         };
         let verb = cmd.verb();
         if verb.needs_helo() && self.helo.is_empty() {
-            self.reject(out, reply::NEED_HELO);
+            self.refuse(Some(verb), out, reply::NEED_HELO);
             return Some(verb);
         }
         match cmd {
@@ -334,7 +335,7 @@ impl Session {
             }
             Command::Mail { from, params } => {
                 if self.tx.is_some() {
-                    self.reject(out, reply::NESTED_MAIL);
+                    self.refuse(Some(verb), out, reply::NESTED_MAIL);
                 } else if params.size.is_some_and(|n| n > self.cfg.max_message_size) {
                     tracing::info!(
                         peer = %self.peer,
@@ -343,7 +344,7 @@ impl Session {
                         "transaction rejected: declared SIZE over the limit"
                     );
                     self.stats.messages_rejected += 1;
-                    self.reject(out, reply::TOO_BIG);
+                    self.refuse(Some(verb), out, reply::TOO_BIG);
                 } else {
                     self.tx = Some(Box::new(Transaction {
                         from: String::from_utf8_lossy(from.mailbox).into_owned(),
@@ -358,8 +359,8 @@ impl Session {
             }
             Command::Rcpt { to } => self.rcpt(to, out),
             Command::Data => match &mut self.tx {
-                None => self.reject(out, reply::NEED_MAIL),
-                Some(tx) if tx.rcpts.is_empty() => self.reject(out, reply::NEED_RCPT),
+                None => self.refuse(Some(verb), out, reply::NEED_MAIL),
+                Some(tx) if tx.rcpts.is_empty() => self.refuse(Some(verb), out, reply::NEED_RCPT),
                 Some(tx) => {
                     tx.data = Some(DataScanner::new(self.cfg.max_message_size));
                     self.phase = Phase::Data;
@@ -374,7 +375,7 @@ impl Session {
             Command::Noop => out.extend_from_slice(reply::OK),
             Command::Help => out.extend_from_slice(reply::HELP),
             Command::Vrfy(_) => out.extend_from_slice(reply::VRFY),
-            Command::Expn(_) => self.reject(out, reply::EXPN),
+            Command::Expn(_) => self.refuse(Some(verb), out, reply::EXPN),
             Command::Quit => {
                 out.extend_from_slice(reply::BYE);
                 self.tx = None;
@@ -385,12 +386,13 @@ impl Session {
     }
 
     fn rcpt(&mut self, to: Path<'_>, out: &mut Vec<u8>) {
+        let verb = Verb::Rcpt;
         let Some(tx) = &mut self.tx else {
-            self.reject(out, reply::NEED_MAIL);
+            self.refuse(Some(verb), out, reply::NEED_MAIL);
             return;
         };
         if to.is_non_ascii() && !tx.params.smtputf8 {
-            self.reject(out, reply::NEEDS_SMTPUTF8);
+            self.refuse(Some(verb), out, reply::NEEDS_SMTPUTF8);
             return;
         }
         let domain_ok = to.is_bare_postmaster()
@@ -399,7 +401,7 @@ impl Session {
                 Some(list) => list.iter().any(|d| d.as_bytes().eq_ignore_ascii_case(to.domain)),
             };
         if !domain_ok {
-            self.reject(out, reply::DOMAIN_DENIED);
+            self.refuse(Some(verb), out, reply::DOMAIN_DENIED);
             return;
         }
         if tx.rcpts.len() >= self.cfg.max_recipients {
@@ -411,6 +413,15 @@ impl Session {
         }
         tx.rcpts.push(String::from_utf8_lossy(to.mailbox).into_owned());
         out.extend_from_slice(reply::RCPT_OK);
+    }
+
+    /// Appends a 4xx/5xx reply to a command line and counts it as a client error unless the
+    /// verb's table entry says otherwise (the one place `Verb::counts_errors` is consulted).
+    fn refuse(&mut self, verb: Option<Verb>, out: &mut Vec<u8>, text: &[u8]) {
+        out.extend_from_slice(text);
+        if verb.map_or(true, Verb::counts_errors) {
+            self.count_error(out);
+        }
     }
 
     /// Appends a 4xx/5xx reply caused by the client and counts it.
@@ -766,6 +777,14 @@ mod tests {
         );
         // Nothing after QUIT is answered.
         assert!(r.closed);
+    }
+
+    #[test]
+    fn expn_is_refused_but_not_counted_as_an_error() {
+        let r = run_cfg(SessionConfig { max_errors: 2, ..cfg() }, b"EXPN a\r\nEXPN b\r\nEXPN c\r\nNOOP\r\n");
+        assert_eq!(codes(&r.out), [220, 502, 502, 502, 250]);
+        assert_eq!(r.stats.errors, 0);
+        assert!(!r.closed);
     }
 
     #[test]
