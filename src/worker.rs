@@ -333,6 +333,11 @@ impl Worker {
         })
     }
 
+    /// Seeded fault injection on this worker's ring (tests): see `ring::Faults`.
+    pub fn inject_faults(&mut self, faults: crate::ring::Faults) {
+        self.ring.inject_faults(faults);
+    }
+
     /// Runs until shutdown has finished every connection.
     pub fn run(mut self) -> WorkerReport {
         for i in 0..self.listeners.len() {
@@ -1376,6 +1381,14 @@ mod tests {
 
     impl TestWorker {
         fn start(discard: bool, tweak: impl FnOnce(&mut ServeArgs)) -> TestWorker {
+            TestWorker::start_with(discard, None, tweak)
+        }
+
+        fn start_with(
+            discard: bool,
+            faults: Option<crate::ring::Faults>,
+            tweak: impl FnOnce(&mut ServeArgs),
+        ) -> TestWorker {
             let dir = tempfile::tempdir().unwrap();
             let mut args = ServeArgs {
                 listen: vec![free_addr()],
@@ -1400,8 +1413,13 @@ mod tests {
             let wake = Arc::new(EventFd::new().unwrap());
             let shared = Arc::new(Shared::new(cfg));
             let w = wake.clone();
-            let handle =
-                std::thread::spawn(move || Worker::new(0, shared, socks, store, w).unwrap().run());
+            let handle = std::thread::spawn(move || {
+                let mut worker = Worker::new(0, shared, socks, store, w).unwrap();
+                if let Some(f) = faults {
+                    worker.inject_faults(f);
+                }
+                worker.run()
+            });
             TestWorker {
                 addr,
                 wake,
@@ -1410,7 +1428,7 @@ mod tests {
             }
         }
 
-        fn stop(mut self) -> WorkerReport {
+        fn stop(&mut self) -> WorkerReport {
             self.wake.notify();
             self.handle.take().unwrap().join().unwrap()
         }
@@ -1497,7 +1515,7 @@ mod tests {
 
     #[test]
     fn ten_thousand_pipelined_transactions_are_answered_in_order() {
-        let w = TestWorker::start(true, |_| {});
+        let mut w = TestWorker::start(true, |_| {});
         let codes = pipeline(w.addr, 10_000);
         assert!(
             codes == expected_codes(10_000),
@@ -1516,7 +1534,7 @@ mod tests {
 
     #[test]
     fn pipelined_transactions_into_maildir_pause_input_and_all_land_in_new() {
-        let w = TestWorker::start(false, |_| {});
+        let mut w = TestWorker::start(false, |_| {});
         let n = 1_500;
         let codes = pipeline(w.addr, n);
         assert!(codes == expected_codes(n), "got {} replies", codes.len());
@@ -1530,7 +1548,7 @@ mod tests {
 
     #[test]
     fn concurrent_sessions_share_directory_fsyncs() {
-        let w = TestWorker::start(false, |_| {});
+        let mut w = TestWorker::start(false, |_| {});
         let (clients, per) = (16, 10);
         let threads: Vec<_> = (0..clients)
             .map(|_| {
@@ -1571,7 +1589,7 @@ mod tests {
 
     #[test]
     fn failed_write_answers_451_unlinks_and_the_worker_keeps_serving() {
-        let w = TestWorker::start(false, |_| {});
+        let mut w = TestWorker::start(false, |_| {});
         let md = w.dir.path().join("md");
         let (mut s, mut r) = connect(w.addr);
         assert_eq!(reply(&mut r), 220);
@@ -1606,7 +1624,7 @@ mod tests {
 
     #[test]
     fn shutdown_says_421_to_idle_sessions_and_lets_data_finish() {
-        let w = TestWorker::start(false, |a| a.shutdown_grace = Some(5));
+        let mut w = TestWorker::start(false, |a| a.shutdown_grace = Some(5));
         let (idle, mut idle_r) = connect(w.addr);
         assert_eq!(reply(&mut idle_r), 220);
         let (mut busy, mut busy_r) = connect(w.addr);
@@ -1640,7 +1658,7 @@ mod tests {
     #[test]
     fn half_closed_client_gets_every_answer_then_the_close() {
         for discard in [true, false] {
-            let w = TestWorker::start(discard, |_| {});
+            let mut w = TestWorker::start(discard, |_| {});
             let (mut s, mut r) = connect(w.addr);
             s.write_all(
                 b"EHLO c.test\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<c@d.test>\r\nDATA\r\nx\r\n.\r\n",
@@ -1749,6 +1767,111 @@ mod tests {
         // The panic message below is expected in this test's captured output.
         let r: Option<()> = guarded(peer, || panic!("deliberate panic in a test"));
         assert_eq!(r, None);
+    }
+
+    /// The body of test message `token` (already dot-safe: no line starts with a dot).
+    fn token_body(token: &str) -> Vec<u8> {
+        let mut b = format!("Subject: {token}\r\nX-Token: {token}\r\n\r\n").into_bytes();
+        for i in 0..40 {
+            b.extend_from_slice(
+                format!("{i:03} {token} the quick brown fox jumps over the lazy dog\r\n")
+                    .as_bytes(),
+            );
+        }
+        b.extend_from_slice(format!("END {token}\r\n").as_bytes());
+        b
+    }
+
+    #[test]
+    fn seeded_faults_never_lose_or_cut_an_acknowledged_message() {
+        // Set RINGMX_FAULT_SEED to replay a failure; the seed is printed either way.
+        let seed = std::env::var("RINGMX_FAULT_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| {
+                SystemTime::now()
+                    .duration_since(SystemTime::UNIX_EPOCH)
+                    .unwrap()
+                    .as_nanos() as u64
+            });
+        println!("fault seed {seed} (RINGMX_FAULT_SEED={seed} to replay)");
+        let faults = crate::ring::Faults {
+            seed,
+            eintr_pct: 10,
+            short_pct: 30,
+            file_error_pct: 4,
+        };
+        let mut w = TestWorker::start_with(false, Some(faults), |_| {});
+        let (clients, per) = (6, 20);
+        let threads: Vec<_> = (0..clients)
+            .map(|c| {
+                let addr = w.addr;
+                std::thread::spawn(move || {
+                    let (mut s, mut r) = connect(addr);
+                    assert_eq!(reply(&mut r), 220);
+                    s.write_all(b"EHLO c.test\r\n").unwrap();
+                    assert_eq!(reply(&mut r), 250);
+                    let mut outcomes = Vec::new();
+                    for i in 0..per {
+                        let token = format!("t{c}x{i}");
+                        s.write_all(b"MAIL FROM:<a@b.test>\r\nRCPT TO:<c@d.test>\r\nDATA\r\n")
+                            .unwrap();
+                        assert_eq!(
+                            [reply(&mut r), reply(&mut r), reply(&mut r)],
+                            [250, 250, 354]
+                        );
+                        s.write_all(&token_body(&token)).unwrap();
+                        s.write_all(b".\r\n").unwrap();
+                        let code = reply(&mut r);
+                        assert!([250, 451, 452].contains(&code), "{token}: reply {code}");
+                        outcomes.push((token, code));
+                    }
+                    s.write_all(b"QUIT\r\n").unwrap();
+                    assert_eq!(reply(&mut r), 221);
+                    outcomes
+                })
+            })
+            .collect();
+        let outcomes: Vec<(String, u16)> = threads
+            .into_iter()
+            .flat_map(|t| t.join().unwrap())
+            .collect();
+        let report = w.stop();
+        let new_dir = w.dir.path().join("md").join("new");
+        let mut stored: HashMap<String, usize> = HashMap::new();
+        for e in std::fs::read_dir(&new_dir).unwrap() {
+            let data = std::fs::read(e.unwrap().path()).unwrap();
+            let at = data
+                .windows(11)
+                .position(|x| x == b"\r\nX-Token: ")
+                .expect("file with a token")
+                + 11;
+            let end = at + data[at..].windows(2).position(|x| x == b"\r\n").unwrap();
+            let token = String::from_utf8(data[at..end].to_vec()).unwrap();
+            assert!(
+                data.ends_with(&token_body(&token)),
+                "{token}: cut file in new/ (seed {seed})"
+            );
+            *stored.entry(token).or_default() += 1;
+        }
+        let acked: Vec<&String> = outcomes
+            .iter()
+            .filter(|(_, c)| *c == 250)
+            .map(|(t, _)| t)
+            .collect();
+        for t in &acked {
+            assert_eq!(
+                stored.get(*t),
+                Some(&1),
+                "{t} acknowledged but not stored exactly once (seed {seed})"
+            );
+        }
+        assert_eq!(w.files("tmp"), 0, "leftovers in tmp/ (seed {seed})");
+        assert!(
+            !acked.is_empty() && acked.len() < outcomes.len(),
+            "faults did not bite: {report:?} (seed {seed})"
+        );
+        assert_eq!(report.metrics.messages_accepted as usize, acked.len());
     }
 
     #[test]

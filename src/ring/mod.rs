@@ -100,6 +100,79 @@ const NEEDED_OPS: &[(u8, &str)] = &[
     (opcode::AsyncCancel::CODE, "ASYNC_CANCEL"),
 ];
 
+/// Seeded faults for tests (STYLE habit 5, on the real kernel): each pushed op may be refused
+/// with an errno without being performed, or a send or write cut short. Percentages are per op.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Faults {
+    pub seed: u64,
+    /// Any single-shot op except cancel and close: EINTR, which the ring must resubmit.
+    pub eintr_pct: u32,
+    /// Sends and writes: a real short send or write of a random prefix.
+    pub short_pct: u32,
+    /// openat, writev, fsync, renameat: ENOSPC or EIO, which the store path must survive.
+    pub file_error_pct: u32,
+}
+
+enum Fault {
+    None,
+    Errno(i32),
+    Short(usize),
+}
+
+struct FaultPlan {
+    faults: Faults,
+    rng: u64,
+}
+
+impl FaultPlan {
+    /// xorshift64: deterministic for a seed, no dependency.
+    fn next(&mut self) -> u64 {
+        let mut x = self.rng;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.rng = x;
+        x
+    }
+
+    fn roll(&mut self, pct: u32) -> bool {
+        pct > 0 && self.next() % 100 < pct as u64
+    }
+
+    fn decide(&mut self, op: &Op) -> Fault {
+        let f = self.faults;
+        let single_shot = !matches!(
+            op,
+            Op::AcceptMulti { .. } | Op::RecvMulti { .. } | Op::Cancel { .. } | Op::Close { .. }
+        );
+        if single_shot && self.roll(f.eintr_pct) {
+            return Fault::Errno(libc::EINTR);
+        }
+        let file_op = matches!(
+            op,
+            Op::OpenAt { .. } | Op::Write2 { .. } | Op::Fsync { .. } | Op::RenameAt { .. }
+        );
+        if file_op && self.roll(f.file_error_pct) {
+            return Fault::Errno(if self.next() % 2 == 0 {
+                libc::ENOSPC
+            } else {
+                libc::EIO
+            });
+        }
+        let len = match op {
+            Op::Send { buf, off, .. } => buf.len().saturating_sub(*off),
+            Op::Write2 {
+                head, body, done, ..
+            } => (head.len() + body.len()).saturating_sub(*done),
+            _ => 0,
+        };
+        if len > 1 && self.roll(f.short_pct) {
+            return Fault::Short(1 + (self.next() as usize) % (len - 1));
+        }
+        Fault::None
+    }
+}
+
 /// One completion, reaped and ready for the caller.
 #[derive(Debug)]
 pub struct Completion {
@@ -133,6 +206,10 @@ pub struct Ring {
     table: slab::Slab<InFlight>,
     ready: VecDeque<Completion>,
     in_flight: usize,
+    /// Fault injection for tests (`inject_faults`); `None` in production.
+    faults: Option<FaultPlan>,
+    /// Ops replaced by a no-op, by user_data, with the errno to report.
+    injected: std::collections::HashMap<u64, i32>,
 }
 
 /// The buffer group id of the receive buffers.
@@ -205,6 +282,8 @@ impl Ring {
             table: slab::Slab::new(u32::MAX),
             ready: VecDeque::new(),
             in_flight: 0,
+            faults: None,
+            injected: std::collections::HashMap::new(),
         })
     }
 
@@ -246,6 +325,14 @@ impl Ring {
         }
     }
 
+    /// Turns on seeded fault injection (tests): see `Faults`.
+    pub fn inject_faults(&mut self, faults: Faults) {
+        self.faults = Some(FaultPlan {
+            faults,
+            rng: faults.seed | 1,
+        });
+    }
+
     /// Ops pushed and not yet finally completed.
     pub fn in_flight(&self) -> usize {
         self.in_flight
@@ -272,9 +359,25 @@ impl Ring {
         let user_data = ((generation as u64) << 32) | slot as u64;
         self.table.fill(slot, InFlight { token, op });
         self.in_flight += 1;
-        let entry = {
-            let inflight = self.table.get_any_mut(slot).expect("just stored");
-            build_entry(&mut inflight.op).user_data(user_data)
+        let fault = match self.faults.as_mut() {
+            Some(f) => f.decide(&self.table.get(slot).expect("just stored").op),
+            None => Fault::None,
+        };
+        let entry = match fault {
+            Fault::Errno(e) => {
+                // The op is not performed at all: a no-op completes in its place and reaps as
+                // this errno, exactly like a kernel that refused it.
+                self.injected.insert(user_data, e);
+                opcode::Nop::new().build().user_data(user_data)
+            }
+            Fault::Short(limit) => {
+                let inflight = self.table.get_any_mut(slot).expect("just stored");
+                build_entry(&mut inflight.op, limit).user_data(user_data)
+            }
+            Fault::None => {
+                let inflight = self.table.get_any_mut(slot).expect("just stored");
+                build_entry(&mut inflight.op, usize::MAX).user_data(user_data)
+            }
         };
         self.push_entry(&entry);
         user_data
@@ -361,7 +464,10 @@ impl Ring {
                 let user_data = cqe.user_data();
                 let slot = user_data as u32;
                 let generation = (user_data >> 32) as u32;
-                let res = cqe.result();
+                let res = match self.injected.remove(&user_data) {
+                    Some(errno) => -errno,
+                    None => cqe.result(),
+                };
                 let flags = cqe.flags();
                 let bid = cqueue::buffer_select(flags);
                 if let Some(b) = bid {
@@ -417,8 +523,9 @@ impl Ring {
     }
 }
 
-/// Builds the submission entry for `op`, pointing into the op's own buffers.
-fn build_entry(op: &mut Op) -> squeue::Entry {
+/// Builds the submission entry for `op`, pointing into the op's own buffers. `limit` caps the
+/// bytes of a send or write (fault injection: a real short send or write); `usize::MAX` for none.
+fn build_entry(op: &mut Op, limit: usize) -> squeue::Entry {
     match op {
         Op::AcceptMulti { fd } => opcode::AcceptMulti::new(types::Fd(*fd))
             .flags(libc::SOCK_CLOEXEC)
@@ -426,7 +533,7 @@ fn build_entry(op: &mut Op) -> squeue::Entry {
         Op::RecvMulti { fd } => opcode::RecvMulti::new(types::Fd(*fd), BGID).build(),
         Op::Send { fd, buf, off } => {
             let rest = &buf[(*off).min(buf.len())..];
-            let len = rest.len().min(u32::MAX as usize) as u32;
+            let len = rest.len().min(limit).min(u32::MAX as usize) as u32;
             opcode::Send::new(types::Fd(*fd), rest.as_ptr(), len)
                 .flags(libc::MSG_NOSIGNAL)
                 .build()
@@ -465,6 +572,12 @@ fn build_entry(op: &mut Op) -> squeue::Entry {
                 };
                 1
             };
+            // Fault injection: shorten the write to `limit` bytes in total.
+            let mut room = limit;
+            for v in iov.iter_mut().take(n as usize) {
+                v.iov_len = v.iov_len.min(room);
+                room -= v.iov_len;
+            }
             // An explicit offset, not -1 ("the file position"): the file is written from its
             // start, and a resumed short write must land right after the bytes already written.
             // With -1, short writes on a filling tmpfs were seen to start again at offset 0.
@@ -551,13 +664,25 @@ mod tests {
     #[test]
     fn setup_failures_are_explained_in_words() {
         let eperm = diagnose_setup(libc::EPERM);
-        assert!(eperm.contains("io_uring_disabled") || eperm.contains("seccomp"), "{eperm}");
+        assert!(
+            eperm.contains("io_uring_disabled") || eperm.contains("seccomp"),
+            "{eperm}"
+        );
         let enosys = diagnose_setup(libc::ENOSYS);
-        assert!(enosys.contains("seccomp") && enosys.contains("6.0"), "{enosys}");
+        assert!(
+            enosys.contains("seccomp") && enosys.contains("6.0"),
+            "{enosys}"
+        );
         assert!(diagnose_setup(libc::ENOMEM).contains("RLIMIT_MEMLOCK"));
-        let e = SetupError::Missing { what: "IORING_OP_RENAMEAT", cause: "kernel 5.4".into() };
+        let e = SetupError::Missing {
+            what: "IORING_OP_RENAMEAT",
+            cause: "kernel 5.4".into(),
+        };
         let line = e.to_string();
-        assert!(line.contains("IORING_OP_RENAMEAT") && !line.contains('\n'), "{line}");
+        assert!(
+            line.contains("IORING_OP_RENAMEAT") && !line.contains('\n'),
+            "{line}"
+        );
     }
 
     #[test]
