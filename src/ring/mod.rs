@@ -153,7 +153,7 @@ impl FaultPlan {
             Op::OpenAt { .. } | Op::Write2 { .. } | Op::Fsync { .. } | Op::RenameAt { .. }
         );
         if file_op && self.roll(f.file_error_pct) {
-            return Fault::Errno(if self.next() % 2 == 0 {
+            return Fault::Errno(if self.next().is_multiple_of(2) {
                 libc::ENOSPC
             } else {
                 libc::EIO
