@@ -1573,3 +1573,71 @@ fn command_lines_may_end_in_a_bare_lf() {
     assert!(c.reply().starts_with("250"));
     assert_eq!(parse_stored(&only_file(&server)).body, b"crlf data\r\n");
 }
+
+#[test]
+fn a_client_that_half_closes_still_gets_every_reply() {
+    // `printf '...' | nc -N host port` sends a whole session, then shuts its side down: every
+    // command is still answered, the message stored, and the server closes after QUIT.
+    let server = Server::start(&[]);
+    for quit in [true, false] {
+        let mut c = server.connect();
+        let mut script = b"EHLO pipe.example\r\nMAIL FROM:<a@client.example>\r\nRCPT TO:<b@dest.example>\r\nDATA\r\nhalf-closed\r\n.\r\n".to_vec();
+        if quit {
+            script.extend_from_slice(b"QUIT\r\n");
+        }
+        c.send(&script);
+        c.stream.shutdown(std::net::Shutdown::Write).unwrap();
+        let all = c.read_to_close();
+        let codes: Vec<&str> = all.lines().filter(|l| l.as_bytes().get(3) != Some(&b'-')).map(|l| &l[..3]).collect();
+        let want: &[&str] = if quit { &["250", "250", "250", "354", "250", "221"] } else { &["250", "250", "250", "354", "250"] };
+        assert_eq!(codes, want, "quit={quit}: {all:?}");
+    }
+    assert_eq!(server.new_files().len(), 2);
+}
+
+/// Open descriptors of a process.
+fn fd_count(pid: i32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count()
+}
+
+#[test]
+fn sessions_leave_no_descriptors_behind() {
+    let server = Server::start(&["--workers", "1"]);
+    let before = fd_count(server.pid());
+    for i in 0..200 {
+        let mut c = server.connect();
+        match i % 4 {
+            // A whole transaction, then QUIT.
+            0 => {
+                c.ehlo("fd.example");
+                open_data(&mut c, "a@client.example", &["b@dest.example"]);
+                c.send(b"x\r\n.\r\n");
+                assert!(c.reply().starts_with("250"));
+                c.expect("QUIT", 221);
+                assert!(c.closed());
+            }
+            // Gone in the middle of DATA.
+            1 => {
+                c.ehlo("fd.example");
+                open_data(&mut c, "a@client.example", &["b@dest.example"]);
+                c.send(b"cut");
+            }
+            // Reset by the peer.
+            2 => {
+                socket2::SockRef::from(&c.stream).set_linger(Some(Duration::ZERO)).unwrap();
+            }
+            // Connect and leave.
+            _ => {}
+        }
+    }
+    // Closing is asynchronous: give the worker a moment to reap the last ones.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut now = fd_count(server.pid());
+    while now > before && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+        now = fd_count(server.pid());
+    }
+    assert!(now <= before, "descriptors: {before} before 200 sessions, {now} after");
+    assert_eq!(server.new_files().len(), 50);
+    assert_eq!(list_dir(&server.maildir().join("tmp")).len(), 0);
+}
