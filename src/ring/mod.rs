@@ -111,6 +111,8 @@ pub struct Faults {
     pub short_pct: u32,
     /// openat, writev, fsync, renameat: ENOSPC or EIO, which the store path must survive.
     pub file_error_pct: u32,
+    /// Sends and (multishot) receives: ECONNRESET, as if the peer had reset the connection.
+    pub reset_pct: u32,
 }
 
 enum Fault {
@@ -147,6 +149,10 @@ impl FaultPlan {
         );
         if single_shot && self.roll(f.eintr_pct) {
             return Fault::Errno(libc::EINTR);
+        }
+        let socket_op = matches!(op, Op::Send { .. } | Op::RecvMulti { .. });
+        if socket_op && self.roll(f.reset_pct) {
+            return Fault::Errno(libc::ECONNRESET);
         }
         let file_op = matches!(
             op,
