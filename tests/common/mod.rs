@@ -12,7 +12,11 @@ pub const HOSTNAME: &str = "mx.test.example";
 
 /// A free TCP port on 127.0.0.1 (the listener is dropped, so a race is possible but rare).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// A running `ringmx serve`, killed on drop.
@@ -48,10 +52,10 @@ impl Server {
             "--hostname".into(),
             HOSTNAME.into(),
         ];
-        if !extra.iter().any(|a| *a == "--workers") {
+        if !extra.contains(&"--workers") {
             args.extend(["--workers".into(), "2".into()]);
         }
-        if !extra.iter().any(|a| *a == "--store") {
+        if !extra.contains(&"--store") {
             args.push("--store".into());
             args.push(format!("maildir:{}", dir.path().join("maildir").display()));
         }
@@ -60,13 +64,21 @@ impl Server {
         let child = Command::new(BIN)
             .args(&args)
             .current_dir(dir.path())
-            .env("RUST_LOG", std::env::var("RINGMX_TEST_LOG").unwrap_or_else(|_| "info".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("RINGMX_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdin(Stdio::null())
             .stdout(logf.try_clone().unwrap())
             .stderr(logf)
             .spawn()
             .map_err(|e| format!("spawn {BIN}: {e}"))?;
-        let mut server = Server { child: Some(child), addr, dir, log };
+        let mut server = Server {
+            child: Some(child),
+            addr,
+            dir,
+            log,
+        };
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
             if let Some(status) = server.child.as_mut().unwrap().try_wait().unwrap() {
@@ -111,7 +123,8 @@ impl Server {
         // kill(2) through nix (a dependency of the crate), so the tests need no `kill` binary
         // (procps is not on every fresh machine).
         let sig = nix::sys::signal::Signal::try_from(sig).expect("a valid signal number");
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), sig).expect("kill(2) the server");
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), sig)
+            .expect("kill(2) the server");
     }
 
     /// Waits for the process to exit, at most `timeout`.
@@ -173,9 +186,15 @@ pub struct Client {
 impl Client {
     pub fn connect(addr: SocketAddr) -> Client {
         let stream = TcpStream::connect(addr).unwrap();
-        stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
         let reader = BufReader::new(stream.try_clone().unwrap());
-        let mut c = Client { reader, stream, greeting: String::new() };
+        let mut c = Client {
+            reader,
+            stream,
+            greeting: String::new(),
+        };
         c.greeting = c.reply();
         c
     }
@@ -213,7 +232,10 @@ impl Client {
     /// Sends a command and asserts the reply's code.
     pub fn expect(&mut self, line: &str, code: u16) -> String {
         let r = self.cmd(line);
-        assert!(r.starts_with(&code.to_string()), "{line:?}: expected {code}, got {r:?}");
+        assert!(
+            r.starts_with(&code.to_string()),
+            "{line:?}: expected {code}, got {r:?}"
+        );
         r
     }
 
@@ -312,7 +334,10 @@ pub fn parse_stored(bytes: &[u8]) -> Stored {
     let mut pos = 0;
     let next_line = |pos: &mut usize| -> &[u8] {
         let rest = &bytes[*pos..];
-        let end = rest.windows(2).position(|w| w == b"\r\n").unwrap_or_else(|| panic!("no CRLF: {}", show()));
+        let end = rest
+            .windows(2)
+            .position(|w| w == b"\r\n")
+            .unwrap_or_else(|| panic!("no CRLF: {}", show()));
         *pos += end + 2;
         &rest[..end]
     };
@@ -326,7 +351,10 @@ pub fn parse_stored(bytes: &[u8]) -> Stored {
     let mut line;
     loop {
         line = String::from_utf8_lossy(next_line(&mut pos)).into_owned();
-        match line.strip_prefix("X-Envelope-To: <").and_then(|s| s.strip_suffix('>')) {
+        match line
+            .strip_prefix("X-Envelope-To: <")
+            .and_then(|s| s.strip_suffix('>'))
+        {
             Some(a) => envelope_to.push(a.to_string()),
             None => break,
         }
@@ -340,5 +368,10 @@ pub fn parse_stored(bytes: &[u8]) -> Stored {
         received.push(' ');
         received.push_str(cont.trim_start());
     }
-    Stored { return_path, envelope_to, received, body: bytes[pos..].to_vec() }
+    Stored {
+        return_path,
+        envelope_to,
+        received,
+        body: bytes[pos..].to_vec(),
+    }
 }

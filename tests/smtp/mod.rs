@@ -30,22 +30,34 @@ fn lettre_send(addr: SocketAddr, from: &str, to: &[&str], raw: &[u8]) -> String 
         to.iter().map(|t| t.parse().unwrap()).collect(),
     )
     .unwrap();
-    let resp = transport(addr).send_raw(&env, raw).unwrap_or_else(|e| panic!("lettre send: {e}"));
+    let resp = transport(addr)
+        .send_raw(&env, raw)
+        .unwrap_or_else(|e| panic!("lettre send: {e}"));
     assert_eq!(resp.code().to_string(), "250", "{resp:?}");
     resp.message().collect::<Vec<_>>().join(" ")
 }
 
 /// The queue id from `250 2.0.0 Ok: queued as <id>`.
 fn queue_id(reply: &str) -> String {
-    let at = reply.find("queued as ").unwrap_or_else(|| panic!("no 'queued as' in {reply:?}"));
-    reply[at + "queued as ".len()..].split_whitespace().next().unwrap().to_string()
+    let at = reply
+        .find("queued as ")
+        .unwrap_or_else(|| panic!("no 'queued as' in {reply:?}"));
+    reply[at + "queued as ".len()..]
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string()
 }
 
 /// The one file in new/ (asserting there is exactly one and tmp/ is empty).
 fn only_file(server: &Server) -> Vec<u8> {
     let files = server.new_files();
     assert_eq!(files.len(), 1, "files in new/: {files:?}");
-    assert_eq!(list_dir(&server.maildir().join("tmp")), Vec::<std::path::PathBuf>::new(), "tmp/ not empty");
+    assert_eq!(
+        list_dir(&server.maildir().join("tmp")),
+        Vec::<std::path::PathBuf>::new(),
+        "tmp/ not empty"
+    );
     std::fs::read(&files[0]).unwrap()
 }
 
@@ -71,26 +83,53 @@ fn check_date(date: &str) {
     let mut f: Vec<&str> = date.split_whitespace().collect();
     if f.first().is_some_and(|d| d.ends_with(',')) {
         let day = f.remove(0).trim_end_matches(',');
-        assert!(["Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun"].contains(&day), "date {date:?}");
+        assert!(
+            ["Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun"].contains(&day),
+            "date {date:?}"
+        );
     }
     assert_eq!(f.len(), 5, "date {date:?}");
     let mday: u32 = f[0].parse().unwrap_or_else(|_| panic!("date {date:?}"));
     assert!((1..=31).contains(&mday), "date {date:?}");
-    let months = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"];
+    let months = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
     assert!(months.contains(&f[1]), "date {date:?}");
     let year: u32 = f[2].parse().unwrap_or_else(|_| panic!("date {date:?}"));
     assert!(year >= 2024, "date {date:?}");
     let hms: Vec<&str> = f[3].split(':').collect();
-    assert!(hms.len() == 3 && hms.iter().all(|x| x.len() == 2 && x.bytes().all(|b| b.is_ascii_digit())), "date {date:?}");
-    assert!(f[4].len() == 5 && (f[4].starts_with('+') || f[4].starts_with('-')), "date {date:?}");
+    assert!(
+        hms.len() == 3
+            && hms
+                .iter()
+                .all(|x| x.len() == 2 && x.bytes().all(|b| b.is_ascii_digit())),
+        "date {date:?}"
+    );
+    assert!(
+        f[4].len() == 5 && (f[4].starts_with('+') || f[4].starts_with('-')),
+        "date {date:?}"
+    );
     // And it is now (within ten minutes), whatever the zone.
     let month = months.iter().position(|m| *m == f[1]).unwrap() as i64 + 1;
-    let (h, m, sec): (i64, i64, i64) = (hms[0].parse().unwrap(), hms[1].parse().unwrap(), hms[2].parse().unwrap());
-    let zone: i64 = f[4][1..3].parse::<i64>().unwrap() * 3600 + f[4][3..5].parse::<i64>().unwrap() * 60;
+    let (h, m, sec): (i64, i64, i64) = (
+        hms[0].parse().unwrap(),
+        hms[1].parse().unwrap(),
+        hms[2].parse().unwrap(),
+    );
+    let zone: i64 =
+        f[4][1..3].parse::<i64>().unwrap() * 3600 + f[4][3..5].parse::<i64>().unwrap() * 60;
     let zone = if f[4].starts_with('-') { -zone } else { zone };
-    let epoch = days_from_civil(year as i64, month, mday as i64) * 86_400 + h * 3600 + m * 60 + sec - zone;
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
-    assert!((epoch - now).abs() < 600, "date {date:?} is {} s away from now", epoch - now);
+    let epoch =
+        days_from_civil(year as i64, month, mday as i64) * 86_400 + h * 3600 + m * 60 + sec - zone;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    assert!(
+        (epoch - now).abs() < 600,
+        "date {date:?} is {} s away from now",
+        epoch - now
+    );
 }
 
 /// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's days_from_civil).
@@ -106,18 +145,26 @@ fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
 /// Every reply after EHLO carries an enhanced status code (RFC 2034): `ddd x.y.z ...`.
 fn assert_enhanced(reply: &str) {
     for line in reply.lines() {
-        let code = line.get(4..).and_then(|r| r.split_whitespace().next()).unwrap_or("");
+        let code = line
+            .get(4..)
+            .and_then(|r| r.split_whitespace().next())
+            .unwrap_or("");
         let parts: Vec<&str> = code.split('.').collect();
         let ok = parts.len() == 3
             && parts[0] == &line[..1]
-            && parts.iter().all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()));
+            && parts
+                .iter()
+                .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()));
         assert!(ok, "reply without an enhanced status code: {reply:?}");
     }
 }
 
 fn expect_enh(c: &mut Client, line: &str, code: u16, enhanced: &str) -> String {
     let r = c.expect(line, code);
-    assert!(r.starts_with(&format!("{code} {enhanced}")), "{line:?}: expected {code} {enhanced}, got {r:?}");
+    assert!(
+        r.starts_with(&format!("{code} {enhanced}")),
+        "{line:?}: expected {code} {enhanced}, got {r:?}"
+    );
     r
 }
 
@@ -138,9 +185,15 @@ fn lettre_one_recipient_stored_byte_for_byte() {
     let server = Server::start(&[]);
     // Leading dots on several lines (lettre stuffs them; the server must unstuff), a line that is
     // a lone dot, a line of two dots, and a last line without CRLF.
-    let raw: &[u8] = b"From: Alice <alice@client.example>\r\nTo: bob@dest.example\r\nSubject: one\r\n\r\n\
+    let raw: &[u8] =
+        b"From: Alice <alice@client.example>\r\nTo: bob@dest.example\r\nSubject: one\r\n\r\n\
 .leading dot\r\n..two dots\r\n.\r\n..\r\nmiddle . dot\r\nlast line";
-    let reply = lettre_send(server.addr, "alice@client.example", &["bob@dest.example"], raw);
+    let reply = lettre_send(
+        server.addr,
+        "alice@client.example",
+        &["bob@dest.example"],
+        raw,
+    );
     let qid = queue_id(&reply);
     let st = parse_stored(&only_file(&server));
     assert_eq!(st.return_path, "alice@client.example");
@@ -149,7 +202,10 @@ fn lettre_one_recipient_stored_byte_for_byte() {
     // The message as the client meant it, plus the CRLF that is part of <CRLF>.<CRLF>.
     let mut want = raw.to_vec();
     want.extend_from_slice(b"\r\n");
-    assert_eq!(String::from_utf8_lossy(&st.body), String::from_utf8_lossy(&want));
+    assert_eq!(
+        String::from_utf8_lossy(&st.body),
+        String::from_utf8_lossy(&want)
+    );
 }
 
 #[test]
@@ -169,18 +225,32 @@ fn lettre_several_recipients_one_file_in_order() {
     let st = parse_stored(&only_file(&server));
     assert_eq!(st.return_path, "alice@client.example");
     // lettre sends RCPT in To, Cc, Bcc order; one X-Envelope-To per recipient, in that order.
-    assert_eq!(st.envelope_to, vec!["bob@dest.example", "carol@other.example", "dave@dest.example"]);
+    assert_eq!(
+        st.envelope_to,
+        vec![
+            "bob@dest.example",
+            "carol@other.example",
+            "dave@dest.example"
+        ]
+    );
     check_received(&st, HELO, "[127.0.0.1]", "ESMTP", &qid);
     let mut want = email.formatted();
     want.extend_from_slice(b"\r\n");
-    assert_eq!(String::from_utf8_lossy(&st.body), String::from_utf8_lossy(&want));
+    assert_eq!(
+        String::from_utf8_lossy(&st.body),
+        String::from_utf8_lossy(&want)
+    );
 }
 
 #[test]
 fn raw_session_unstuffs_dots_and_keeps_bytes_exact() {
     let server = Server::start(&[]);
     let mut c = server.connect();
-    assert!(c.greeting.starts_with(&format!("220 {HOSTNAME} ESMTP")), "{:?}", c.greeting);
+    assert!(
+        c.greeting.starts_with(&format!("220 {HOSTNAME} ESMTP")),
+        "{:?}",
+        c.greeting
+    );
     c.ehlo("raw.example");
     c.expect("MAIL FROM:<>", 250);
     c.expect("RCPT TO:<rcpt@dest.example>", 250);
@@ -199,7 +269,8 @@ fn raw_session_unstuffs_dots_and_keeps_bytes_exact() {
     check_received(&st, "raw.example", "[127.0.0.1]", "ESMTP", &qid);
     assert_eq!(
         st.body,
-        b".first\r\nSubject: dots\r\n\r\n..three\r\n.\r\n \r\nno.dot\r\ncaf\xc3\xa9 \xff\r\n".to_vec()
+        b".first\r\nSubject: dots\r\n\r\n..three\r\n.\r\n \r\nno.dot\r\ncaf\xc3\xa9 \xff\r\n"
+            .to_vec()
     );
 }
 
@@ -236,22 +307,37 @@ fn concurrent_clients_all_stored_once() {
             std::thread::spawn(move || {
                 (0..5)
                     .map(|i| {
-                        let body = format!("Subject: m{t}-{i}\r\n\r\nthread {t} message {i}\r\n.dot\r\n");
-                        let r = lettre_send(addr, "s@client.example", &[&format!("r{t}@dest.example")], body.as_bytes());
+                        let body =
+                            format!("Subject: m{t}-{i}\r\n\r\nthread {t} message {i}\r\n.dot\r\n");
+                        let r = lettre_send(
+                            addr,
+                            "s@client.example",
+                            &[&format!("r{t}@dest.example")],
+                            body.as_bytes(),
+                        );
                         (queue_id(&r), body)
                     })
                     .collect::<Vec<_>>()
             })
         })
         .collect();
-    let mut sent: Vec<(String, String)> = threads.into_iter().flat_map(|h| h.join().unwrap()).collect();
+    let mut sent: Vec<(String, String)> = threads
+        .into_iter()
+        .flat_map(|h| h.join().unwrap())
+        .collect();
     let files = server.new_files();
     assert_eq!(files.len(), 20, "{files:?}");
-    let mut names: Vec<String> = files.iter().map(|f| f.file_name().unwrap().to_string_lossy().into_owned()).collect();
+    let mut names: Vec<String> = files
+        .iter()
+        .map(|f| f.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
     for n in &names {
         // Maildir convention: <seconds>.<unique>.<host>, no info part in new/.
         let parts: Vec<&str> = n.split('.').collect();
-        assert!(parts.len() >= 3 && parts[0].bytes().all(|b| b.is_ascii_digit()) && !n.contains(":2,"), "name {n:?}");
+        assert!(
+            parts.len() >= 3 && parts[0].bytes().all(|b| b.is_ascii_digit()) && !n.contains(":2,"),
+            "name {n:?}"
+        );
     }
     names.dedup();
     assert_eq!(names.len(), 20);
@@ -259,7 +345,15 @@ fn concurrent_clients_all_stored_once() {
         .iter()
         .map(|f| {
             let st = parse_stored(&std::fs::read(f).unwrap());
-            let qid = st.received.split(" id ").nth(1).unwrap().split([' ', ';']).next().unwrap().to_string();
+            let qid = st
+                .received
+                .split(" id ")
+                .nth(1)
+                .unwrap()
+                .split([' ', ';'])
+                .next()
+                .unwrap()
+                .to_string();
             (qid, String::from_utf8(st.body).unwrap())
         })
         .collect();
@@ -268,30 +362,59 @@ fn concurrent_clients_all_stored_once() {
     }
     sent.sort();
     got.sort();
-    assert_eq!(got, sent, "every message stored once, under the queue id its 250 named");
+    assert_eq!(
+        got, sent,
+        "every message stored once, under the queue id its 250 named"
+    );
 }
 
 #[test]
 fn tmp_leftovers_of_a_crash_are_removed_at_startup_and_names_never_collide() {
     let server = Server::start(&[]);
-    let r1 = lettre_send(server.addr, "a@client.example", &["b@dest.example"], b"Subject: 1\r\n\r\none");
+    let r1 = lettre_send(
+        server.addr,
+        "a@client.example",
+        &["b@dest.example"],
+        b"Subject: 1\r\n\r\none",
+    );
     let first = server.new_files();
     assert_eq!(first.len(), 1);
     let pid = server.pid();
     let dir = server.kill_keep_dir();
     // A half-written file of the killed process, in ringmx's naming convention
     // (<secs>.M<usecs>P<pid>Q<n>W<worker>.<host>): never acknowledged, so it goes.
-    let orphan = dir.path().join(format!("maildir/tmp/1700000000.M1P{pid}Q7W0.mx"));
+    let orphan = dir
+        .path()
+        .join(format!("maildir/tmp/1700000000.M1P{pid}Q7W0.mx"));
     std::fs::write(&orphan, b"Return-Path: <a@client.example>\r\nhalf a mess").unwrap();
     // A fresh file of some other delivery program sharing the Maildir: not ours, kept.
     let foreign = dir.path().join("maildir/tmp/1700000000.123_456.otherhost");
     std::fs::write(&foreign, b"someone else's").unwrap();
     let server = Server::start_in(dir, &[]).unwrap();
-    assert!(!orphan.exists(), "a tmp/ leftover of a dead ringmx must be deleted at start-up");
-    assert!(foreign.exists(), "another program's fresh tmp/ file must be left alone");
-    assert_eq!(server.new_files(), first, "new/ is never touched at start-up");
-    let r2 = lettre_send(server.addr, "a@client.example", &["b@dest.example"], b"Subject: 2\r\n\r\ntwo");
-    assert_ne!(queue_id(&r1), queue_id(&r2), "queue ids are unique across restarts");
+    assert!(
+        !orphan.exists(),
+        "a tmp/ leftover of a dead ringmx must be deleted at start-up"
+    );
+    assert!(
+        foreign.exists(),
+        "another program's fresh tmp/ file must be left alone"
+    );
+    assert_eq!(
+        server.new_files(),
+        first,
+        "new/ is never touched at start-up"
+    );
+    let r2 = lettre_send(
+        server.addr,
+        "a@client.example",
+        &["b@dest.example"],
+        b"Subject: 2\r\n\r\ntwo",
+    );
+    assert_ne!(
+        queue_id(&r1),
+        queue_id(&r2),
+        "queue ids are unique across restarts"
+    );
     let files = server.new_files();
     assert_eq!(files.len(), 2, "{files:?}");
     assert!(files.contains(&first[0]));
@@ -309,17 +432,29 @@ fn ehlo_advertises_extensions_and_size() {
     assert!(lines[0].starts_with(&format!("250-{HOSTNAME}")), "{r:?}");
     for (i, l) in lines.iter().enumerate() {
         let sep = if i + 1 == lines.len() { ' ' } else { '-' };
-        assert!(l.starts_with("250") && l.as_bytes()[3] == sep as u8, "line {i} of {r:?}");
+        assert!(
+            l.starts_with("250") && l.as_bytes()[3] == sep as u8,
+            "line {i} of {r:?}"
+        );
     }
     let keywords: Vec<&str> = lines[1..].iter().map(|l| &l[4..]).collect();
-    for k in ["PIPELINING", "SIZE 123456", "8BITMIME", "ENHANCEDSTATUSCODES", "SMTPUTF8"] {
+    for k in [
+        "PIPELINING",
+        "SIZE 123456",
+        "8BITMIME",
+        "ENHANCEDSTATUSCODES",
+        "SMTPUTF8",
+    ] {
         assert!(keywords.contains(&k), "EHLO lacks {k:?}: {r:?}");
     }
     drop(server);
 
     let server = Server::start(&[]);
     let r = server.connect().ehlo("client.example");
-    assert!(r.lines().any(|l| &l[4..] == "SIZE 26214400"), "default SIZE: {r:?}");
+    assert!(
+        r.lines().any(|l| &l[4..] == "SIZE 26214400"),
+        "default SIZE: {r:?}"
+    );
 }
 
 #[test]
@@ -357,7 +492,10 @@ fn simple_commands_and_enhanced_codes() {
     check_received(&st, HELO, "[127.0.0.1]", "UTF8SMTP", &queue_id(&r_data));
     assert_eq!(st.return_path, "j\u{f6}rg@client.example");
     assert_eq!(st.envelope_to, vec!["m\u{fc}ller@dest.example"]);
-    assert_eq!(st.body, "Subject: utf8\r\n\r\nGr\u{fc}\u{df}e\r\n".as_bytes());
+    assert_eq!(
+        st.body,
+        "Subject: utf8\r\n\r\nGr\u{fc}\u{df}e\r\n".as_bytes()
+    );
 }
 
 #[test]
@@ -379,11 +517,20 @@ fn unknown_syntax_and_sequence_errors() {
     assert_enhanced(&c.expect("DATA", 503));
     assert_enhanced(&c.expect("MAIL FROM:<again@client.example>", 503));
     // Syntax.
-    for bad in ["RCPT TO:<unterminated@dest.example", "RCPT TO:", "RCPT", "RCPT TO:<>"] {
+    for bad in [
+        "RCPT TO:<unterminated@dest.example",
+        "RCPT TO:",
+        "RCPT",
+        "RCPT TO:<>",
+    ] {
         assert_enhanced(&c.expect(bad, 501));
     }
     c.expect("RSET", 250);
-    for bad in ["MAIL FROM:<unterminated@client.example", "MAIL", "MAIL FROM:"] {
+    for bad in [
+        "MAIL FROM:<unterminated@client.example",
+        "MAIL",
+        "MAIL FROM:",
+    ] {
         assert_enhanced(&c.expect(bad, 501));
     }
     // Unknown MAIL parameter.
@@ -402,7 +549,12 @@ fn size_parameter_over_limit_gets_552() {
     let server = Server::start(&["--max-message-size", "1000"]);
     let mut c = server.connect();
     c.ehlo("client.example");
-    expect_enh(&mut c, "MAIL FROM:<a@client.example> SIZE=1001", 552, "5.3.4");
+    expect_enh(
+        &mut c,
+        "MAIL FROM:<a@client.example> SIZE=1001",
+        552,
+        "5.3.4",
+    );
     c.expect("MAIL FROM:<a@client.example> SIZE=1000", 250);
     c.expect("RCPT TO:<b@dest.example>", 250);
 }
@@ -422,7 +574,11 @@ fn message_over_max_size_gets_552_and_is_not_stored() {
     let r = c.reply();
     assert!(r.starts_with("552 5.3.4"), "{r:?}");
     assert_eq!(server.new_files().len(), 0);
-    assert_eq!(list_dir(&server.maildir().join("tmp")).len(), 0, "nothing left in tmp/");
+    assert_eq!(
+        list_dir(&server.maildir().join("tmp")).len(),
+        0,
+        "nothing left in tmp/"
+    );
     // Just over: still refused.
     open_data(&mut c, "a@client.example", &["b@dest.example"]);
     c.send(format!("{}\r\n.\r\n", "y".repeat(1100)).as_bytes());
@@ -433,7 +589,10 @@ fn message_over_max_size_gets_552_and_is_not_stored() {
     c.send(format!("{}\r\n.\r\n", "z".repeat(500)).as_bytes());
     let r = c.reply();
     assert!(r.starts_with("250"), "{r:?}");
-    assert_eq!(parse_stored(&only_file(&server)).body, format!("{}\r\n", "z".repeat(500)).as_bytes());
+    assert_eq!(
+        parse_stored(&only_file(&server)).body,
+        format!("{}\r\n", "z".repeat(500)).as_bytes()
+    );
 }
 
 #[test]
@@ -448,12 +607,20 @@ fn recipients_over_limit_get_452_and_the_rest_are_kept() {
     c.expect("DATA", 354);
     c.send(b"two only\r\n.\r\n");
     assert!(c.reply().starts_with("250"));
-    assert_eq!(parse_stored(&only_file(&server)).envelope_to, vec!["r1@dest.example", "r2@dest.example"]);
+    assert_eq!(
+        parse_stored(&only_file(&server)).envelope_to,
+        vec!["r1@dest.example", "r2@dest.example"]
+    );
 }
 
 #[test]
 fn accept_domain_refuses_others_with_550() {
-    let server = Server::start(&["--accept-domain", "dest.example", "--accept-domain", "second.example"]);
+    let server = Server::start(&[
+        "--accept-domain",
+        "dest.example",
+        "--accept-domain",
+        "second.example",
+    ]);
     let mut c = server.connect();
     c.ehlo("client.example");
     c.expect("MAIL FROM:<a@client.example>", 250);
@@ -468,7 +635,12 @@ fn accept_domain_refuses_others_with_550() {
     assert!(c.reply().starts_with("250"));
     assert_eq!(
         parse_stored(&only_file(&server)).envelope_to,
-        vec!["x@dest.example", "Y@DEST.Example", "z@second.example", "postmaster"]
+        vec![
+            "x@dest.example",
+            "Y@DEST.Example",
+            "z@second.example",
+            "postmaster"
+        ]
     );
 }
 
@@ -481,7 +653,10 @@ fn overlong_command_line_gets_500_5_5_6_and_session_goes_on() {
     let at_limit = format!("NOOP {}", "a".repeat(512 - 2 - 5));
     assert_eq!(at_limit.len() + 2, 512);
     let r = c.cmd(&at_limit);
-    assert!(!r.contains("5.5.6"), "a 512-octet line is within the limit: {r:?}");
+    assert!(
+        !r.contains("5.5.6"),
+        "a 512-octet line is within the limit: {r:?}"
+    );
     let over = format!("NOOP {}", "a".repeat(513 - 2 - 5));
     expect_enh(&mut c, &over, 500, "5.5.6");
     c.expect("NOOP", 250);
@@ -503,7 +678,10 @@ fn too_many_errors_get_421_and_close() {
     c.expect("RCPT TO:<b@dest.example>", 503);
     c.send(b"BOGUS\r\nNOOP\r\n");
     assert!(c.reply().starts_with("500 5.5.2"));
-    assert_eq!(c.reply(), format!("421 4.7.0 {HOSTNAME} Error: too many errors"));
+    assert_eq!(
+        c.reply(),
+        format!("421 4.7.0 {HOSTNAME} Error: too many errors")
+    );
     assert!(c.closed(), "connection must close after the 421");
     // Other clients are not affected, and one below the limit keeps going.
     let mut d = server.connect();
@@ -546,7 +724,10 @@ fn pipelined_commands_are_answered_in_order() {
     assert_eq!(
         bodies,
         vec![
-            (vec!["b@dest.example".to_string(), "c@dest.example".to_string()], b"Subject: p\r\n\r\nhello\r\n".to_vec()),
+            (
+                vec!["b@dest.example".to_string(), "c@dest.example".to_string()],
+                b"Subject: p\r\n\r\nhello\r\n".to_vec()
+            ),
             (vec!["e@dest.example".to_string()], b"second\r\n".to_vec()),
         ]
     );
@@ -568,14 +749,7 @@ fn bytes_after_data_in_the_same_packet_are_message_data() {
 
 /// The known SMTP smuggling end-of-data variants (bare LF / bare CR around the dot).
 const SMUGGLING: &[&[u8]] = &[
-    b"\n.\n",
-    b"\n.\r\n",
-    b"\r\n.\n",
-    b"\r.\r\n",
-    b"\r\n.\r",
-    b"\r.\r",
-    b"\n.\r",
-    b"\r.\n",
+    b"\n.\n", b"\n.\r\n", b"\r\n.\n", b"\r.\r\n", b"\r\n.\r", b"\r.\r", b"\n.\r", b"\r.\n",
 ];
 
 #[test]
@@ -592,9 +766,15 @@ fn smuggling_variants_never_end_data_and_are_rejected() {
         c.send(&msg);
         // Exactly one reply for the whole message, then HELP's: the smuggled commands were data.
         let r = c.reply();
-        assert!(r.starts_with("550 5.6.11"), "variant {v:?}: expected 550 5.6.11, got {r:?}");
+        assert!(
+            r.starts_with("550 5.6.11"),
+            "variant {v:?}: expected 550 5.6.11, got {r:?}"
+        );
         let r = c.reply();
-        assert!(r.starts_with("214"), "variant {v:?}: next reply must be HELP's, got {r:?}");
+        assert!(
+            r.starts_with("214"),
+            "variant {v:?}: next reply must be HELP's, got {r:?}"
+        );
         // The session goes on normally.
         open_data(&mut c, "a@client.example", &["b@dest.example"]);
         c.send(b"clean\r\n.\r\n");
@@ -616,7 +796,10 @@ fn bare_lf_or_cr_anywhere_rejects_the_message() {
     let server = Server::start(&[]);
     let mut c = server.connect();
     c.ehlo("client.example");
-    for body in [&b"Subject: lf\n\nunix line ends\n"[..], b"Subject: cr\r\n\r\nold mac\rline\r\n"] {
+    for body in [
+        &b"Subject: lf\n\nunix line ends\n"[..],
+        b"Subject: cr\r\n\r\nold mac\rline\r\n",
+    ] {
         open_data(&mut c, "a@client.example", &["b@dest.example"]);
         c.send(body);
         c.send(b"\r\n.\r\n");
@@ -635,7 +818,14 @@ fn smuggling_split_across_reads_is_still_caught() {
     c.stream.set_nodelay(true).unwrap();
     c.ehlo("client.example");
     open_data(&mut c, "a@client.example", &["b@dest.example"]);
-    for part in [&b"Subject: s\r\n\r\nbefore\n"[..], b".", b"\n", b"MAIL FROM:<e@client.example>\r\n", b"\r\n.", b"\r\n"] {
+    for part in [
+        &b"Subject: s\r\n\r\nbefore\n"[..],
+        b".",
+        b"\n",
+        b"MAIL FROM:<e@client.example>\r\n",
+        b"\r\n.",
+        b"\r\n",
+    ] {
         c.send(part);
         std::thread::sleep(Duration::from_millis(30));
     }
@@ -673,7 +863,11 @@ fn idle_timeout_sends_421_4_4_2_and_closes() {
     let t = Instant::now();
     let r = silent.reply();
     assert!(r.starts_with("421 4.4.2"), "{r:?}");
-    assert!(t.elapsed() >= Duration::from_millis(900) && t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    assert!(
+        t.elapsed() >= Duration::from_millis(900) && t.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        t.elapsed()
+    );
     assert!(silent.closed());
 }
 
@@ -686,14 +880,22 @@ fn connect_220(addr: SocketAddr) -> Client {
         if c.greeting.starts_with("220") {
             return c;
         }
-        assert!(Instant::now() < deadline, "no slot was released: {:?}", c.greeting);
+        assert!(
+            Instant::now() < deadline,
+            "no slot was released: {:?}",
+            c.greeting
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
 
 fn assert_refused_421(addr: SocketAddr) {
     let mut c = Client::connect(addr);
-    assert!(c.greeting.starts_with("421"), "one connection over the limit must get 421, got {:?}", c.greeting);
+    assert!(
+        c.greeting.starts_with("421"),
+        "one connection over the limit must get 421, got {:?}",
+        c.greeting
+    );
     assert!(c.closed());
 }
 
@@ -723,7 +925,11 @@ fn max_connections_per_ip() {
     let other = connect_from("127.0.0.2", server.addr);
     match other {
         Some(mut o) => {
-            assert!(o.greeting.starts_with("220"), "another IP must not be limited: {:?}", o.greeting);
+            assert!(
+                o.greeting.starts_with("220"),
+                "another IP must not be limited: {:?}",
+                o.greeting
+            );
             o.expect("NOOP", 250);
         }
         None => eprintln!("skipping the 127.0.0.2 part: cannot bind 127.0.0.2 here"),
@@ -737,12 +943,19 @@ fn max_connections_per_ip() {
 fn connect_from(local: &str, to: SocketAddr) -> Option<Client> {
     use socket2::{Domain, Socket, Type};
     let s = Socket::new(Domain::IPV4, Type::STREAM, None).ok()?;
-    s.bind(&format!("{local}:0").parse::<SocketAddr>().unwrap().into()).ok()?;
+    s.bind(&format!("{local}:0").parse::<SocketAddr>().unwrap().into())
+        .ok()?;
     s.connect(&to.into()).ok()?;
     let stream: TcpStream = s.into();
-    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
     let reader = std::io::BufReader::new(stream.try_clone().unwrap());
-    let mut c = Client { reader, stream, greeting: String::new() };
+    let mut c = Client {
+        reader,
+        stream,
+        greeting: String::new(),
+    };
     c.greeting = c.reply();
     Some(c)
 }
@@ -762,10 +975,16 @@ fn assert_listeners_closed(addr: SocketAddr) {
                 let mut buf = [0u8; 256];
                 let n = s.read(&mut buf).unwrap_or(0);
                 let got = String::from_utf8_lossy(&buf[..n]).into_owned();
-                assert!(n == 0 || got.starts_with("421"), "served after SIGTERM: {got:?}");
+                assert!(
+                    n == 0 || got.starts_with("421"),
+                    "served after SIGTERM: {got:?}"
+                );
             }
         }
-        assert!(Instant::now() < deadline, "still accepting connections 3 s after SIGTERM");
+        assert!(
+            Instant::now() < deadline,
+            "still accepting connections 3 s after SIGTERM"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -790,7 +1009,11 @@ fn sigterm_closes_idle_sessions_and_lets_data_finish() {
     std::thread::sleep(Duration::from_millis(100));
 
     server.signal(15);
-    for (name, c) in [("fresh", &mut fresh), ("idle", &mut idle), ("in transaction", &mut in_tx)] {
+    for (name, c) in [
+        ("fresh", &mut fresh),
+        ("idle", &mut idle),
+        ("in transaction", &mut in_tx),
+    ] {
         let r = c.reply();
         assert_eq!(r, shutdown_421(), "{name} session");
         assert!(c.closed(), "{name} session must be closed after the 421");
@@ -802,10 +1025,15 @@ fn sigterm_closes_idle_sessions_and_lets_data_finish() {
     assert!(r.starts_with("250"), "{r:?}");
     assert_eq!(data.reply(), shutdown_421());
     assert!(data.closed());
-    let st = server.wait_exit(Duration::from_secs(10)).expect("exits after the last session");
+    let st = server
+        .wait_exit(Duration::from_secs(10))
+        .expect("exits after the last session");
     assert!(st.success(), "exit status {st}");
     let stored = parse_stored(&only_file(&server));
-    assert_eq!(stored.body, b"Subject: during shutdown\r\n\r\nfirst half\r\nsecond half\r\n");
+    assert_eq!(
+        stored.body,
+        b"Subject: during shutdown\r\n\r\nfirst half\r\nsecond half\r\n"
+    );
 }
 
 #[test]
@@ -832,12 +1060,26 @@ fn shutdown_grace_ends_stalled_data_with_421_and_stores_nothing() {
     server.signal(15);
     let r = data.reply();
     assert_eq!(r, shutdown_421());
-    assert!(t.elapsed() >= Duration::from_millis(800), "421 came before the grace period: {:?}", t.elapsed());
+    assert!(
+        t.elapsed() >= Duration::from_millis(800),
+        "421 came before the grace period: {:?}",
+        t.elapsed()
+    );
     assert!(data.closed());
-    let st = server.wait_exit(Duration::from_secs(10)).expect("exits after the grace period");
+    let st = server
+        .wait_exit(Duration::from_secs(10))
+        .expect("exits after the grace period");
     assert!(st.success(), "exit status {st}");
-    assert_eq!(server.new_files().len(), 0, "an unfinished message is never stored");
-    assert_eq!(list_dir(&server.maildir().join("tmp")).len(), 0, "no partial file left in tmp/");
+    assert_eq!(
+        server.new_files().len(),
+        0,
+        "an unfinished message is never stored"
+    );
+    assert_eq!(
+        list_dir(&server.maildir().join("tmp")).len(),
+        0,
+        "no partial file left in tmp/"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -849,7 +1091,11 @@ fn assert_startup_error(args: &[&str], words: &[&str]) {
     let (code, out, err) = run_bin(args, dir.path(), Duration::from_secs(10));
     let all = format!("{out}{err}");
     assert!(!all.contains("panicked"), "{args:?} panicked: {all}");
-    assert_eq!(code, Some(1), "{args:?}: expected exit 1 (None: still running after 10 s); output: {all}");
+    assert_eq!(
+        code,
+        Some(1),
+        "{args:?}: expected exit 1 (None: still running after 10 s); output: {all}"
+    );
     let found = all.lines().any(|l| {
         let l = l.to_lowercase();
         words.iter().all(|w| l.contains(&w.to_lowercase()))
@@ -863,7 +1109,10 @@ fn port_in_use_is_one_line_and_exit_1() {
     let addr = taken.local_addr().unwrap().to_string();
     let dir = tempfile::tempdir().unwrap();
     let store = format!("maildir:{}", dir.path().join("m").display());
-    assert_startup_error(&["serve", "--listen", &addr, "--store", &store], &[&addr, "in use"]);
+    assert_startup_error(
+        &["serve", "--listen", &addr, "--store", &store],
+        &[&addr, "in use"],
+    );
 }
 
 #[test]
@@ -874,7 +1123,10 @@ fn second_instance_on_the_same_port_fails() {
     let addr = server.addr.to_string();
     let dir = tempfile::tempdir().unwrap();
     let store = format!("maildir:{}", dir.path().join("m").display());
-    assert_startup_error(&["serve", "--listen", &addr, "--store", &store], &[&addr, "in use"]);
+    assert_startup_error(
+        &["serve", "--listen", &addr, "--store", &store],
+        &[&addr, "in use"],
+    );
     server.connect().expect("NOOP", 250);
 }
 
@@ -885,7 +1137,10 @@ fn unwritable_store_is_one_line_and_exit_1() {
     std::fs::write(&file, b"").unwrap();
     let store = format!("maildir:{}/maildir", file.display());
     let listen = format!("127.0.0.1:{}", crate::common::free_port());
-    assert_startup_error(&["serve", "--listen", &listen, "--store", &store], &[&file.display().to_string()]);
+    assert_startup_error(
+        &["serve", "--listen", &listen, "--store", &store],
+        &[&file.display().to_string()],
+    );
     // A read-only file system (root ignores permission bits, a read-only mount it cannot).
     let ro = dir.path().join("ro");
     std::fs::create_dir(&ro).unwrap();
@@ -896,16 +1151,28 @@ fn unwritable_store_is_one_line_and_exit_1() {
         .status()
         .is_ok_and(|s| s.success());
     if !mounted {
-        eprintln!("skipping the read-only part of unwritable_store_is_one_line_and_exit_1: cannot mount");
+        eprintln!(
+            "skipping the read-only part of unwritable_store_is_one_line_and_exit_1: cannot mount"
+        );
         return;
     }
     let store = format!("maildir:{}/maildir", ro.display());
-    let (code, out, err) = run_bin(&["serve", "--listen", &listen, "--store", &store], dir.path(), Duration::from_secs(10));
-    let _ = std::process::Command::new("umount").arg("-l").arg(&ro).status();
+    let (code, out, err) = run_bin(
+        &["serve", "--listen", &listen, "--store", &store],
+        dir.path(),
+        Duration::from_secs(10),
+    );
+    let _ = std::process::Command::new("umount")
+        .arg("-l")
+        .arg(&ro)
+        .status();
     let all = format!("{out}{err}");
     assert!(!all.contains("panicked"), "{all}");
     assert_eq!(code, Some(1), "read-only store: {all}");
-    assert!(all.lines().any(|l| l.contains(&ro.display().to_string())), "read-only store: no line names {ro:?}: {all}");
+    assert!(
+        all.lines().any(|l| l.contains(&ro.display().to_string())),
+        "read-only store: no line names {ro:?}: {all}"
+    );
 }
 
 #[test]
@@ -922,7 +1189,10 @@ fn public_listen_needs_a_recipient_policy() {
 #[test]
 fn bad_flags_and_values_are_one_line_and_exit_1() {
     assert_startup_error(&["serve", "--no-such-flag"], &["--no-such-flag"]);
-    assert_startup_error(&["serve", "--listen", "not-an-address"], &["not-an-address"]);
+    assert_startup_error(
+        &["serve", "--listen", "not-an-address"],
+        &["not-an-address"],
+    );
     assert_startup_error(&["serve", "--max-recipients", "many"], &["many"]);
     assert_startup_error(&["serve", "--store", "sqlite:/tmp/x"], &["sqlite:/tmp/x"]);
     assert_startup_error(&["serve", "--workers", "0"], &["--workers"]);
@@ -952,7 +1222,11 @@ fn help_mentions_every_flag() {
         let (code, out, err) = run_bin(args, dir.path(), Duration::from_secs(10));
         assert_eq!(code, Some(0), "{args:?}: {out}{err}");
         for f in flags {
-            assert!(out.contains(f), "`ringmx {}` does not mention {f}:\n{out}", args.join(" "));
+            assert!(
+                out.contains(f),
+                "`ringmx {}` does not mention {f}:\n{out}",
+                args.join(" ")
+            );
         }
     }
 }
@@ -961,13 +1235,27 @@ fn help_mentions_every_flag() {
 fn discard_store_accepts_and_writes_nothing() {
     let server = Server::start(&["--store", "discard"]);
     for i in 0..3 {
-        lettre_send(server.addr, "a@client.example", &["b@dest.example"], format!("Subject: {i}\r\n\r\nx").as_bytes());
+        lettre_send(
+            server.addr,
+            "a@client.example",
+            &["b@dest.example"],
+            format!("Subject: {i}\r\n\r\nx").as_bytes(),
+        );
     }
     let entries: Vec<_> = list_dir(server.dir.path())
         .into_iter()
-        .filter(|p| !p.file_name().unwrap().to_string_lossy().starts_with("server-"))
+        .filter(|p| {
+            !p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("server-")
+        })
         .collect();
-    assert_eq!(entries, Vec::<std::path::PathBuf>::new(), "discard must not write files");
+    assert_eq!(
+        entries,
+        Vec::<std::path::PathBuf>::new(),
+        "discard must not write files"
+    );
 }
 
 #[test]
@@ -1019,7 +1307,7 @@ fn big_message_in_odd_sized_writes_is_stored_exactly() {
     let mut body = Vec::new();
     while body.len() < 3 << 20 {
         let len = (rng.next() % 201) as usize;
-        let dot = rng.next() % 8 == 0;
+        let dot = rng.next().is_multiple_of(8);
         if dot {
             body.push(b'.');
         }
@@ -1050,7 +1338,12 @@ fn big_message_in_odd_sized_writes_is_stored_exactly() {
     let r = c.reply();
     assert!(r.starts_with("250"), "{r:?}");
     let st = parse_stored(&only_file(&server));
-    assert!(st.body == body, "stored body differs (stored {} bytes, sent {} bytes)", st.body.len(), body.len());
+    assert!(
+        st.body == body,
+        "stored body differs (stored {} bytes, sent {} bytes)",
+        st.body.len(),
+        body.len()
+    );
 }
 
 #[test]
@@ -1084,7 +1377,9 @@ fn client_vanishing_mid_data_stores_nothing_and_frees_its_slot() {
         c.send(b"Subject: cut\r\n\r\nhalf a message\r\n");
         if how == "reset" {
             // SO_LINGER 0: close sends an RST instead of a FIN.
-            socket2::SockRef::from(&c.stream).set_linger(Some(Duration::ZERO)).unwrap();
+            socket2::SockRef::from(&c.stream)
+                .set_linger(Some(Duration::ZERO))
+                .unwrap();
         }
         drop(c);
     }
@@ -1108,7 +1403,11 @@ fn idle_timeout_applies_in_the_middle_of_data() {
     assert!(r.starts_with(&format!("421 4.4.2 {HOSTNAME}")), "{r:?}");
     assert!(c.closed());
     assert_eq!(server.new_files().len(), 0);
-    assert_eq!(list_dir(&server.maildir().join("tmp")).len(), 0, "nothing left in tmp/");
+    assert_eq!(
+        list_dir(&server.maildir().join("tmp")).len(),
+        0,
+        "nothing left in tmp/"
+    );
 }
 
 #[test]
@@ -1124,7 +1423,10 @@ fn config_file_sets_keys_and_flags_win() {
     let server = Server::start(&["--config", &cfg, "--max-message-size", "2000"]);
     let mut c = server.connect();
     let r = c.ehlo("client.example");
-    assert!(r.lines().any(|l| &l[4..] == "SIZE 2000"), "the flag must win over the file: {r:?}");
+    assert!(
+        r.lines().any(|l| &l[4..] == "SIZE 2000"),
+        "the flag must win over the file: {r:?}"
+    );
     c.expect("MAIL FROM:<a@client.example>", 250);
     c.expect("RCPT TO:<x@other.example>", 550);
     c.expect("RCPT TO:<x@dest.example>", 250);
@@ -1166,7 +1468,10 @@ fn defaults_store_under_ringmx_data_and_greet_with_the_system_hostname() {
         assert!(Instant::now() < deadline, "server did not come up");
         std::thread::sleep(Duration::from_millis(20));
     };
-    let host = nix::unistd::gethostname().unwrap().to_string_lossy().into_owned();
+    let host = nix::unistd::gethostname()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
     assert_eq!(c.greeting, format!("220 {host} ESMTP"));
     c.ehlo("client.example");
     open_data(&mut c, "a@client.example", &["b@dest.example"]);
@@ -1187,11 +1492,24 @@ fn restart_on_the_same_port_right_after_shutdown() {
         assert!(c.closed());
     }
     server.signal(15);
-    assert!(server.wait_exit(Duration::from_secs(10)).expect("exits").success());
+    assert!(server
+        .wait_exit(Duration::from_secs(10))
+        .expect("exits")
+        .success());
     let dir = tempfile::tempdir().unwrap();
     let store = format!("maildir:{}", dir.path().join("m").display());
     let mut child = std::process::Command::new(crate::common::BIN)
-        .args(["serve", "--listen", &addr, "--workers", "1", "--store", &store, "--hostname", HOSTNAME])
+        .args([
+            "serve",
+            "--listen",
+            &addr,
+            "--workers",
+            "1",
+            "--store",
+            &store,
+            "--hostname",
+            HOSTNAME,
+        ])
         .current_dir(dir.path())
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
@@ -1202,7 +1520,12 @@ fn restart_on_the_same_port_right_after_shutdown() {
     let up = loop {
         if let Some(st) = child.try_wait().unwrap() {
             let mut err = String::new();
-            child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+            child
+                .stderr
+                .take()
+                .unwrap()
+                .read_to_string(&mut err)
+                .unwrap();
             break Err(format!("exited with {st}: {err}"));
         }
         if TcpStream::connect(&addr).is_ok() {
@@ -1213,7 +1536,10 @@ fn restart_on_the_same_port_right_after_shutdown() {
         }
         std::thread::sleep(Duration::from_millis(20));
     };
-    let greeting = up.as_ref().ok().map(|_| Client::connect(addr.parse().unwrap()).greeting);
+    let greeting = up
+        .as_ref()
+        .ok()
+        .map(|_| Client::connect(addr.parse().unwrap()).greeting);
     let _ = child.kill();
     let _ = child.wait();
     up.unwrap_or_else(|e| panic!("restart on {addr} failed: {e}"));
@@ -1227,7 +1553,11 @@ fn sigterm_with_no_sessions_exits_0_promptly() {
     server.signal(15);
     let st = server.wait_exit(Duration::from_secs(10)).expect("exits");
     assert!(st.success(), "exit status {st}");
-    assert!(t.elapsed() < Duration::from_secs(3), "took {:?} with nothing to wait for", t.elapsed());
+    assert!(
+        t.elapsed() < Duration::from_secs(3),
+        "took {:?} with nothing to wait for",
+        t.elapsed()
+    );
 }
 
 #[test]
@@ -1237,7 +1567,10 @@ fn fifty_messages_pipelined_in_one_write() {
     c.ehlo("client.example");
     let mut wire = Vec::new();
     for i in 0..50 {
-        wire.extend_from_slice(format!("MAIL FROM:<s{i}@client.example>\r\nRCPT TO:<r{i}@dest.example>\r\nDATA\r\n").as_bytes());
+        wire.extend_from_slice(
+            format!("MAIL FROM:<s{i}@client.example>\r\nRCPT TO:<r{i}@dest.example>\r\nDATA\r\n")
+                .as_bytes(),
+        );
         wire.extend_from_slice(format!("Subject: {i}\r\n\r\n.message {i}\r\n.\r\n").as_bytes());
     }
     wire.extend_from_slice(b"QUIT\r\nNOOP\r\n");
@@ -1246,7 +1579,10 @@ fn fifty_messages_pipelined_in_one_write() {
     for i in 0..50 {
         for code in ["250", "250", "354", "250"] {
             let r = c.reply();
-            assert!(r.starts_with(code), "message {i}: expected {code}, got {r:?}");
+            assert!(
+                r.starts_with(code),
+                "message {i}: expected {code}, got {r:?}"
+            );
             if code == "250" && r.contains("queued as") {
                 qids.push(queue_id(&r));
             }
@@ -1258,9 +1594,17 @@ fn fifty_messages_pipelined_in_one_write() {
     assert_eq!(files.len(), 50);
     for f in files {
         let st = parse_stored(&std::fs::read(f).unwrap());
-        let i: usize = st.return_path[1..].split('@').next().unwrap().parse().unwrap();
+        let i: usize = st.return_path[1..]
+            .split('@')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
         assert_eq!(st.envelope_to, vec![format!("r{i}@dest.example")]);
-        assert_eq!(st.body, format!("Subject: {i}\r\n\r\nmessage {i}\r\n").as_bytes());
+        assert_eq!(
+            st.body,
+            format!("Subject: {i}\r\n\r\nmessage {i}\r\n").as_bytes()
+        );
         check_received(&st, "client.example", "[127.0.0.1]", "ESMTP", &qids[i]);
     }
 }
@@ -1307,22 +1651,47 @@ fn sigterm_under_load_loses_no_acknowledged_message() {
         .collect();
     std::thread::sleep(Duration::from_millis(300));
     server.signal(15);
-    let acked: Vec<(String, String)> = threads.into_iter().flat_map(|h| h.join().unwrap()).collect();
+    let acked: Vec<(String, String)> = threads
+        .into_iter()
+        .flat_map(|h| h.join().unwrap())
+        .collect();
     let st = server.wait_exit(Duration::from_secs(15)).expect("exits");
     assert!(st.success(), "exit status {st}");
-    assert!(!acked.is_empty(), "no message was acknowledged before SIGTERM");
+    assert!(
+        !acked.is_empty(),
+        "no message was acknowledged before SIGTERM"
+    );
     let mut stored = std::collections::HashMap::new();
     for f in server.new_files() {
         let st = parse_stored(&std::fs::read(&f).unwrap());
-        let qid = st.received.split(" id ").nth(1).unwrap().split([' ', ';']).next().unwrap().to_string();
+        let qid = st
+            .received
+            .split(" id ")
+            .nth(1)
+            .unwrap()
+            .split([' ', ';'])
+            .next()
+            .unwrap()
+            .to_string();
         let body = String::from_utf8(st.body).unwrap();
-        assert!(body.starts_with("thread ") && body.ends_with("\r\n"), "partial file {f:?}: {body:?}");
+        assert!(
+            body.starts_with("thread ") && body.ends_with("\r\n"),
+            "partial file {f:?}: {body:?}"
+        );
         stored.insert(qid, body);
     }
     for (qid, body) in &acked {
-        assert_eq!(stored.get(qid), Some(body), "acknowledged message {qid} is not on disk as sent");
+        assert_eq!(
+            stored.get(qid),
+            Some(body),
+            "acknowledged message {qid} is not on disk as sent"
+        );
     }
-    assert_eq!(list_dir(&server.maildir().join("tmp")).len(), 0, "no partial file left in tmp/");
+    assert_eq!(
+        list_dir(&server.maildir().join("tmp")).len(),
+        0,
+        "no partial file left in tmp/"
+    );
 }
 
 #[test]
@@ -1336,7 +1705,11 @@ fn store_failure_gets_451_leaves_nothing_and_the_session_goes_on() {
     c.send(b"lost\r\n.\r\n");
     let r = c.reply();
     assert!(r.starts_with("451 4.3.0"), "{r:?}");
-    assert_eq!(list_dir(&server.maildir().join("tmp")).len(), 0, "the tmp/ file must be unlinked");
+    assert_eq!(
+        list_dir(&server.maildir().join("tmp")).len(),
+        0,
+        "the tmp/ file must be unlinked"
+    );
     c.expect("NOOP", 250);
 }
 
@@ -1353,13 +1726,18 @@ fn disk_full_gets_452_and_nothing_is_left_behind() {
         .status()
         .is_ok_and(|s| s.success());
     if !mounted {
-        eprintln!("skipping disk_full_gets_452_and_nothing_is_left_behind: cannot mount a tmpfs here");
+        eprintln!(
+            "skipping disk_full_gets_452_and_nothing_is_left_behind: cannot mount a tmpfs here"
+        );
         return;
     }
     struct Unmount(std::path::PathBuf);
     impl Drop for Unmount {
         fn drop(&mut self) {
-            let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.0)
+                .status();
         }
     }
     let _unmount = Unmount(mnt.clone());
@@ -1375,13 +1753,20 @@ fn disk_full_gets_452_and_nothing_is_left_behind() {
     }
     c.send(b".\r\n");
     let r = c.reply();
-    let sizes: Vec<u64> = list_dir(&maildir.join("new")).iter().map(|f| std::fs::metadata(f).unwrap().len()).collect();
+    let sizes: Vec<u64> = list_dir(&maildir.join("new"))
+        .iter()
+        .map(|f| std::fs::metadata(f).unwrap().len())
+        .collect();
     assert!(
         r.starts_with("452 4.3.1"),
         "a 400 KB message on a 256 KiB disk: expected 452 4.3.1, got {r:?}; sizes of the files in new/: {sizes:?}"
     );
     assert_eq!(list_dir(&maildir.join("new")).len(), 0);
-    assert_eq!(list_dir(&maildir.join("tmp")).len(), 0, "the partial tmp/ file must be unlinked");
+    assert_eq!(
+        list_dir(&maildir.join("tmp")).len(),
+        0,
+        "the partial tmp/ file must be unlinked"
+    );
     // The space came back (the partial file is gone): a small message fits.
     open_data(&mut c, "a@client.example", &["b@dest.example"]);
     c.send(b"small\r\n.\r\n");
@@ -1441,7 +1826,10 @@ fn io_uring_forbidden_or_missing_is_one_line_and_exit_1() {
     };
     let listen = format!("127.0.0.1:{}", crate::common::free_port());
     let store = format!("maildir:{}", dir.path().join("m").display());
-    for (errno, words) in [(libc::EPERM, ["io_uring", "seccomp"]), (libc::ENOSYS, ["io_uring", "kernel"])] {
+    for (errno, words) in [
+        (libc::EPERM, ["io_uring", "seccomp"]),
+        (libc::ENOSYS, ["io_uring", "kernel"]),
+    ] {
         let mut child = std::process::Command::new(crate::common::BIN)
             .args(["serve", "--listen", &listen, "--store", &store])
             .env("LD_PRELOAD", &so)
@@ -1459,11 +1847,16 @@ fn io_uring_forbidden_or_missing_is_one_line_and_exit_1() {
             std::thread::sleep(Duration::from_millis(20));
         }
         let out = child.wait_with_output().unwrap();
-        let all = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        let all = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
         assert!(!all.contains("panicked"), "errno {errno}: {all}");
         assert_eq!(out.status.code(), Some(1), "errno {errno}: {all}");
         assert!(
-            all.lines().any(|l| words.iter().all(|w| l.to_lowercase().contains(w))),
+            all.lines()
+                .any(|l| words.iter().all(|w| l.to_lowercase().contains(w))),
             "errno {errno}: no one line names {words:?}: {all}"
         );
     }
@@ -1512,7 +1905,10 @@ fn floods_are_read_and_dropped_in_bounded_memory() {
     flood(&mut c, 64);
     c.expect("NOOP", 250);
     let grown_kib = peak_rss_kib(server.pid()).saturating_sub(before);
-    assert!(grown_kib < 8 * 1024, "peak RSS grew by {grown_kib} KiB while 128 MiB more were dropped");
+    assert!(
+        grown_kib < 8 * 1024,
+        "peak RSS grew by {grown_kib} KiB while 128 MiB more were dropped"
+    );
 }
 
 #[test]
@@ -1528,7 +1924,10 @@ fn message_size_limit_is_exact() {
     open_data(&mut c, "a@client.example", &["b@dest.example"]);
     c.send(format!(".{exact}.\r\n").as_bytes());
     let r = c.reply();
-    assert!(r.starts_with("250"), "a 1000-byte message under a 1000-byte limit: {r:?}");
+    assert!(
+        r.starts_with("250"),
+        "a 1000-byte message under a 1000-byte limit: {r:?}"
+    );
     open_data(&mut c, "a@client.example", &["b@dest.example"]);
     c.send(format!("b{exact}.\r\n").as_bytes());
     let r = c.reply();
@@ -1541,18 +1940,28 @@ fn three_hundred_concurrent_connections_are_all_served() {
     let server = Server::start(&["--max-connections-per-ip", "1000"]);
     let mut clients: Vec<Client> = (0..300).map(|_| server.connect()).collect();
     for (i, c) in clients.iter_mut().enumerate() {
-        assert!(c.greeting.starts_with("220"), "client {i}: {:?}", c.greeting);
+        assert!(
+            c.greeting.starts_with("220"),
+            "client {i}: {:?}",
+            c.greeting
+        );
         c.send(b"EHLO many.example\r\nMAIL FROM:<a@client.example>\r\n");
     }
     for (i, c) in clients.iter_mut().enumerate() {
         assert!(c.reply().starts_with("250"), "client {i}");
         assert!(c.reply().starts_with("250"), "client {i}");
-        c.send(format!("RCPT TO:<r{i}@dest.example>\r\nDATA\r\nmessage {i}\r\n.\r\nQUIT\r\n").as_bytes());
+        c.send(
+            format!("RCPT TO:<r{i}@dest.example>\r\nDATA\r\nmessage {i}\r\n.\r\nQUIT\r\n")
+                .as_bytes(),
+        );
     }
     for (i, c) in clients.iter_mut().enumerate() {
         for code in ["250", "354", "250", "221"] {
             let r = c.reply();
-            assert!(r.starts_with(code), "client {i}: expected {code}, got {r:?}");
+            assert!(
+                r.starts_with(code),
+                "client {i}: expected {code}, got {r:?}"
+            );
         }
     }
     assert_eq!(server.new_files().len(), 300);
@@ -1588,8 +1997,16 @@ fn a_client_that_half_closes_still_gets_every_reply() {
         c.send(&script);
         c.stream.shutdown(std::net::Shutdown::Write).unwrap();
         let all = c.read_to_close();
-        let codes: Vec<&str> = all.lines().filter(|l| l.as_bytes().get(3) != Some(&b'-')).map(|l| &l[..3]).collect();
-        let want: &[&str] = if quit { &["250", "250", "250", "354", "250", "221"] } else { &["250", "250", "250", "354", "250"] };
+        let codes: Vec<&str> = all
+            .lines()
+            .filter(|l| l.as_bytes().get(3) != Some(&b'-'))
+            .map(|l| &l[..3])
+            .collect();
+        let want: &[&str] = if quit {
+            &["250", "250", "250", "354", "250", "221"]
+        } else {
+            &["250", "250", "250", "354", "250"]
+        };
         assert_eq!(codes, want, "quit={quit}: {all:?}");
     }
     assert_eq!(server.new_files().len(), 2);
@@ -1597,7 +2014,9 @@ fn a_client_that_half_closes_still_gets_every_reply() {
 
 /// Open descriptors of a process.
 fn fd_count(pid: i32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count()
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
 }
 
 #[test]
@@ -1624,7 +2043,9 @@ fn sessions_leave_no_descriptors_behind() {
             }
             // Reset by the peer.
             2 => {
-                socket2::SockRef::from(&c.stream).set_linger(Some(Duration::ZERO)).unwrap();
+                socket2::SockRef::from(&c.stream)
+                    .set_linger(Some(Duration::ZERO))
+                    .unwrap();
             }
             // Connect and leave.
             _ => {}
@@ -1637,7 +2058,10 @@ fn sessions_leave_no_descriptors_behind() {
         std::thread::sleep(Duration::from_millis(50));
         now = fd_count(server.pid());
     }
-    assert!(now <= before, "descriptors: {before} before 200 sessions, {now} after");
+    assert!(
+        now <= before,
+        "descriptors: {before} before 200 sessions, {now} after"
+    );
     assert_eq!(server.new_files().len(), 50);
     assert_eq!(list_dir(&server.maildir().join("tmp")).len(), 0);
 }
