@@ -218,6 +218,9 @@ pub struct Ring {
     injected: std::collections::HashMap<u64, i32>,
 }
 
+/// Most io-wq workers per ring, bounded and unbounded (see `Ring::new`).
+const IOWQ_WORKERS: u32 = 64;
+
 /// The buffer group id of the receive buffers.
 const BGID: u16 = 0;
 
@@ -267,6 +270,12 @@ impl Ring {
                 });
             }
         }
+        // File ops (openat, fsync, renameat) block in the kernel's io-wq workers. Their default
+        // cap (4 per CPU) bounds how many file fsyncs of a group commit are in flight at once,
+        // and durable throughput follows that number: 64 measured 10-15% more messages/s than
+        // the default with 50 sessions on one worker. Best effort: older kernels keep theirs.
+        let mut max_workers = [IOWQ_WORKERS, IOWQ_WORKERS];
+        let _ = uring.submitter().register_iowq_max_workers(&mut max_workers);
         let bufs = BufRing::new(buf_count, buf_len, BGID);
         // SAFETY: `bufs` owns the page-aligned entry array of `buf_count` entries; it lives in the
         // returned Ring and is dropped only after `uring` (field order), see `bufs` module docs.
