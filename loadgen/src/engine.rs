@@ -142,8 +142,8 @@ struct Engine {
     schedule: Option<OpenSchedule>,
     drain_deadline: Option<Instant>,
     domain: socket2::Domain,
-    /// Moving average of the time from asking to receiving a reply, nanoseconds.
-    reply_ns_avg: u64,
+    /// Low estimate of the time from asking to receiving a reply, nanoseconds.
+    reply_ns_low: u64,
 }
 
 /// Longest the kernel may hold completions for a batch, whatever the reply times.
@@ -205,7 +205,7 @@ pub fn run_thread(
         end_at,
         schedule,
         drain_deadline: None,
-        reply_ns_avg: 0,
+        reply_ns_low: 0,
         domain: socket2::Domain::for_address(cfg.target),
         cfg,
     };
@@ -265,14 +265,14 @@ impl Engine {
     }
 
     /// How long the kernel may hold completions to hand them over in a batch: `batch_pct` of
-    /// the recent reply time, so a timestamp is late by at most that fraction of what it
-    /// measures. Under load (replies take milliseconds) this saves many wake-ups and so much of
+    /// a low estimate of the recent reply time, so a reply is seen late by at most about that
+    /// fraction of what it measures. Under load (replies take milliseconds) this saves many wake-ups and so much of
     /// the generator's CPU; with one connection or fast replies it is (nearly) zero.
     fn batch_wait_us(&self) -> u32 {
         if self.cfg.batch_pct <= 0.0 || self.active < 2 {
             return 0;
         }
-        let us = self.reply_ns_avg as f64 * self.cfg.batch_pct / 100.0 / 1000.0;
+        let us = self.reply_ns_low as f64 * self.cfg.batch_pct / 100.0 / 1000.0;
         us.min(BATCH_WAIT_US_MAX) as u32
     }
 
@@ -432,12 +432,15 @@ impl Engine {
         let cmd_busy = self.ring.op_busy(slot, OpKind::SendCmd);
         let (input, mut cmd) = self.ring.recv_and_cmd(slot, len, cmd_busy);
         let conn = &mut self.conns[slot as usize];
+        // A low estimate of the reply time: follows a faster reply at once and a slower one
+        // only slowly, so the batch window stays small next to the fastest replies (EHLO), not
+        // just the average (which slow end-of-data replies dominate).
         let sample = (now - conn.asked).as_nanos() as u64;
-        self.reply_ns_avg = if self.reply_ns_avg == 0 {
-            sample
+        if sample < self.reply_ns_low || self.reply_ns_low == 0 {
+            self.reply_ns_low = sample;
         } else {
-            (self.reply_ns_avg * 15 + sample) / 16
-        };
+            self.reply_ns_low += (sample - self.reply_ns_low) / 32;
+        }
         let mut pos = 0;
         // The first action other than Wait; at most one per read is legitimate.
         let mut next: Option<Action> = None;

@@ -173,8 +173,8 @@ impl Report {
         if self.batch_pct > 0.0 {
             let _ = writeln!(
                 s,
-                "timestamps: completions batched (--batch {}%): each is late by at most {} µs in this run, {}% of the mean reply time",
-                self.batch_pct, self.batch_wait_us_max, self.batch_pct
+                "timestamps: completions batched (--batch {}%): each seen late by at most {} µs in this run",
+                self.batch_pct, self.batch_wait_us_max
             );
         }
         let _ = writeln!(
