@@ -238,7 +238,8 @@ impl Engine {
             self.tick_interval(now, false);
             let mut wake = next_check;
             if let Some(s) = &self.schedule {
-                if let Some((_, due)) = s.peek() {
+                // With every slot busy, a due session waits for a close, not for the clock.
+                if let Some((_, due)) = s.peek().filter(|_| !self.free.is_empty()) {
                     wake = wake.min(self.start + due);
                 }
             }

@@ -88,6 +88,8 @@ pub struct Ring {
     message: Box<[u8]>,
     /// Operations pushed and not yet reaped (cancels included).
     in_flight: usize,
+    /// The kernel understands a minimum wait before returning fewer completions (6.12+).
+    min_wait: bool,
 }
 
 impl Ring {
@@ -109,7 +111,9 @@ impl Ring {
                 busy: 0,
             })
             .collect();
+        let min_wait = ring.params().is_feature_min_timeout();
         Ok(Ring {
+            min_wait,
             ring,
             slots,
             addr: Box::new(addr),
@@ -265,6 +269,8 @@ impl Ring {
         want: usize,
         min_wait_us: u32,
     ) -> io::Result<()> {
+        // `want` completions, but fewer once `min_wait_us` has passed (the --batch window).
+        let min_wait_us = if self.min_wait { min_wait_us } else { 0 };
         let r = match timeout {
             None => self.ring.submitter().submit_and_wait(1),
             Some(t) => {

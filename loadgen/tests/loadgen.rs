@@ -52,6 +52,49 @@ fn closed_run_counts_exactly_the_messages_the_server_accepted() {
 }
 
 #[test]
+fn warmup_sessions_run_but_stay_out_of_the_figures() {
+    let server = TestServer::start(Behaviour::default());
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("r.json");
+    let addr = server.addr.to_string();
+    let o = loadgen(&[
+        "--target",
+        &addr,
+        "--connections",
+        "4",
+        "--warmup",
+        "0.5",
+        "--duration",
+        "1",
+        "--json",
+        out.to_str().unwrap(),
+    ]);
+    let (stdout, stderr) = text(&o);
+    assert!(o.status.success(), "{stdout}\n{stderr}");
+    let j = json(&out);
+    let c = &j["counts"];
+    let (measured, warm) = (
+        c["messages_accepted"].as_u64().unwrap(),
+        c["warmup_messages_accepted"].as_u64().unwrap(),
+    );
+    assert!(warm > 0 && measured > 0, "{stdout}");
+    assert_eq!(
+        measured + warm,
+        server.accepted.load(std::sync::atomic::Ordering::SeqCst)
+    );
+    assert_eq!(
+        phase(&j, "transaction")["count"].as_u64().unwrap(),
+        measured
+    );
+    let elapsed = j["elapsed_s"].as_f64().unwrap();
+    assert!(
+        (0.9..2.0).contains(&elapsed),
+        "measured time excludes the warmup: {elapsed}"
+    );
+    assert!(stdout.contains("warmup (not in the figures)"), "{stdout}");
+}
+
+#[test]
 fn pipelined_run_uses_pipelining_and_counts_right() {
     let server = TestServer::start(Behaviour::default());
     let dir = tempfile::tempdir().unwrap();
