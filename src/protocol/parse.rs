@@ -367,9 +367,41 @@ fn split_path(s: &[u8]) -> Option<(&[u8], &[u8])> {
     None
 }
 
-/// RFC 5321 4.1.2 `atext` plus `.` (Dot-string characters), and UTF-8 bytes (RFC 6531).
-fn is_dot_string_byte(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || b >= 0x80 || b"!#$%&'*+-/=?^_`{|}~.".contains(&b)
+/// RFC 5322 `atext` (what RFC 5321 4.1.2's Dot-string is made of, besides dots), plus UTF-8
+/// bytes (RFC 6531), as a table: one load per byte.
+const ATEXT: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        let c = b as u8;
+        t[b] = c.is_ascii_alphanumeric() || c >= 0x80;
+        b += 1;
+    }
+    let specials = b"!#$%&'*+-/=?^_`{|}~";
+    let mut i = 0;
+    while i < specials.len() {
+        t[specials[i] as usize] = true;
+        i += 1;
+    }
+    t
+};
+
+/// `Dot-string = Atom *("." Atom)`: atext runs separated by single dots.
+fn valid_dot_string(s: &[u8]) -> bool {
+    let mut prev_dot = true; // so that a leading dot fails
+    for &b in s {
+        if b == b'.' {
+            if prev_dot {
+                return false;
+            }
+            prev_dot = true;
+        } else if ATEXT[usize::from(b)] {
+            prev_dot = false;
+        } else {
+            return false;
+        }
+    }
+    !prev_dot
 }
 
 /// Parses `<[A-d-l:]Mailbox>`; `allow_bare` admits `<postmaster>` (RCPT only).
@@ -412,13 +444,7 @@ fn parse_path(path: &[u8], allow_bare: bool) -> Option<Path<'_>> {
         }
     } else {
         let at = memchr::memrchr(b'@', mailbox)?;
-        let local = &mailbox[..at];
-        if local.is_empty()
-            || local.starts_with(b".")
-            || local.ends_with(b".")
-            || memchr::memmem::find(local, b"..").is_some()
-            || !local.iter().all(|&b| is_dot_string_byte(b))
-        {
+        if !valid_dot_string(&mailbox[..at]) {
             return None;
         }
         at
@@ -554,6 +580,10 @@ mod tests {
             ("MAIL FROM:<a@>", SYN_MAIL),
             ("MAIL FROM:<@b.c>", SYN_MAIL),
             ("MAIL FROM:<a..b@c>", SYN_MAIL),
+            ("MAIL FROM:<.a@c>", SYN_MAIL),
+            ("MAIL FROM:<a.@c>", SYN_MAIL),
+            ("MAIL FROM:<a(b)@c>", SYN_MAIL),
+            ("MAIL FROM:<a.b+tag@c>", mail("a.b+tag@c", "c", NONE)),
             ("MAIL FROM:<a@b..c>", SYN_MAIL),
             ("MAIL FROM:<a@-b.c>", SYN_MAIL),
             // The bare postmaster is a RCPT form only.
