@@ -362,6 +362,11 @@ impl Session {
                 None => self.refuse(Some(verb), out, reply::NEED_MAIL),
                 Some(tx) if tx.rcpts.is_empty() => self.refuse(Some(verb), out, reply::NEED_RCPT),
                 Some(tx) => {
+                    // Start the body at the declared size (RFC 1870), within reason: a few
+                    // regrowths are cheaper than trusting a client with our memory.
+                    const BODY_START_MAX: u64 = 64 * 1024;
+                    let start = tx.params.size.unwrap_or(4096).min(BODY_START_MAX).min(self.cfg.max_message_size);
+                    tx.body = Vec::with_capacity(start as usize);
                     tx.data = Some(DataScanner::new(self.cfg.max_message_size));
                     self.phase = Phase::Data;
                     out.extend_from_slice(reply::DATA_GO);
