@@ -18,7 +18,7 @@ fn body(size: usize, dots: bool) -> Vec<u8> {
     let words = b"lorem ipsum dolor sit amet consectetur adipiscing elit sed do eiusmod tempor ";
     let mut n = 0usize;
     while v.len() < size {
-        if dots && n % 3 == 0 {
+        if dots && n.is_multiple_of(3) {
             v.extend_from_slice(b"..");
         }
         let start = n % 7;

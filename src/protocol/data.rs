@@ -481,7 +481,7 @@ mod tests {
                     v.push(b'.');
                 }
                 let len = (r >> 8) as usize % 300;
-                v.extend(std::iter::repeat(b'w').take(len));
+                v.extend(std::iter::repeat_n(b'w', len));
                 v.extend_from_slice(b"\r\n");
             }
             if round % 3 == 1 {

@@ -424,7 +424,7 @@ impl Session {
     /// verb's table entry says otherwise (the one place `Verb::counts_errors` is consulted).
     fn refuse(&mut self, verb: Option<Verb>, out: &mut Vec<u8>, text: &[u8]) {
         out.extend_from_slice(text);
-        if verb.map_or(true, Verb::counts_errors) {
+        if verb.is_none_or(Verb::counts_errors) {
             self.count_error(out);
         }
     }
