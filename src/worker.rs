@@ -1027,7 +1027,7 @@ impl Worker {
     }
 
     /// Answers every session of batch `b`. `failure`: the directory fsync failed, so even the
-    /// renamed messages are not known durable.
+    /// renamed messages are not known durable; they are unlinked from new/ again and refused.
     fn finish_batch(&mut self, b: usize, failure: Option<CommitResult>) {
         let Some(batch) = self.batches.remove(b as u32) else {
             return;
@@ -1041,7 +1041,14 @@ impl Worker {
             };
             let result = match (entry.result, &failure) {
                 (Some(r), _) => r,
-                (None, Some(f)) => f.clone(),
+                (None, Some(f)) => {
+                    // Renamed, but new/ was not synced: the client hears 4xx and will send the
+                    // message again, so take this copy back out rather than deliver it twice.
+                    let path = entry.new_path.clone();
+                    self.ring
+                        .push(Token::new(K_IGNORE, e as u32, 0), Op::UnlinkAt { path });
+                    f.clone()
+                }
                 (None, None) => CommitResult::Stored {
                     queue_id: entry.queue_id.clone(),
                 },
@@ -1878,6 +1885,14 @@ mod tests {
                 Some(&1),
                 "{t} acknowledged but not stored exactly once (seed {seed})"
             );
+        }
+        for (t, c) in &outcomes {
+            if *c != 250 {
+                assert!(
+                    !stored.contains_key(t),
+                    "{t} refused with {c} but left in new/ (seed {seed})"
+                );
+            }
         }
         assert_eq!(w.files("tmp"), 0, "leftovers in tmp/ (seed {seed})");
         assert!(
