@@ -22,7 +22,21 @@
 //! `batch_delay_us_max` passed since its first message, or when no earlier batch is still in
 //! flight (nothing to wait for, so a lone message is not delayed). A closed batch, once all its
 //! messages are renamed or failed, gets one fsync of new/; only then does every session of the
-//! batch get its answer. Failed messages are unlinked from tmp/ and answered 452 or 451.
+//! batch get its answer. Failed messages are unlinked from tmp/ and answered 452 or 451; if the
+//! directory fsync itself fails, the batch's renamed files are unlinked from new/ again and the
+//! whole batch is answered 451 (the clients will resend; nothing is delivered twice).
+//!
+//! Limits: --max-connections (one atomic counter shared by the workers) and
+//! --max-connections-per-ip (a sharded map), both touched only at accept and when a connection
+//! starts closing; over either, `421 4.7.0 <host> Too many connections` and close.
+//!
+//! Shutdown (the server's eventfd, read through the ring): the listeners' accepts are cancelled
+//! and the sockets closed; sessions between commands get 421 4.3.2 and close; sessions in DATA
+//! or committing finish and get their answer, then 421; after --shutdown-grace everybody left
+//! gets 421. The worker returns once its last connection and commit are done.
+//!
+//! Logs: one line per message (queue id, client, sender, recipients, size, result) and one per
+//! session end (client, duration, messages, commands, errors, result).
 use std::collections::HashMap;
 use std::ffi::CString;
 use std::net::{IpAddr, SocketAddr};
