@@ -227,9 +227,14 @@ impl Engine {
                 next_check = now + tick;
             }
             if !more {
-                let drain = *self.drain_deadline.get_or_insert(now + self.cfg.timeout);
-                if now >= drain {
-                    self.abandon_all(now)?;
+                // A timed run ends soon after its time: sessions still running one --timeout
+                // later are abandoned (counted as unfinished). A counted run (--sessions) lets
+                // every session finish; each is bounded by its per-reply timeouts anyway.
+                if matches!(self.cfg.stop, Stop::Duration(_)) {
+                    let drain = *self.drain_deadline.get_or_insert(now + self.cfg.timeout);
+                    if now >= drain {
+                        self.abandon_all(now)?;
+                    }
                 }
                 if self.active == 0 && self.ring.in_flight() == 0 {
                     break;
@@ -267,8 +272,8 @@ impl Engine {
 
     /// How long the kernel may hold completions to hand them over in a batch: `batch_pct` of
     /// a low estimate of the recent reply time, so a reply is seen late by at most about that
-    /// fraction of what it measures. Under load (replies take milliseconds) this saves many wake-ups and so much of
-    /// the generator's CPU; with one connection or fast replies it is (nearly) zero.
+    /// fraction of what it measures. Under load (replies take milliseconds) this saves many
+    /// wake-ups, and so much of the generator's CPU; with one session in flight it is zero.
     fn batch_wait_us(&self) -> u32 {
         if self.cfg.batch_pct <= 0.0 || self.active < 2 {
             return 0;
@@ -379,6 +384,11 @@ impl Engine {
             return Ok(());
         }
         let res = c.result as usize;
+        if res == 0 && matches!(c.kind, OpKind::SendCmd | OpKind::SendMessage) {
+            // A stream socket that takes no bytes of a non-empty send is gone.
+            self.broken(slot, ErrorKind::Reset, now);
+            return Ok(());
+        }
         match c.kind {
             OpKind::Connect => {
                 conn.connected = now;

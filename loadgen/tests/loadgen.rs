@@ -249,6 +249,80 @@ fn open_loop_p999_shows_a_one_second_stall_and_closed_loop_says_what_it_is() {
 }
 
 #[test]
+fn a_server_that_closes_or_goes_silent_mid_session_shows_as_errors_by_kind() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("closed.json");
+    let server = TestServer::start(Behaviour {
+        close_on_mail: true,
+        ..Default::default()
+    });
+    let addr = server.addr.to_string();
+    let o = loadgen(&[
+        "--target",
+        &addr,
+        "--connections",
+        "3",
+        "--sessions",
+        "12",
+        "--json",
+        out.to_str().unwrap(),
+    ]);
+    let (stdout, stderr) = text(&o);
+    assert!(o.status.success(), "{stdout}\n{stderr}");
+    let j = json(&out);
+    assert_eq!(j["errors"][0]["kind"], "closed by server", "{stdout}");
+    assert_eq!(j["errors"][0]["count"], 12);
+    assert!(
+        j["errors"][0]["examples"][0]
+            .as_str()
+            .unwrap()
+            .contains("waiting for the reply to MAIL"),
+        "{stdout}"
+    );
+    assert_eq!(j["counts"]["messages_failed"], 12);
+    assert_eq!(j["counts"]["sessions_failed"], 12);
+
+    // No reply to DATA: each session times out there, its operations are cancelled and the
+    // run still ends on its own, soon after the timeout.
+    let out = dir.path().join("timeout.json");
+    let server = TestServer::start(Behaviour {
+        silent_on_data: true,
+        ..Default::default()
+    });
+    let addr = server.addr.to_string();
+    let started = Instant::now();
+    let o = loadgen(&[
+        "--target",
+        &addr,
+        "--connections",
+        "4",
+        "--sessions",
+        "8",
+        "--timeout",
+        "0.4",
+        "--json",
+        out.to_str().unwrap(),
+    ]);
+    let (stdout, stderr) = text(&o);
+    assert!(o.status.success(), "{stdout}\n{stderr}");
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "bounded by the timeout"
+    );
+    let j = json(&out);
+    assert_eq!(j["errors"][0]["kind"], "timeout", "{stdout}");
+    assert_eq!(j["errors"][0]["count"], 8);
+    assert!(
+        j["errors"][0]["examples"][0]
+            .as_str()
+            .unwrap()
+            .contains("timeout waiting for the reply to DATA (400ms)"),
+        "{stdout}"
+    );
+    assert_eq!(j["counts"]["messages_accepted"], 0);
+}
+
+#[test]
 fn unreachable_target_is_one_clear_line_and_exit_1() {
     let port = free_port();
     let o = loadgen(&["--target", &format!("127.0.0.1:{port}"), "--sessions", "5"]);

@@ -20,6 +20,10 @@ pub struct Behaviour {
     pub stall_after_connections: Option<(u64, Duration)>,
     /// Accept connections but never send anything.
     pub never_greet: bool,
+    /// Close the connection instead of answering MAIL.
+    pub close_on_mail: bool,
+    /// Never answer DATA (hold the connection open for 30 s).
+    pub silent_on_data: bool,
 }
 
 impl Default for Behaviour {
@@ -28,6 +32,8 @@ impl Default for Behaviour {
             rcpt_reply: "250 2.1.5 ok",
             stall_after_connections: None,
             never_greet: false,
+            close_on_mail: false,
+            silent_on_data: false,
         }
     }
 }
@@ -126,9 +132,14 @@ fn serve(conn: TcpStream, s: &Shared) -> std::io::Result<()> {
                 &mut w,
                 "250-tiny.test\r\n250-PIPELINING\r\n250 SIZE 100000000\r\n",
             )?,
+            "MAIL" if s.b.close_on_mail => return Ok(()),
             "HELO" | "MAIL" | "RSET" | "NOOP" => reply(&mut w, "250 2.0.0 ok\r\n")?,
             "RCPT" => reply(&mut w, &format!("{}\r\n", s.b.rcpt_reply))?,
             "DATA" => {
+                if s.b.silent_on_data {
+                    std::thread::sleep(Duration::from_secs(30));
+                    return Ok(());
+                }
                 if !s.b.rcpt_reply.starts_with('2') {
                     reply(&mut w, "554 5.5.1 no valid recipients\r\n")?;
                     continue;
