@@ -69,6 +69,9 @@ fn listener(addr: SocketAddr, reuseport: bool) -> std::io::Result<Socket> {
     if reuseport {
         s.set_reuse_port(true)?;
     }
+    // Accepted sockets inherit TCP_NODELAY from the listener, which saves a setsockopt per
+    // connection. Replies are already batched into one send per read, so Nagle only delays.
+    s.set_nodelay(true)?;
     s.bind(&addr.into())?;
     if reuseport {
         s.listen(1024)?;
@@ -283,4 +286,41 @@ fn block_sigpipe() -> nix::Result<()> {
     let mut set = SigSet::empty();
     set.add(Signal::SIGPIPE);
     set.thread_block()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accepted_sockets_inherit_nodelay_from_the_listener() {
+        let l = listener("127.0.0.1:0".parse().unwrap(), true).unwrap();
+        let addr = l.local_addr().unwrap().as_socket().unwrap();
+        let _c = std::net::TcpStream::connect(addr).unwrap();
+        let (a, _) = l.accept().unwrap();
+        assert!(a.nodelay().unwrap());
+    }
+
+    #[test]
+    fn a_port_held_by_another_reuseport_socket_is_refused() {
+        // Another process's SO_REUSEPORT listener would otherwise silently share the port.
+        let other = listener("127.0.0.1:0".parse().unwrap(), true).unwrap();
+        let addr = other.local_addr().unwrap().as_socket().unwrap();
+        let err = bind_all(&[addr], 2).err().expect("bind must fail");
+        let line = err.to_string();
+        assert!(
+            line.contains(&addr.to_string()) && line.contains("in use"),
+            "{line}"
+        );
+    }
+
+    #[test]
+    fn port_zero_gives_every_worker_the_same_port() {
+        let socks = bind_all(&["127.0.0.1:0".parse().unwrap()], 3).unwrap();
+        let ports: Vec<u16> = socks
+            .iter()
+            .map(|w| w[0].local_addr().unwrap().as_socket().unwrap().port())
+            .collect();
+        assert!(ports.iter().all(|&p| p == ports[0] && p != 0), "{ports:?}");
+    }
 }

@@ -522,7 +522,6 @@ impl Worker {
             crate::ring::close_now(fd);
             return;
         };
-        crate::ring::set_nodelay(fd);
         let now = Instant::now();
         let (slot, generation) = self.conns.vacant();
         let mut conn = Conn {

@@ -275,7 +275,9 @@ impl Ring {
         // and durable throughput follows that number: 64 measured 10-15% more messages/s than
         // the default with 50 sessions on one worker. Best effort: older kernels keep theirs.
         let mut max_workers = [IOWQ_WORKERS, IOWQ_WORKERS];
-        let _ = uring.submitter().register_iowq_max_workers(&mut max_workers);
+        let _ = uring
+            .submitter()
+            .register_iowq_max_workers(&mut max_workers);
         let bufs = BufRing::new(buf_count, buf_len, BGID);
         // SAFETY: `bufs` owns the page-aligned entry array of `buf_count` entries; it lives in the
         // returned Ring and is dropped only after `uring` (field order), see `bufs` module docs.
@@ -624,13 +626,6 @@ pub fn peer_addr(fd: RawFd) -> Option<SocketAddr> {
         .peer_addr()
         .ok()?
         .as_socket()
-}
-
-/// Turns off Nagle on an accepted socket: replies are already batched, one send per read.
-pub fn set_nodelay(fd: RawFd) {
-    // SAFETY: as in `peer_addr`.
-    let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
-    let _ = socket2::SockRef::from(&borrowed).set_nodelay(true);
 }
 
 /// Closes a descriptor synchronously (start-up and error paths only).
