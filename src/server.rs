@@ -306,7 +306,7 @@ mod tests {
         // Another process's SO_REUSEPORT listener would otherwise silently share the port.
         let other = listener("127.0.0.1:0".parse().unwrap(), true).unwrap();
         let addr = other.local_addr().unwrap().as_socket().unwrap();
-        let err = bind_all(&[addr], 2).err().expect("bind must fail");
+        let err = bind_all(&[addr], 2).expect_err("bind must fail");
         let line = err.to_string();
         assert!(
             line.contains(&addr.to_string()) && line.contains("in use"),
