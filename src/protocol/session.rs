@@ -19,6 +19,20 @@
 //! }
 //! ```
 //! Timers and shutdown come in as calls: `on_idle_timeout`, `on_shutdown`.
+//!
+//! Policy choices made here (each tested in this file's tests and `tests/fixtures/*.smtp`):
+//! - Every 4xx/5xx reply to a client's command or message counts toward `max_errors`, except
+//!   452 4.5.3 (too many recipients: RFC 5321 4.5.3.1.10 has the client deliver to those accepted
+//!   and retry the rest, so counting it would punish a legitimate long list), EXPN's 502 (our
+//!   choice, see `Verb::counts_errors`), and the store's own failures (451/452 after the data).
+//! - A command line is at most `LINE_BYTES_MAX` (512) octets with its line ending; a longer one
+//!   is answered 500 5.5.6 when its end arrives, and never more than 511 bytes of it are held.
+//! - A bare LF ends a command line; in DATA only CRLF counts (see `data`).
+//! - Bytes that arrive after an accepted DATA in the same read are message data; after a refused
+//!   DATA they are commands.
+//! - Rejected transactions (bare CR/LF, too big, declared SIZE too big) are logged here with
+//!   `tracing::info!`; accepted messages and session ends are logged by the worker, which knows
+//!   the queue id (`take_message`'s envelope, `stats`, `helo`, `improper_pipelining`).
 use std::net::SocketAddr;
 use std::sync::Arc;
 
