@@ -141,6 +141,7 @@ pub fn run(cfg: Config) -> Result<ExitCode> {
     let from0 = cfg.script.from.render_string(0, 0, 0);
     let to0 = cfg.script.to.render_string(0, 0, 0);
     let message = build_message(cfg.size as usize, cfg.seed, &from0, &to0);
+    let message_len = message.len();
     let live = std::io::stdout().is_terminal();
     let intervals_wanted = live || cfg.hdr_log.is_some();
     let rc = Arc::new(RunConfig {
@@ -152,7 +153,8 @@ pub fn run(cfg: Config) -> Result<ExitCode> {
         timeout: cfg.timeout,
         script: cfg.script.clone(),
         message,
-        size: cfg.size.max(if cfg.size == 1 { 2 } else { 0 }),
+        // As sent: the message without its end-of-data line (a size of 1 became 2).
+        size: message_len as u64 - 3,
         intervals: intervals_wanted,
         open_slots: cfg.open_slots,
         batch_pct: cfg.batch_pct,
