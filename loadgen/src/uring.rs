@@ -6,7 +6,7 @@
 //! (sent), a receive buffer (written by the kernel) and the target address (read by connect),
 //! plus the message bytes shared by all slots. From the push of an operation until its completion
 //! is reaped, the buffer it names belongs to the kernel: the slot's `busy` bits record that, the
-//! safe accessors (`cmd_buf`, `received`) panic rather than hand out a buffer the kernel is using,
+//! safe accessor (`recv_and_cmd`) panics rather than hand out a buffer the kernel is using,
 //! and nothing here frees or reallocates a buffer while its bit is set. On drop, operations still
 //! in flight are cancelled and waited for; if they cannot be, the buffers are leaked rather than
 //! freed under the kernel.
@@ -137,26 +137,6 @@ impl Ring {
 
     pub fn message_len(&self) -> usize {
         self.message.len()
-    }
-
-    /// The slot's command buffer, to append commands to. Panics while a send from it is in flight.
-    pub fn cmd_buf(&mut self, slot: u32) -> &mut Vec<u8> {
-        let s = &mut self.slots[slot as usize];
-        assert!(
-            s.busy & OpKind::SendCmd.busy_bit() == 0,
-            "command buffer of slot {slot} is in flight"
-        );
-        &mut s.cmd
-    }
-
-    /// The first `len` bytes received into the slot's buffer. Panics while a receive is in flight.
-    pub fn received(&self, slot: u32, len: usize) -> &[u8] {
-        let s = &self.slots[slot as usize];
-        assert!(
-            s.busy & OpKind::Recv.busy_bit() == 0,
-            "receive buffer of slot {slot} is in flight"
-        );
-        &s.recv[..len]
     }
 
     /// The received bytes and, unless a send from it is in flight (`cmd_busy`), the command
@@ -347,8 +327,17 @@ impl Drop for Ring {
                 return;
             }
         }
-        // The kernel may still write into them: leak rather than free.
+        // The kernel may still read or write them: leak rather than free.
         std::mem::forget(std::mem::take(&mut self.slots));
+        std::mem::forget(std::mem::take(&mut self.message));
+        let addr = std::mem::replace(
+            &mut self.addr,
+            Box::new(socket2::SockAddr::from(std::net::SocketAddr::from((
+                [0, 0, 0, 0],
+                0,
+            )))),
+        );
+        std::mem::forget(addr);
     }
 }
 
