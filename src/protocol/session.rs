@@ -25,8 +25,9 @@
 //!   452 4.5.3 (too many recipients: RFC 5321 4.5.3.1.10 has the client deliver to those accepted
 //!   and retry the rest, so counting it would punish a legitimate long list), EXPN's 502 (our
 //!   choice, see `Verb::counts_errors`), and the store's own failures (451/452 after the data).
-//! - A command line is at most `LINE_BYTES_MAX` (512) octets with its line ending; a longer one
-//!   is answered 500 5.5.6 when its end arrives, and never more than 511 bytes of it are held.
+//! - A command line is at most `LINE_BYTES_MAX` (512) octets with its line ending (the worker may
+//!   raise it with `set_line_bytes_max`); a longer one is answered 500 5.5.6 when its end
+//!   arrives, and never more than the limit of it is held.
 //! - A bare LF ends a command line; in DATA only CRLF counts (see `data`).
 //! - Bytes that arrive after an accepted DATA in the same read are message data; after a refused
 //!   DATA they are commands.
@@ -161,6 +162,8 @@ pub struct Session {
     stats: SessionStats,
     /// Commands that arrived after a group-ending command in the same input (RFC 2920 3.1).
     improper_pipelining: u32,
+    /// Longest command line, line ending included (`LINE_BYTES_MAX` unless raised).
+    line_max: u32,
 }
 
 /// MAIL ... end of data.
@@ -188,7 +191,14 @@ impl Session {
             shutdown: false,
             stats: SessionStats::default(),
             improper_pipelining: 0,
+            line_max: LINE_BYTES_MAX as u32,
         }
+    }
+
+    /// Raises the command line limit (config `line_bytes_max`); values are clamped to
+    /// `LINE_BYTES_MAX..=65536`, since RFC 5321 4.5.3.1.4 requires at least 512.
+    pub fn set_line_bytes_max(&mut self, n: usize) {
+        self.line_max = n.clamp(LINE_BYTES_MAX, 65_536) as u32;
     }
 
     /// Appends the `220 <hostname> ESMTP` greeting.
@@ -228,7 +238,7 @@ impl Session {
                     if group_ended {
                         self.improper_pipelining += 1;
                     }
-                    if self.discarding || self.line.len() + lf + 1 > LINE_BYTES_MAX {
+                    if self.discarding || self.line.len() + lf + 1 > self.line_max as usize {
                         self.discarding = false;
                         self.line = Vec::new();
                         self.stats.commands += 1;
@@ -248,13 +258,13 @@ impl Session {
         }
     }
 
-    /// Keeps the start of a command line whose LF has not arrived, bounded by `LINE_BYTES_MAX`.
+    /// Keeps the start of a command line whose LF has not arrived, bounded by the line limit.
     fn hold_partial_line(&mut self, rest: &[u8]) {
         if self.discarding || rest.is_empty() {
             return;
         }
         // The LF still to come makes the line one byte longer.
-        if self.line.len() + rest.len() + 1 > LINE_BYTES_MAX {
+        if self.line.len() + rest.len() + 1 > self.line_max as usize {
             self.discarding = true;
             self.line = Vec::new();
         } else {
@@ -886,6 +896,24 @@ mod tests {
         let long = format!("NOOP {}\n", "x".repeat(512 - 5));
         let r = run(format!("{ok}{long}").as_bytes());
         assert_eq!(codes(&r.out), [220, 250, 500]);
+    }
+
+    #[test]
+    fn line_limit_can_be_raised_but_not_below_512() {
+        let line = format!("NOOP {}\r\n", "x".repeat(900));
+        let mut s = Session::new(Arc::new(cfg()), PEER.parse().unwrap());
+        let mut out = Vec::new();
+        s.feed(line.as_bytes(), &mut out);
+        assert_eq!(replies(&out), ["500 5.5.6 Error: line too long"]);
+        s.set_line_bytes_max(1024);
+        out.clear();
+        s.feed(&line.as_bytes()[..400], &mut out);
+        s.feed(&line.as_bytes()[400..], &mut out);
+        assert_eq!(replies(&out), ["250 2.0.0 Ok"]);
+        s.set_line_bytes_max(10);
+        out.clear();
+        s.feed(format!("NOOP {}\r\n", "x".repeat(505)).as_bytes(), &mut out);
+        assert_eq!(replies(&out), ["250 2.0.0 Ok"]);
     }
 
     #[test]
