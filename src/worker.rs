@@ -16,8 +16,8 @@
 //! client trickling single bytes into a command line or a body is therefore closed with 421
 //! 4.4.2 after --idle-timeout, like an idle one.
 //!
-//! Group commit (maildir): each message's tmp file is opened, written, fsync'd, closed and
-//! renamed into new/ as its own chain of ring ops, started at once. Messages join the open
+//! Group commit (maildir): each message's tmp file is opened, written and fsync'd, then closed
+//! and (at the same time) renamed into new/, as its own chain of ring ops, started at once. Messages join the open
 //! batch; the batch closes when it holds `batch_messages_max` messages, when
 //! `batch_delay_us_max` passed since its first message, or when no earlier batch is still in
 //! flight (nothing to wait for, so a lone message is not delayed). A closed batch, once all its
@@ -271,7 +271,6 @@ enum Step {
     Open,
     Write,
     Fsync,
-    Close,
     Rename,
     Unlink,
     /// Renamed into new/ (or failed and cleaned up): waits for its batch's directory fsync.
@@ -1173,14 +1172,14 @@ impl Worker {
                 }
             }
             (Step::Fsync, FileOutcome::Done(_)) => {
-                entry.step = Step::Close;
-                let fd = entry.fd;
-                self.ring.push(token, Op::Close { fd });
-            }
-            (Step::Close, FileOutcome::Done(_)) => {
-                entry.fd = -1;
+                // The data is durable: the rename may go now (never before the fsync, or a crash
+                // could leave a renamed, unsynced file in new/). Closing runs alongside it; its
+                // result cannot change the message's fate any more.
+                let fd = std::mem::replace(&mut entry.fd, -1);
                 entry.step = Step::Rename;
                 let (from, to) = (entry.tmp_path.clone(), entry.new_path.clone());
+                self.ring
+                    .push(Token::new(K_IGNORE, e, generation), Op::Close { fd });
                 self.ring.push(token, Op::RenameAt { from, to });
             }
             (Step::Rename, FileOutcome::Done(_)) => {
