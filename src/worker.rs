@@ -1976,10 +1976,11 @@ mod tests {
         std::thread::sleep(Duration::from_millis(200));
         let mut full: Vec<_> = (0..8).map(|_| connect(w.addr)).collect();
         for (_, r) in full.iter_mut() {
-            // 0: the greeting itself was "reset" by the faults; 421 would be a leaked slot.
+            // 0 or 1: the greeting itself was reset (or cut, then reset) by the faults; only a
+            // 421 would mean a leaked slot.
             let code = reply(r);
             assert!(
-                code == 220 || code == 0,
+                [220, 0, 1].contains(&code),
                 "a slot was not released (seed {seed}): {code}"
             );
         }
