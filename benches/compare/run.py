@@ -60,7 +60,9 @@ SERVER_CORE = int(env("SERVER_CORE", "0"))
 CLIENT_CORE = int(env("CLIENT_CORE", "1"))
 PERF = shutil.which("perf") and env("FSYNC_COUNT", "1") == "1"
 NOTE = env("NOTE", "")
-FS_SETTLE_S = float(env("FS_SETTLE_S", "70"))
+FS_SETTLE_S = float(env("FS_SETTLE_S", "300"))
+KEEP_STORES = env("KEEP_STORES", "0") == "1"
+LAST_DELETE = os.path.join(WORK, "last-delete")
 # Open-loop rates as fractions of each server's closed-loop session rate in shape (a). Issue 4
 # asks for 0.5; 0.25 shows how much of the tail is the single client core being busy.
 OPEN_FRACTIONS = [float(x) for x in env("OPEN_FRACTIONS", "0.5,0.25").split(",") if x]
@@ -859,31 +861,42 @@ def report(results, idle, opens, started_at, commands, exit_lines):
 
 # ---------------------------------------------------------------- main
 
-def clear_old_stores():
-    """Delete the previous invocation's stores, before anything is measured.
-
-    Nothing is deleted between runs: on ext4 without a journal (this VM's root file system),
-    creating a file scans past every inode of the group freed in the last 60 s (300 s while the
-    inode table is dirty; ialloc.c recently_deleted()), and deleting the previous run's 100,000
-    messages halved the maildir's rate and put ext4's inode search at the top of its profile. So
-    the stores grow during an invocation, the next one deletes them first, syncs, and the
-    file-creating runs start FS_SETTLE_S later (the idle-connection shape runs meanwhile).
-    Returns when the deletion ended, or 0 when there was nothing to delete."""
-    victims = []
+def store_dirs():
+    out = []
     if "ringmx-maildir" in SERVERS:
-        victims += [os.path.join(WORK, d) for d in ("maildir", "maildir-idle")]
+        out += [os.path.join(WORK, d) for d in ("maildir", "maildir-idle")]
     if "postfix" in SERVERS:
-        pf = Postfix()
-        subprocess.run(["postfix", "-c", pf.dir, "stop"], capture_output=True)
-        victims.append(os.path.join(pf.dir, "queue"))
-    victims = [v for v in victims if os.path.exists(v)]
+        out.append(os.path.join(WORK, "postfix", "queue"))
+    return [d for d in out if os.path.exists(d)]
+
+
+def delete_stores():
+    """Delete the stores (the private Postfix must be stopped), sync, and note the time.
+
+    Why the time matters: on ext4 without a journal (this VM's root file system), creating a
+    file scans past every inode of its group freed in the last 60 s, or 300 s while the inode
+    table is dirty (fs/ext4/ialloc.c, recently_deleted()). Emptying the maildir between runs
+    halved the next run's durable rate and put ext4's inode search at the top of the profile.
+    So nothing is deleted while measuring: the stores grow during a run and are deleted after
+    it, and a run that starts within FS_SETTLE_S of a deletion waits before creating files."""
+    victims = store_dirs()
     if not victims:
-        return 0.0
-    log("deleting the previous run's stores: " + ", ".join(victims))
+        return
+    subprocess.run(["postfix", "-c", os.path.join(WORK, "postfix"), "stop"], capture_output=True)
+    log("deleting stores: " + ", ".join(victims))
     for v in victims:
         shutil.rmtree(v, ignore_errors=True)
     subprocess.run(["sync"])
-    return time.time()
+    with open(LAST_DELETE, "w") as f:
+        f.write(f"{time.time()}\n")
+
+
+def last_delete():
+    try:
+        with open(LAST_DELETE) as f:
+            return float(f.read().strip())
+    except (OSError, ValueError):
+        return 0.0
 
 
 def main():
@@ -900,7 +913,8 @@ def main():
         if CLIENT == "loadgen" and not os.access(LOADGEN, os.X_OK):
             raise SystemExit(f"{LOADGEN} missing: build it, or run with CLIENT=smtp-source")
         closed = [s for s in SHAPES_SEL if s in SHAPES]
-        cleaned_at = clear_old_stores()
+        # Left over by an interrupted run or KEEP_STORES=1.
+        delete_stores()
         if "d" in SHAPES_SEL:
             for rep in range(REPS):
                 for name in SERVERS:
@@ -914,10 +928,10 @@ def main():
                             f"benches/compare/hold.py 127.0.0.1 PORT N 120   "
                             f"(N = {IDLE_CONNS}; {POSTFIX_IDLE_CONNS} for the private Postfix)")
         if closed or "open" in SHAPES_SEL:
-            wait = cleaned_at + FS_SETTLE_S - time.time()
-            if cleaned_at and wait > 0:
-                log(f"waiting {wait:.0f} s more for ext4 to stop skipping the inodes freed by "
-                    f"the clean-up (see BENCHMARKS.md)")
+            wait = last_delete() + FS_SETTLE_S - time.time()
+            if wait > 0 and (set(SERVERS) & {"ringmx-maildir", "postfix"}):
+                log(f"waiting {wait:.0f} s for ext4 to stop skipping the inodes freed by the "
+                    f"last deletion of stores (see delete_stores)")
                 time.sleep(wait)
             for name in SERVERS:
                 s = make_server(name)
@@ -970,6 +984,8 @@ def main():
         with open(os.path.join(WORK, "results.json"), "w") as f:
             json.dump(dict(results=results, idle=idle, open=opens), f, indent=1)
     report(results, idle, opens, started_at, commands, exit_lines)
+    if not KEEP_STORES:
+        delete_stores()
 
 
 if __name__ == "__main__":
