@@ -523,11 +523,13 @@ impl Worker {
         };
         let now = Instant::now();
         let (slot, generation) = self.conns.vacant();
+        let mut session = Session::new(self.cfg.session.clone(), peer);
+        session.set_line_bytes_max(self.cfg.line_bytes_max);
         let mut conn = Conn {
             fd,
             generation,
             peer,
-            session: Session::new(self.cfg.session.clone(), peer),
+            session,
             out: Vec::new(),
             spare: Vec::new(),
             send_id: None,
