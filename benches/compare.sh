@@ -17,7 +17,7 @@
 # Knobs (environment): QUICK=1, REPS=N, DURATION=SECS, IDLE_CONNS=N, SERVERS=a,b (ringmx-discard,
 # ringmx-maildir,smtp-sink,postfix), SHAPES=a,b,c,d,open, CLIENT=smtp-source (Postfix's client
 # instead of ringmx-loadgen), NO_BUILD=1, CARGO_TARGET_DIR, OUT=file, NOTE="text for the report",
-# OPEN_FRACTIONS=0.5,0.25, KEEP_STORES=1 (keep the stored messages), FS_SETTLE_S=300 (how long
+# OPEN_FRACTIONS=0.5,0.25, KEEP_STORES=1 (keep the stored messages), FS_SETTLE_S=360 (how long
 # after deleting stores file creation is measured again: see delete_stores in run.py).
 set -euo pipefail
 

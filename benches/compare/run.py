@@ -60,7 +60,7 @@ SERVER_CORE = int(env("SERVER_CORE", "0"))
 CLIENT_CORE = int(env("CLIENT_CORE", "1"))
 PERF = shutil.which("perf") and env("FSYNC_COUNT", "1") == "1"
 NOTE = env("NOTE", "")
-FS_SETTLE_S = float(env("FS_SETTLE_S", "300"))
+FS_SETTLE_S = float(env("FS_SETTLE_S", "360"))
 KEEP_STORES = env("KEEP_STORES", "0") == "1"
 LAST_DELETE = os.path.join(WORK, "last-delete")
 # Open-loop rates as fractions of each server's closed-loop session rate in shape (a). Issue 4
@@ -874,8 +874,9 @@ def delete_stores():
     """Delete the stores (the private Postfix must be stopped), sync, and note the time.
 
     Why the time matters: on ext4 without a journal (this VM's root file system), creating a
-    file scans past every inode of its group freed in the last 60 s, or 300 s while the inode
-    table is dirty (fs/ext4/ialloc.c, recently_deleted()). Emptying the maildir between runs
+    file scans past every inode of its group freed in the last 60 s, or 360 s while the inode
+    table block is dirty (fs/ext4/ialloc.c: find_inode_bit() checks recently_deleted() only when
+    there is no journal, and falls back to such an inode only after scanning the whole group). Emptying the maildir between runs
     halved the next run's durable rate and put ext4's inode search at the top of the profile.
     So nothing is deleted while measuring: the stores grow during a run and are deleted after
     it, and a run that starts within FS_SETTLE_S of a deletion waits before creating files."""
