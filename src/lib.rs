@@ -44,6 +44,7 @@
 //! this one, so a parser bug cannot cancel itself out in a benchmark.
 
 pub mod config;
+pub mod logging;
 pub mod metrics;
 pub mod protocol;
 pub mod ring;

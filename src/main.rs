@@ -24,7 +24,7 @@ fn main() -> ExitCode {
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(ringmx::logging::Stderr)
         .with_ansi(ansi)
         .with_target(false)
         .init();

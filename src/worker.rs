@@ -360,6 +360,7 @@ impl Worker {
             self.arm_accept(i);
         }
         self.arm_wake();
+        crate::logging::buffer_this_thread();
         loop {
             let now = Instant::now();
             let timeout = self.next_deadline(now).saturating_duration_since(now);
@@ -382,6 +383,7 @@ impl Worker {
                 self.next_tick = now + TICK;
             }
             self.flush_dirty();
+            crate::logging::flush_thread();
             if self.shutting_down
                 && self.conns.is_empty()
                 && self.commits.is_empty()
@@ -407,6 +409,7 @@ impl Worker {
                 "receive buffers leaked"
             );
         }
+        crate::logging::flush_thread();
         if let Store::Discard(d) = &self.store {
             // The discard store answers inside `feed_from` and keeps its own counts.
             self.report.metrics.messages_accepted += d.messages();
