@@ -31,7 +31,11 @@ fn body(size: usize, dots: bool) -> Vec<u8> {
 }
 
 fn bench_data(c: &mut Criterion) {
-    for (name, size) in [("1KB", 1_000usize), ("100KB", 100_000), ("10MB", 10_000_000)] {
+    for (name, size) in [
+        ("1KB", 1_000usize),
+        ("100KB", 100_000),
+        ("10MB", 10_000_000),
+    ] {
         let mut g = c.benchmark_group(format!("data/{name}"));
         if size >= 10_000_000 {
             g.sample_size(20);
@@ -59,14 +63,18 @@ fn bench_data(c: &mut Criterion) {
             // A second reference: search, then copy the body once, the least any scanner that
             // hands over a `Vec` body must do (without unstuffing or the bare CR/LF check).
             let mut copy = Vec::with_capacity(input.len());
-            g.bench_with_input(BenchmarkId::new("memmem_copy", label), &input, |b, input| {
-                b.iter(|| {
-                    copy.clear();
-                    let end = finder.find(black_box(input)).unwrap_or(input.len());
-                    copy.extend_from_slice(&input[..end]);
-                    copy.len()
-                })
-            });
+            g.bench_with_input(
+                BenchmarkId::new("memmem_copy", label),
+                &input,
+                |b, input| {
+                    b.iter(|| {
+                        copy.clear();
+                        let end = finder.find(black_box(input)).unwrap_or(input.len());
+                        copy.extend_from_slice(&input[..end]);
+                        copy.len()
+                    })
+                },
+            );
         }
         g.finish();
     }

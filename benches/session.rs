@@ -7,12 +7,15 @@ use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughpu
 use ringmx::protocol::{CommitResult, Feed, Session, SessionConfig};
 
 fn transaction() -> Vec<u8> {
-    let mut t = b"MAIL FROM:<alice@client.example> SIZE=1100\r\nRCPT TO:<bob@recipient.example>\r\n\
+    let mut t =
+        b"MAIL FROM:<alice@client.example> SIZE=1100\r\nRCPT TO:<bob@recipient.example>\r\n\
                   RCPT TO:<carol@recipient.example>\r\nDATA\r\n"
-        .to_vec();
+            .to_vec();
     t.extend_from_slice(b"Subject: hello\r\nFrom: alice@client.example\r\n\r\n");
     while t.len() < 1100 {
-        t.extend_from_slice(b"The quick brown fox jumps over the lazy dog, again and again, all day.\r\n");
+        t.extend_from_slice(
+            b"The quick brown fox jumps over the lazy dog, again and again, all day.\r\n",
+        );
     }
     t.extend_from_slice(b".\r\n");
     t
@@ -27,7 +30,12 @@ fn feed_all(s: &mut Session, mut input: &[u8], out: &mut Vec<u8>) -> usize {
             Feed::Commit { consumed } => {
                 let m = s.take_message();
                 n += usize::from(m.is_some());
-                s.committed(CommitResult::Stored { queue_id: "bench".into() }, out);
+                s.committed(
+                    CommitResult::Stored {
+                        queue_id: "bench".into(),
+                    },
+                    out,
+                );
                 input = &input[consumed..];
             }
         }

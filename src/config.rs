@@ -55,6 +55,8 @@ pub struct Config {
     /// Hostname, limits and recipient policy for every session.
     pub session: Arc<SessionConfig>,
     pub idle_timeout: Duration,
+    /// Longest any session may last, however active.
+    pub session_time_max: Duration,
     /// Across all workers.
     pub connections_max: usize,
     pub connections_per_ip_max: usize,
@@ -125,6 +127,7 @@ Flags of `ringmx serve` (details: `ringmx serve --help`):
   --max-message-size BYTES    default 26214400; advertised as SIZE; over it 552 5.3.4
   --max-recipients N          default 100; beyond it 452 4.5.3
   --idle-timeout SECS         default 300; then 421 4.4.2 and close
+  --max-session-time SECS     default 3600; a longer session gets 421 4.4.2 and close
   --max-connections N         default 10000; over it 421 and close
   --max-connections-per-ip N  default 50; over it 421 and close
   --max-errors N              default 10; then 421 and close
@@ -226,6 +229,11 @@ pub struct ServeArgs {
     #[arg(long, value_name = "SECS")]
     pub idle_timeout: Option<u64>,
 
+    /// Seconds any one session may last, however active: then 421 4.4.2 and close. Bounds how
+    /// long a client trickling bytes or sending NOOPs can hold a connection. Default: 3600.
+    #[arg(long, value_name = "SECS")]
+    pub max_session_time: Option<u64>,
+
     /// Open connections across all workers; one more gets 421 and is closed. Default: 10000.
     #[arg(long, value_name = "N")]
     pub max_connections: Option<usize>,
@@ -274,6 +282,7 @@ struct FileConfig {
     max_message_size: Option<u64>,
     max_recipients: Option<usize>,
     idle_timeout: Option<u64>,
+    max_session_time: Option<u64>,
     max_connections: Option<usize>,
     max_connections_per_ip: Option<usize>,
     max_errors: Option<u32>,
@@ -329,7 +338,7 @@ impl FileConfig {
 }
 
 /// Every key the config file accepts, for suggestions.
-const FILE_KEYS: [&str; 17] = [
+const FILE_KEYS: [&str; 18] = [
     "listen",
     "workers",
     "hostname",
@@ -339,6 +348,7 @@ const FILE_KEYS: [&str; 17] = [
     "max-message-size",
     "max-recipients",
     "idle-timeout",
+    "max-session-time",
     "max-connections",
     "max-connections-per-ip",
     "max-errors",
@@ -380,6 +390,7 @@ pub const DEFAULT_STORE_DIR: &str = "./ringmx-data/maildir";
 pub const DEFAULT_MAX_MESSAGE_SIZE: u64 = 26_214_400;
 pub const DEFAULT_MAX_RECIPIENTS: usize = 100;
 pub const DEFAULT_IDLE_TIMEOUT_SECS: u64 = 300;
+pub const DEFAULT_MAX_SESSION_TIME_SECS: u64 = 3600;
 pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 pub const DEFAULT_MAX_CONNECTIONS_PER_IP: usize = 50;
 pub const DEFAULT_MAX_ERRORS: u32 = 10;
@@ -599,6 +610,15 @@ impl Config {
             86_400,
             " seconds",
         )?;
+        let session_time_max = in_range(
+            "max-session-time",
+            args.max_session_time
+                .or(file.max_session_time)
+                .unwrap_or(DEFAULT_MAX_SESSION_TIME_SECS),
+            1,
+            7 * 86_400,
+            " seconds",
+        )?;
         let connections_max = in_range(
             "max-connections",
             args.max_connections
@@ -686,6 +706,7 @@ impl Config {
                 accept_domains,
             }),
             idle_timeout: Duration::from_secs(idle_timeout),
+            session_time_max: Duration::from_secs(session_time_max),
             connections_max,
             connections_per_ip_max,
             shutdown_grace: Duration::from_secs(shutdown_grace),
@@ -751,6 +772,7 @@ mod tests {
         assert_eq!(c.session.max_errors, 10);
         assert_eq!(c.session.accept_domains, None);
         assert_eq!(c.idle_timeout, Duration::from_secs(300));
+        assert_eq!(c.session_time_max, Duration::from_secs(3600));
         assert_eq!(c.connections_max, 10_000);
         assert_eq!(c.connections_per_ip_max, 50);
         assert_eq!(c.shutdown_grace, Duration::from_secs(30));
@@ -940,6 +962,7 @@ mod tests {
             ("--max-recipients", "0"),
             ("--idle-timeout", "0"),
             ("--idle-timeout", "1000000"),
+            ("--max-session-time", "0"),
             ("--max-connections", "0"),
             ("--max-connections-per-ip", "0"),
             ("--max-errors", "0"),
@@ -1002,6 +1025,7 @@ mod tests {
             max-message-size = 1000
             max-recipients = 5
             idle-timeout = 7
+            max-session-time = 60
             max-connections = 99
             max-connections-per-ip = 9
             max-errors = 4
@@ -1020,6 +1044,7 @@ mod tests {
         assert_eq!(c.session.max_message_size, 1000);
         assert_eq!(c.session.max_recipients, 5);
         assert_eq!(c.idle_timeout, Duration::from_secs(7));
+        assert_eq!(c.session_time_max, Duration::from_secs(60));
         assert_eq!((c.connections_max, c.connections_per_ip_max), (99, 9));
         assert_eq!(c.session.max_errors, 4);
         assert_eq!(c.shutdown_grace, Duration::from_secs(2));
@@ -1192,6 +1217,7 @@ mod tests {
             "--max-message-size <BYTES>",
             "--max-recipients <N>",
             "--idle-timeout <SECS>",
+            "--max-session-time <SECS>",
             "--max-connections <N>",
             "--max-connections-per-ip <N>",
             "--max-errors <N>",

@@ -954,6 +954,14 @@ impl Worker {
                 }
                 continue;
             }
+            if !conn.committing && now.duration_since(conn.started) >= self.cfg.session_time_max {
+                conn.session.on_session_time_limit(&mut conn.out);
+                conn.closing = true;
+                conn.reason = EndReason::Timeout;
+                conn.pending.clear();
+                touched.push((slot, conn.generation));
+                continue;
+            }
             if !conn.committing && now.duration_since(conn.last_active) >= idle {
                 conn.session.on_idle_timeout(&mut conn.out);
                 conn.closing = true;
@@ -1772,6 +1780,47 @@ mod tests {
             Duration::from_secs(3),
         );
         assert_eq!(steady, None, "a body arriving steadily was cut");
+    }
+
+    #[test]
+    fn a_busy_session_still_ends_at_the_session_time_limit() {
+        let w = TestWorker::start(true, |a| {
+            a.idle_timeout = Some(1);
+            a.max_session_time = Some(2);
+        });
+        let (mut s, mut r) = connect(w.addr);
+        assert_eq!(reply(&mut r), 220);
+        s.write_all(b"EHLO c.test\r\n").unwrap();
+        assert_eq!(reply(&mut r), 250);
+        let t0 = Instant::now();
+        // A NOOP every 300 ms keeps the idle timer from firing; only the session limit ends it.
+        let last = loop {
+            assert!(
+                t0.elapsed() < Duration::from_secs(6),
+                "session outlived its limit"
+            );
+            std::thread::sleep(Duration::from_millis(300));
+            if s.write_all(b"NOOP\r\n").is_err() {
+                break String::new();
+            }
+            let mut line = String::new();
+            if std::io::BufRead::read_line(&mut r, &mut line).unwrap_or(0) == 0 {
+                break line;
+            }
+            if line.starts_with("421") {
+                break line;
+            }
+            assert!(line.starts_with("250"), "{line:?}");
+        };
+        assert!(
+            last.starts_with("421 4.4.2 ") && last.contains("session time limit"),
+            "{last:?}"
+        );
+        let lasted = t0.elapsed();
+        assert!(
+            lasted >= Duration::from_millis(1500) && lasted < Duration::from_secs(4),
+            "{lasted:?}"
+        );
     }
 
     #[test]

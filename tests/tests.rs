@@ -2,9 +2,9 @@
 //! Modules: `common` (spawning the server), then one module per area.
 
 mod common;
-mod smtp;
-mod transcripts;
 mod fuzz_corpus;
-mod prop;
 mod hardening;
 mod hardening_long;
+mod prop;
+mod smtp;
+mod transcripts;

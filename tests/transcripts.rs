@@ -83,7 +83,10 @@ fn unescape(s: &str) -> Result<Vec<u8>, String> {
 
 fn parse_fixture(text: &str) -> Result<Fixture, String> {
     let mut f = Fixture {
-        cfg: SessionConfig { hostname: "mx.test.example".into(), ..SessionConfig::default() },
+        cfg: SessionConfig {
+            hostname: "mx.test.example".into(),
+            ..SessionConfig::default()
+        },
         steps: Vec::new(),
         expect: Vec::new(),
         bodies: Vec::new(),
@@ -116,7 +119,11 @@ fn parse_fixture(text: &str) -> Result<Fixture, String> {
                     "max_errors" => f.cfg.max_errors = num(value)? as u32,
                     "max_recipients" => f.cfg.max_recipients = num(value)? as usize,
                     "max_message_size" => f.cfg.max_message_size = num(value)?,
-                    "accept_domain" => f.cfg.accept_domains.get_or_insert_with(Vec::new).push(value.to_ascii_lowercase()),
+                    "accept_domain" => f
+                        .cfg
+                        .accept_domains
+                        .get_or_insert_with(Vec::new)
+                        .push(value.to_ascii_lowercase()),
                     _ => return Err(err("unknown config key".into())),
                 }
             }
@@ -131,7 +138,11 @@ fn parse_fixture(text: &str) -> Result<Fixture, String> {
             }
             "S:" => {
                 started = true;
-                f.expect.push(if rest == "CLOSE" { Expect::Close } else { Expect::Reply(rest.to_string()) });
+                f.expect.push(if rest == "CLOSE" {
+                    Expect::Close
+                } else {
+                    Expect::Reply(rest.to_string())
+                });
             }
             "M:" => f.bodies.push(unescape(rest).map_err(err)?),
             "E:" => {
@@ -146,7 +157,8 @@ fn parse_fixture(text: &str) -> Result<Fixture, String> {
                         return Err(err("E: takes from= and to=".into()));
                     }
                 }
-                f.envelopes.push((from.ok_or_else(|| err("E: without from=".into()))?, to));
+                f.envelopes
+                    .push((from.ok_or_else(|| err("E: without from=".into()))?, to));
             }
             "> " | ">" => {
                 started = true;
@@ -186,7 +198,10 @@ fn split_replies(out: &[u8], into: &mut Vec<String>) {
 
 /// Runs the steps; `split` says how to cut each Send (a list of cut offsets per step index).
 fn execute(f: &Fixture, cuts: &dyn Fn(usize, usize) -> Vec<usize>) -> Outcome {
-    let mut s = Session::new(Arc::new(f.cfg.clone()), "198.51.100.9:50000".parse().unwrap());
+    let mut s = Session::new(
+        Arc::new(f.cfg.clone()),
+        "198.51.100.9:50000".parse().unwrap(),
+    );
     let mut out = Vec::new();
     let mut replies = Vec::new();
     let mut msgs = Vec::new();
@@ -224,9 +239,10 @@ fn execute(f: &Fixture, cuts: &dyn Fn(usize, usize) -> Vec<usize>) -> Outcome {
                             Feed::Commit { consumed } => {
                                 let m = s.take_message().expect("Commit without a message");
                                 msgs.push(m);
-                                let result = answer
-                                    .take()
-                                    .unwrap_or_else(|| CommitResult::Stored { queue_id: format!("Q{}", msgs.len()) });
+                                let result =
+                                    answer.take().unwrap_or_else(|| CommitResult::Stored {
+                                        queue_id: format!("Q{}", msgs.len()),
+                                    });
                                 s.committed(result, &mut out);
                                 input = &input[consumed..];
                             }
@@ -242,7 +258,11 @@ fn execute(f: &Fixture, cuts: &dyn Fn(usize, usize) -> Vec<usize>) -> Outcome {
         }
     }
     split_replies(&out, &mut replies);
-    Outcome { replies, closed_after, msgs }
+    Outcome {
+        replies,
+        closed_after,
+        msgs,
+    }
 }
 
 fn check_expectations(name: &str, f: &Fixture, o: &Outcome) {
@@ -251,20 +271,48 @@ fn check_expectations(name: &str, f: &Fixture, o: &Outcome) {
     for (i, e) in f.expect.iter().enumerate() {
         match e {
             Expect::Reply(prefix) => {
-                let r = got.next().unwrap_or_else(|| panic!("{name}: expectation {i} ({prefix:?}): no more replies; got {:#?}", o.replies));
+                let r = got.next().unwrap_or_else(|| {
+                    panic!(
+                        "{name}: expectation {i} ({prefix:?}): no more replies; got {:#?}",
+                        o.replies
+                    )
+                });
                 seen += 1;
-                assert!(r.starts_with(prefix.as_str()), "{name}: reply {seen}: expected {prefix:?}, got {r:?}; all: {:#?}", o.replies);
+                assert!(
+                    r.starts_with(prefix.as_str()),
+                    "{name}: reply {seen}: expected {prefix:?}, got {r:?}; all: {:#?}",
+                    o.replies
+                );
             }
             Expect::Close => {
-                assert_eq!(o.closed_after, Some(seen), "{name}: expected close after {seen} replies; all: {:#?}", o.replies);
+                assert_eq!(
+                    o.closed_after,
+                    Some(seen),
+                    "{name}: expected close after {seen} replies; all: {:#?}",
+                    o.replies
+                );
             }
         }
     }
-    assert_eq!(got.next(), None, "{name}: replies beyond the expectations; all: {:#?}", o.replies);
+    assert_eq!(
+        got.next(),
+        None,
+        "{name}: replies beyond the expectations; all: {:#?}",
+        o.replies
+    );
     if !f.expect.contains(&Expect::Close) {
-        assert_eq!(o.closed_after, None, "{name}: session closed but no `S: CLOSE`");
+        assert_eq!(
+            o.closed_after, None,
+            "{name}: session closed but no `S: CLOSE`"
+        );
     }
-    assert_eq!(o.msgs.len(), f.bodies.len(), "{name}: stored {} messages, fixture lists {}", o.msgs.len(), f.bodies.len());
+    assert_eq!(
+        o.msgs.len(),
+        f.bodies.len(),
+        "{name}: stored {} messages, fixture lists {}",
+        o.msgs.len(),
+        f.bodies.len()
+    );
     for (i, (m, body)) in o.msgs.iter().zip(&f.bodies).enumerate() {
         assert_eq!(
             String::from_utf8_lossy(&m.body),
@@ -274,8 +322,18 @@ fn check_expectations(name: &str, f: &Fixture, o: &Outcome) {
         );
     }
     for (i, (m, (from, to))) in o.msgs.iter().zip(&f.envelopes).enumerate() {
-        assert_eq!(&m.envelope.mail_from, from, "{name}: sender of message {}", i + 1);
-        assert_eq!(&m.envelope.rcpt_to, to, "{name}: recipients of message {}", i + 1);
+        assert_eq!(
+            &m.envelope.mail_from,
+            from,
+            "{name}: sender of message {}",
+            i + 1
+        );
+        assert_eq!(
+            &m.envelope.rcpt_to,
+            to,
+            "{name}: recipients of message {}",
+            i + 1
+        );
     }
 }
 
@@ -289,7 +347,13 @@ fn run_fixture(path: &Path) {
     for (k, step) in f.steps.iter().enumerate() {
         if let Step::Send(bytes) = step {
             for cut in 0..=bytes.len() {
-                let split = execute(&f, &|step, _| if step == k { vec![cut] } else { Vec::new() });
+                let split = execute(&f, &|step, _| {
+                    if step == k {
+                        vec![cut]
+                    } else {
+                        Vec::new()
+                    }
+                });
                 assert_eq!(split, whole, "{name}: write {k} split at {cut} differs");
             }
         }
@@ -307,7 +371,11 @@ fn transcript_fixtures() {
         .filter(|p| p.extension().is_some_and(|x| x == "smtp"))
         .collect();
     paths.sort();
-    assert!(paths.len() >= 5, "expected the transcript fixtures in {}", dir.display());
+    assert!(
+        paths.len() >= 5,
+        "expected the transcript fixtures in {}",
+        dir.display()
+    );
     for p in &paths {
         run_fixture(p);
     }

@@ -57,7 +57,12 @@ pub struct DataScanner {
 impl DataScanner {
     /// A scanner positioned right after the 354 reply; bodies over `max` bytes are flagged.
     pub fn new(max: u64) -> DataScanner {
-        DataScanner { state: State::LineStart, bare: false, len: 0, max }
+        DataScanner {
+            state: State::LineStart,
+            bare: false,
+            len: 0,
+            max,
+        }
     }
 
     /// True when the message contains a bare CR or bare LF (policy: reject with 550 5.6.11).
@@ -242,7 +247,8 @@ impl DataScanner {
 
 /// The searcher for an LF followed by a dot, built once per process.
 fn dot_line_finder() -> &'static memchr::memmem::Finder<'static> {
-    static FINDER: std::sync::OnceLock<memchr::memmem::Finder<'static>> = std::sync::OnceLock::new();
+    static FINDER: std::sync::OnceLock<memchr::memmem::Finder<'static>> =
+        std::sync::OnceLock::new();
     FINDER.get_or_init(|| memchr::memmem::Finder::new(b"\n."))
 }
 
@@ -261,7 +267,10 @@ fn has_bare_cr_lf(seg: &[u8]) -> bool {
     }
     let window = |at: usize| {
         // Fixed-size views let the compiler drop the bounds checks and vectorize.
-        let (Ok(x), Ok(y)) = (<&[u8; W]>::try_from(&a[at..at + W]), <&[u8; W]>::try_from(&b[at..at + W])) else {
+        let (Ok(x), Ok(y)) = (
+            <&[u8; W]>::try_from(&a[at..at + W]),
+            <&[u8; W]>::try_from(&b[at..at + W]),
+        ) else {
             return true;
         };
         let mut acc = 0u8;
@@ -296,7 +305,8 @@ mod tests {
             rest = next;
         }
         let bare = (0..raw.len()).any(|i| {
-            (raw[i] == b'\r' && raw.get(i + 1) != Some(&b'\n')) || (raw[i] == b'\n' && (i == 0 || raw[i - 1] != b'\r'))
+            (raw[i] == b'\r' && raw.get(i + 1) != Some(&b'\n'))
+                || (raw[i] == b'\n' && (i == 0 || raw[i - 1] != b'\r'))
         });
         Some((k + 3, body, bare))
     }
@@ -317,14 +327,31 @@ mod tests {
 
     fn check(input: &[u8]) {
         let want = naive(input);
-        let norm = |r: Option<(usize, Vec<u8>, bool)>| r.map(|(c, b, bare)| (c, if bare { Vec::new() } else { b }, bare));
+        let norm = |r: Option<(usize, Vec<u8>, bool)>| {
+            r.map(|(c, b, bare)| (c, if bare { Vec::new() } else { b }, bare))
+        };
         let want = norm(want);
-        assert_eq!(norm(chunked(input, &[])), want, "whole: {:?}", String::from_utf8_lossy(input));
+        assert_eq!(
+            norm(chunked(input, &[])),
+            want,
+            "whole: {:?}",
+            String::from_utf8_lossy(input)
+        );
         for cut in 0..=input.len() {
-            assert_eq!(norm(chunked(input, &[cut])), want, "cut {cut}: {:?}", String::from_utf8_lossy(input));
+            assert_eq!(
+                norm(chunked(input, &[cut])),
+                want,
+                "cut {cut}: {:?}",
+                String::from_utf8_lossy(input)
+            );
         }
         let bytewise: Vec<usize> = (1..input.len()).collect();
-        assert_eq!(norm(chunked(input, &bytewise)), want, "bytewise: {:?}", String::from_utf8_lossy(input));
+        assert_eq!(
+            norm(chunked(input, &bytewise)),
+            want,
+            "bytewise: {:?}",
+            String::from_utf8_lossy(input)
+        );
     }
 
     #[test]
@@ -366,7 +393,10 @@ mod tests {
             let real_end_of_smuggled = msg.len();
             msg.extend_from_slice(b"MAIL FROM:<evil@x>\r\nsecond\r\n.\r\n");
             let (consumed, _, bare) = chunked(&msg, &[]).unwrap();
-            assert!(consumed > real_end_of_smuggled, "{v:?} ended the data early");
+            assert!(
+                consumed > real_end_of_smuggled,
+                "{v:?} ended the data early"
+            );
             assert_eq!(consumed, msg.len(), "{v:?}");
             assert!(bare, "{v:?} not flagged as bare CR/LF");
             check(&msg);
@@ -438,7 +468,9 @@ mod tests {
             let mut v = Vec::with_capacity(len + 5);
             let mut y = x;
             for _ in 0..len {
-                y = y.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                y = y
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 v.push(match (y >> 33) % 40 {
                     0 => b'\r',
                     1 => b'\n',
@@ -496,11 +528,17 @@ mod tests {
             }
             v.extend_from_slice(b"\r\n.\r\nNOOP\n");
             let want = naive(&v);
-            let norm = |r: Option<(usize, Vec<u8>, bool)>| r.map(|(c, b, bare)| (c, if bare { Vec::new() } else { b }, bare));
+            let norm = |r: Option<(usize, Vec<u8>, bool)>| {
+                r.map(|(c, b, bare)| (c, if bare { Vec::new() } else { b }, bare))
+            };
             let want = norm(want);
             assert_eq!(norm(chunked(&v, &[])), want, "round {round} whole");
             let mut cuts: Vec<usize> = (0..30).map(|_| next() as usize % v.len()).collect();
-            cuts.extend([8191, 8192, 8193, 16384, 16385].iter().filter(|&&c| c < v.len()));
+            cuts.extend(
+                [8191, 8192, 8193, 16384, 16385]
+                    .iter()
+                    .filter(|&&c| c < v.len()),
+            );
             for cut in cuts {
                 assert_eq!(norm(chunked(&v, &[cut])), want, "round {round} cut {cut}");
             }
@@ -534,7 +572,8 @@ mod tests {
                 for b in [b'\r', b'\n'] {
                     let mut v = vec![b'a'; len];
                     v[pos] = b;
-                    let naive = (0..len.saturating_sub(1)).any(|i| (v[i] == b'\r') != (v[i + 1] == b'\n'));
+                    let naive =
+                        (0..len.saturating_sub(1)).any(|i| (v[i] == b'\r') != (v[i + 1] == b'\n'));
                     assert_eq!(has_bare_cr_lf(&v), naive, "len {len} pos {pos} byte {b}");
                 }
             }

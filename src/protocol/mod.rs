@@ -34,4 +34,6 @@ pub mod parse;
 pub mod reply;
 pub mod session;
 
-pub use session::{CommitResult, Envelope, Feed, Message, Phase, Session, SessionConfig, SessionStats};
+pub use session::{
+    CommitResult, Envelope, Feed, Message, Phase, Session, SessionConfig, SessionStats,
+};

@@ -108,7 +108,12 @@ impl Verb {
         }
         // Fold ASCII letters to upper case. Only 0x41..=0x5A and 0x61..=0x7A land on upper-case
         // letters under `& !0x20`, so no other byte can be mistaken for a verb's letter.
-        let up = [tok[0] & !0x20, tok[1] & !0x20, tok[2] & !0x20, tok[3] & !0x20];
+        let up = [
+            tok[0] & !0x20,
+            tok[1] & !0x20,
+            tok[2] & !0x20,
+            tok[3] & !0x20,
+        ];
         Some(match &up {
             b"HELO" => Verb::Helo,
             b"EHLO" => Verb::Ehlo,
@@ -136,8 +141,20 @@ struct Props {
 
 /// Indexed by `Verb as usize`; keep in the order of the enum.
 const TABLE: [Props; 11] = [
-    Props { name: "HELO", ends_group: false, needs_helo: false, counts_errors: true, syntax: "HELO hostname" },
-    Props { name: "EHLO", ends_group: true, needs_helo: false, counts_errors: true, syntax: "EHLO hostname" },
+    Props {
+        name: "HELO",
+        ends_group: false,
+        needs_helo: false,
+        counts_errors: true,
+        syntax: "HELO hostname",
+    },
+    Props {
+        name: "EHLO",
+        ends_group: true,
+        needs_helo: false,
+        counts_errors: true,
+        syntax: "EHLO hostname",
+    },
     Props {
         name: "MAIL",
         ends_group: false,
@@ -145,14 +162,62 @@ const TABLE: [Props; 11] = [
         counts_errors: true,
         syntax: "MAIL FROM:<address> [SIZE=n] [BODY=7BIT|8BITMIME] [SMTPUTF8]",
     },
-    Props { name: "RCPT", ends_group: false, needs_helo: true, counts_errors: true, syntax: "RCPT TO:<address>" },
-    Props { name: "DATA", ends_group: true, needs_helo: true, counts_errors: true, syntax: "DATA" },
-    Props { name: "RSET", ends_group: false, needs_helo: false, counts_errors: true, syntax: "RSET" },
-    Props { name: "NOOP", ends_group: true, needs_helo: false, counts_errors: true, syntax: "NOOP" },
-    Props { name: "QUIT", ends_group: true, needs_helo: false, counts_errors: true, syntax: "QUIT" },
-    Props { name: "VRFY", ends_group: true, needs_helo: false, counts_errors: true, syntax: "VRFY address" },
-    Props { name: "EXPN", ends_group: true, needs_helo: false, counts_errors: false, syntax: "EXPN list" },
-    Props { name: "HELP", ends_group: false, needs_helo: false, counts_errors: true, syntax: "HELP [topic]" },
+    Props {
+        name: "RCPT",
+        ends_group: false,
+        needs_helo: true,
+        counts_errors: true,
+        syntax: "RCPT TO:<address>",
+    },
+    Props {
+        name: "DATA",
+        ends_group: true,
+        needs_helo: true,
+        counts_errors: true,
+        syntax: "DATA",
+    },
+    Props {
+        name: "RSET",
+        ends_group: false,
+        needs_helo: false,
+        counts_errors: true,
+        syntax: "RSET",
+    },
+    Props {
+        name: "NOOP",
+        ends_group: true,
+        needs_helo: false,
+        counts_errors: true,
+        syntax: "NOOP",
+    },
+    Props {
+        name: "QUIT",
+        ends_group: true,
+        needs_helo: false,
+        counts_errors: true,
+        syntax: "QUIT",
+    },
+    Props {
+        name: "VRFY",
+        ends_group: true,
+        needs_helo: false,
+        counts_errors: true,
+        syntax: "VRFY address",
+    },
+    Props {
+        name: "EXPN",
+        ends_group: true,
+        needs_helo: false,
+        counts_errors: false,
+        syntax: "EXPN list",
+    },
+    Props {
+        name: "HELP",
+        ends_group: false,
+        needs_helo: false,
+        counts_errors: true,
+        syntax: "HELP [topic]",
+    },
 ];
 
 /// BODY= parameter of MAIL (RFC 1652).
@@ -199,8 +264,13 @@ pub enum Command<'a> {
     /// The HELO argument (one token, trimmed).
     Helo(&'a [u8]),
     Ehlo(&'a [u8]),
-    Mail { from: Path<'a>, params: MailParams },
-    Rcpt { to: Path<'a> },
+    Mail {
+        from: Path<'a>,
+        params: MailParams,
+    },
+    Rcpt {
+        to: Path<'a>,
+    },
     Data,
     Rset,
     Noop,
@@ -269,13 +339,20 @@ pub fn parse_command(line: &[u8]) -> Result<Command<'_>, ParseError> {
             if arg.is_empty() || !arg.iter().all(|&b| b > b' ' && b != 0x7f) {
                 return Err(syntax);
             }
-            Ok(if verb == Verb::Helo { Command::Helo(arg) } else { Command::Ehlo(arg) })
+            Ok(if verb == Verb::Helo {
+                Command::Helo(arg)
+            } else {
+                Command::Ehlo(arg)
+            })
         }
         Verb::Mail => {
             let rest = strip_prefix_ci(rest, b"FROM:").ok_or(syntax)?;
             let (path, params) = split_path(trim_start(rest)).ok_or(syntax)?;
             let from = if path == b"<>" {
-                Path { mailbox: b"", domain: b"" }
+                Path {
+                    mailbox: b"",
+                    domain: b"",
+                }
             } else {
                 parse_path(path, false).ok_or(syntax)?
             };
@@ -313,7 +390,11 @@ pub fn parse_command(line: &[u8]) -> Result<Command<'_>, ParseError> {
             if arg.is_empty() {
                 return Err(syntax);
             }
-            Ok(if verb == Verb::Vrfy { Command::Vrfy(arg) } else { Command::Expn(arg) })
+            Ok(if verb == Verb::Vrfy {
+                Command::Vrfy(arg)
+            } else {
+                Command::Expn(arg)
+            })
         }
     }
 }
@@ -422,7 +503,10 @@ fn parse_path(path: &[u8], allow_bare: bool) -> Option<Path<'_>> {
         return None;
     }
     if allow_bare && mailbox.eq_ignore_ascii_case(b"postmaster") {
-        return Some(Path { mailbox, domain: b"" });
+        return Some(Path {
+            mailbox,
+            domain: b"",
+        });
     }
     // Local part: a quoted string or a dot-string.
     let at = if mailbox[0] == b'"' {
@@ -463,7 +547,12 @@ fn parse_path(path: &[u8], allow_bare: bool) -> Option<Path<'_>> {
 fn valid_domain(d: &[u8]) -> bool {
     if let Some(lit) = d.strip_prefix(b"[") {
         return match lit.strip_suffix(b"]") {
-            Some(inner) => !inner.is_empty() && inner.iter().all(|&b| (b'!'..=b'~').contains(&b) && b != b'[' && b != b']' && b != b'\\'),
+            Some(inner) => {
+                !inner.is_empty()
+                    && inner.iter().all(|&b| {
+                        (b'!'..=b'~').contains(&b) && b != b'[' && b != b']' && b != b'\\'
+                    })
+            }
             None => false,
         };
     }
@@ -472,7 +561,9 @@ fn valid_domain(d: &[u8]) -> bool {
             !label.is_empty()
                 && !label.starts_with(b"-")
                 && !label.ends_with(b"-")
-                && label.iter().all(|&b| b.is_ascii_alphanumeric() || b == b'-' || b >= 0x80)
+                && label
+                    .iter()
+                    .all(|&b| b.is_ascii_alphanumeric() || b == b'-' || b >= 0x80)
         })
 }
 
@@ -490,7 +581,9 @@ fn parse_mail_params(s: &[u8]) -> Result<MailParams, ParseError> {
                 return Err(syntax);
             }
             // A number too large for u64 is certainly over any limit: saturate, do not fail.
-            let n = v.iter().fold(0u64, |n, &d| n.saturating_mul(10).saturating_add(u64::from(d - b'0')));
+            let n = v.iter().fold(0u64, |n, &d| {
+                n.saturating_mul(10).saturating_add(u64::from(d - b'0'))
+            });
             p.size = Some(n);
         } else if key.eq_ignore_ascii_case(b"BODY") {
             let v = value.ok_or(syntax)?;
@@ -518,18 +611,34 @@ mod tests {
     use super::*;
 
     fn path<'a>(mailbox: &'a str, domain: &'a str) -> Path<'a> {
-        Path { mailbox: mailbox.as_bytes(), domain: domain.as_bytes() }
+        Path {
+            mailbox: mailbox.as_bytes(),
+            domain: domain.as_bytes(),
+        }
     }
 
-    fn mail<'a>(mailbox: &'a str, domain: &'a str, params: MailParams) -> Result<Command<'a>, ParseError> {
-        Ok(Command::Mail { from: path(mailbox, domain), params })
+    fn mail<'a>(
+        mailbox: &'a str,
+        domain: &'a str,
+        params: MailParams,
+    ) -> Result<Command<'a>, ParseError> {
+        Ok(Command::Mail {
+            from: path(mailbox, domain),
+            params,
+        })
     }
 
     fn rcpt<'a>(mailbox: &'a str, domain: &'a str) -> Result<Command<'a>, ParseError> {
-        Ok(Command::Rcpt { to: path(mailbox, domain) })
+        Ok(Command::Rcpt {
+            to: path(mailbox, domain),
+        })
     }
 
-    const NONE: MailParams = MailParams { size: None, body: None, smtputf8: false };
+    const NONE: MailParams = MailParams {
+        size: None,
+        body: None,
+        smtputf8: false,
+    };
     const SYN_MAIL: Result<Command<'static>, ParseError> = Err(ParseError::Syntax(Verb::Mail));
     const SYN_RCPT: Result<Command<'static>, ParseError> = Err(ParseError::Syntax(Verb::Rcpt));
 
@@ -542,33 +651,86 @@ mod tests {
             ("HeLo x", Ok(Command::Helo(b"x"))),
             // Address literals are fine as HELO arguments.
             ("EHLO [192.0.2.1]", Ok(Command::Ehlo(b"[192.0.2.1]"))),
-            ("EHLO client.example  ", Ok(Command::Ehlo(b"client.example"))),
+            (
+                "EHLO client.example  ",
+                Ok(Command::Ehlo(b"client.example")),
+            ),
             ("EHLO", Err(ParseError::Syntax(Verb::Ehlo))),
             ("EHLO ", Err(ParseError::Syntax(Verb::Ehlo))),
             // Two tokens: we accept one name only.
             ("HELO a b", Err(ParseError::Syntax(Verb::Helo))),
-            ("MAIL FROM:<a@b.example>", mail("a@b.example", "b.example", NONE)),
-            ("mail from:<a@b.example>", mail("a@b.example", "b.example", NONE)),
+            (
+                "MAIL FROM:<a@b.example>",
+                mail("a@b.example", "b.example", NONE),
+            ),
+            (
+                "mail from:<a@b.example>",
+                mail("a@b.example", "b.example", NONE),
+            ),
             // Real clients put a space after the colon.
-            ("MAIL FROM: <a@b.example>", mail("a@b.example", "b.example", NONE)),
+            (
+                "MAIL FROM: <a@b.example>",
+                mail("a@b.example", "b.example", NONE),
+            ),
             ("MAIL FROM:<>", mail("", "", NONE)),
-            ("MAIL FROM:<> SIZE=1000", mail("", "", MailParams { size: Some(1000), ..NONE })),
+            (
+                "MAIL FROM:<> SIZE=1000",
+                mail(
+                    "",
+                    "",
+                    MailParams {
+                        size: Some(1000),
+                        ..NONE
+                    },
+                ),
+            ),
             (
                 "MAIL FROM:<a@b.c> SIZE=10 BODY=8BITMIME SMTPUTF8",
-                mail("a@b.c", "b.c", MailParams { size: Some(10), body: Some(Body::EightBitMime), smtputf8: true }),
+                mail(
+                    "a@b.c",
+                    "b.c",
+                    MailParams {
+                        size: Some(10),
+                        body: Some(Body::EightBitMime),
+                        smtputf8: true,
+                    },
+                ),
             ),
-            ("MAIL FROM:<a@b.c> body=7bit", mail("a@b.c", "b.c", MailParams { body: Some(Body::SevenBit), ..NONE })),
+            (
+                "MAIL FROM:<a@b.c> body=7bit",
+                mail(
+                    "a@b.c",
+                    "b.c",
+                    MailParams {
+                        body: Some(Body::SevenBit),
+                        ..NONE
+                    },
+                ),
+            ),
             // An absurd SIZE saturates so that it is refused as too big, not as bad syntax.
             (
                 "MAIL FROM:<a@b.c> SIZE=99999999999999999999999999",
-                mail("a@b.c", "b.c", MailParams { size: Some(u64::MAX), ..NONE }),
+                mail(
+                    "a@b.c",
+                    "b.c",
+                    MailParams {
+                        size: Some(u64::MAX),
+                        ..NONE
+                    },
+                ),
             ),
             ("MAIL FROM:<a@b.c> SIZE=", SYN_MAIL),
             ("MAIL FROM:<a@b.c> SIZE=12k", SYN_MAIL),
             ("MAIL FROM:<a@b.c> BODY=BINARYMIME", SYN_MAIL),
             ("MAIL FROM:<a@b.c> SMTPUTF8=yes", SYN_MAIL),
-            ("MAIL FROM:<a@b.c> RET=HDRS", Err(ParseError::UnknownParam(Verb::Mail))),
-            ("MAIL FROM:<a@b.c> AUTH=<>", Err(ParseError::UnknownParam(Verb::Mail))),
+            (
+                "MAIL FROM:<a@b.c> RET=HDRS",
+                Err(ParseError::UnknownParam(Verb::Mail)),
+            ),
+            (
+                "MAIL FROM:<a@b.c> AUTH=<>",
+                Err(ParseError::UnknownParam(Verb::Mail)),
+            ),
             // No brackets: strict RFC 5321, as Postfix with strict_rfc821_envelopes.
             ("MAIL FROM:a@b.c", SYN_MAIL),
             ("MAIL FROM:", SYN_MAIL),
@@ -589,25 +751,53 @@ mod tests {
             // The bare postmaster is a RCPT form only.
             ("MAIL FROM:<postmaster>", SYN_MAIL),
             // Quoted local parts may hold spaces, '@' and '>'.
-            ("MAIL FROM:<\"a b@>\"@c.d>", mail("\"a b@>\"@c.d", "c.d", NONE)),
+            (
+                "MAIL FROM:<\"a b@>\"@c.d>",
+                mail("\"a b@>\"@c.d", "c.d", NONE),
+            ),
             // A source route is ignored.
-            ("MAIL FROM:<@relay.example:a@b.c>", mail("a@b.c", "b.c", NONE)),
-            ("MAIL FROM:<a@[192.0.2.1]>", mail("a@[192.0.2.1]", "[192.0.2.1]", NONE)),
+            (
+                "MAIL FROM:<@relay.example:a@b.c>",
+                mail("a@b.c", "b.c", NONE),
+            ),
+            (
+                "MAIL FROM:<a@[192.0.2.1]>",
+                mail("a@[192.0.2.1]", "[192.0.2.1]", NONE),
+            ),
             // Non-ASCII needs SMTPUTF8 on the same MAIL.
             ("MAIL FROM:<j\u{f6}rg@b.c>", Err(ParseError::NeedsSmtputf8)),
-            ("MAIL FROM:<j\u{f6}rg@b.c> SMTPUTF8", mail("j\u{f6}rg@b.c", "b.c", MailParams { smtputf8: true, ..NONE })),
+            (
+                "MAIL FROM:<j\u{f6}rg@b.c> SMTPUTF8",
+                mail(
+                    "j\u{f6}rg@b.c",
+                    "b.c",
+                    MailParams {
+                        smtputf8: true,
+                        ..NONE
+                    },
+                ),
+            ),
             ("RCPT TO:<x@y.example>", rcpt("x@y.example", "y.example")),
             ("rcpt to: <x@y.example>", rcpt("x@y.example", "y.example")),
             ("RCPT TO:<Postmaster>", rcpt("Postmaster", "")),
             ("RCPT TO:<POSTMASTER>", rcpt("POSTMASTER", "")),
-            ("RCPT TO:<postmaster@y.example>", rcpt("postmaster@y.example", "y.example")),
+            (
+                "RCPT TO:<postmaster@y.example>",
+                rcpt("postmaster@y.example", "y.example"),
+            ),
             // RCPT's path is parsed here; whether non-ASCII is allowed depends on the MAIL.
-            ("RCPT TO:<\u{e9}@y.example>", rcpt("\u{e9}@y.example", "y.example")),
+            (
+                "RCPT TO:<\u{e9}@y.example>",
+                rcpt("\u{e9}@y.example", "y.example"),
+            ),
             ("RCPT TO:<>", SYN_RCPT),
             ("RCPT TO:<x>", SYN_RCPT),
             ("RCPT TO:x@y", SYN_RCPT),
             ("RCPT FROM:<x@y>", SYN_RCPT),
-            ("RCPT TO:<x@y> NOTIFY=NEVER", Err(ParseError::UnknownParam(Verb::Rcpt))),
+            (
+                "RCPT TO:<x@y> NOTIFY=NEVER",
+                Err(ParseError::UnknownParam(Verb::Rcpt)),
+            ),
             ("DATA", Ok(Command::Data)),
             ("data", Ok(Command::Data)),
             ("DATA x", Err(ParseError::Syntax(Verb::Data))),
@@ -658,7 +848,9 @@ mod tests {
         for a in alphabet {
             for b in alphabet {
                 for c in alphabet {
-                    let line = [b'M', b'A', b'I', b'L', b' ', b'F', b'R', b'O', b'M', b':', *a, *b, *c];
+                    let line = [
+                        b'M', b'A', b'I', b'L', b' ', b'F', b'R', b'O', b'M', b':', *a, *b, *c,
+                    ];
                     let _ = parse_command(&line);
                     let _ = parse_command(&line[4..]);
                 }

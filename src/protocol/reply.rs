@@ -13,8 +13,10 @@ pub const MAIL_OK: Fixed = b"250 2.1.0 Ok\r\n";
 pub const RCPT_OK: Fixed = b"250 2.1.5 Ok\r\n";
 pub const OK: Fixed = b"250 2.0.0 Ok\r\n";
 pub const DATA_GO: Fixed = b"354 End data with <CR><LF>.<CR><LF>\r\n";
-pub const VRFY: Fixed = b"252 2.0.0 Cannot VRFY user, but will accept message and attempt delivery\r\n";
-pub const HELP: Fixed = b"214 2.0.0 Commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP\r\n";
+pub const VRFY: Fixed =
+    b"252 2.0.0 Cannot VRFY user, but will accept message and attempt delivery\r\n";
+pub const HELP: Fixed =
+    b"214 2.0.0 Commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP\r\n";
 pub const BYE: Fixed = b"221 2.0.0 Bye\r\n";
 
 pub const UNKNOWN: Fixed = b"500 5.5.2 Error: command not recognized\r\n";
@@ -29,7 +31,8 @@ pub const NEEDS_SMTPUTF8: Fixed = b"553 5.6.7 Non-ASCII address requires SMTPUTF
 pub const DOMAIN_DENIED: Fixed = b"550 5.7.1 Recipient domain not accepted here\r\n";
 pub const TOO_MANY_RCPTS: Fixed = b"452 4.5.3 Error: too many recipients\r\n";
 pub const TOO_BIG: Fixed = b"552 5.3.4 Message size exceeds fixed limit\r\n";
-pub const BARE_CR_LF: Fixed = b"550 5.6.11 Message contains bare CR or LF; lines must end with CRLF\r\n";
+pub const BARE_CR_LF: Fixed =
+    b"550 5.6.11 Message contains bare CR or LF; lines must end with CRLF\r\n";
 pub const NO_SPACE: Fixed = b"452 4.3.1 Insufficient system storage\r\n";
 pub const LOCAL_ERROR: Fixed = b"451 4.3.0 Local error in processing\r\n";
 
@@ -77,10 +80,24 @@ pub fn timeout(out: &mut Vec<u8>, hostname: &str) {
     line(out, b"421 4.4.2 ", hostname, b" Error: timeout exceeded");
 }
 
+/// `421 4.4.2 <hostname> Error: session time limit exceeded`
+pub fn session_time_limit(out: &mut Vec<u8>, hostname: &str) {
+    line(
+        out,
+        b"421 4.4.2 ",
+        hostname,
+        b" Error: session time limit exceeded",
+    );
+}
+
 fn line(out: &mut Vec<u8>, head: &[u8], middle: &str, tail: &[u8]) {
     out.extend_from_slice(head);
     // A reply line must not be split by a CR or LF smuggled in through a configured name.
-    out.extend(middle.bytes().map(|b| if b == b'\r' || b == b'\n' { b' ' } else { b }));
+    out.extend(
+        middle
+            .bytes()
+            .map(|b| if b == b'\r' || b == b'\n' { b' ' } else { b }),
+    );
     out.extend_from_slice(tail);
     out.extend_from_slice(b"\r\n");
 }
@@ -131,9 +148,27 @@ mod tests {
     #[test]
     fn every_fixed_error_has_an_enhanced_code() {
         for r in [
-            MAIL_OK, RCPT_OK, OK, VRFY, HELP, BYE, UNKNOWN, LINE_TOO_LONG, EXPN, NEED_HELO, NEED_MAIL, NEED_RCPT,
-            NESTED_MAIL, UNKNOWN_PARAM, NEEDS_SMTPUTF8, DOMAIN_DENIED, TOO_MANY_RCPTS, TOO_BIG, BARE_CR_LF,
-            NO_SPACE, LOCAL_ERROR,
+            MAIL_OK,
+            RCPT_OK,
+            OK,
+            VRFY,
+            HELP,
+            BYE,
+            UNKNOWN,
+            LINE_TOO_LONG,
+            EXPN,
+            NEED_HELO,
+            NEED_MAIL,
+            NEED_RCPT,
+            NESTED_MAIL,
+            UNKNOWN_PARAM,
+            NEEDS_SMTPUTF8,
+            DOMAIN_DENIED,
+            TOO_MANY_RCPTS,
+            TOO_BIG,
+            BARE_CR_LF,
+            NO_SPACE,
+            LOCAL_ERROR,
         ] {
             let class = r[0];
             assert_eq!(r[3], b' ');

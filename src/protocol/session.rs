@@ -288,7 +288,10 @@ impl Session {
             return false;
         };
         self.phase = Phase::Ready;
-        let (bare, too_big) = tx.data.as_ref().map_or((false, false), |d| (d.bare_cr_lf(), d.too_big()));
+        let (bare, too_big) = tx
+            .data
+            .as_ref()
+            .map_or((false, false), |d| (d.bare_cr_lf(), d.too_big()));
         let refusal = if bare {
             Some((reply::BARE_CR_LF, "bare CR or LF in message"))
         } else if too_big {
@@ -303,7 +306,13 @@ impl Session {
             self.close_if_shutting_down(out);
             return false;
         }
-        let Transaction { from, rcpts, params, body, .. } = *tx;
+        let Transaction {
+            from,
+            rcpts,
+            params,
+            body,
+            ..
+        } = *tx;
         self.ready = Some(Box::new(Message {
             envelope: Envelope {
                 helo: self.helo.clone(),
@@ -389,7 +398,12 @@ impl Session {
                     // Start the body at the declared size (RFC 1870), within reason: a few
                     // regrowths are cheaper than trusting a client with our memory.
                     const BODY_START_MAX: u64 = 64 * 1024;
-                    let start = tx.params.size.unwrap_or(4096).min(BODY_START_MAX).min(self.cfg.max_message_size);
+                    let start = tx
+                        .params
+                        .size
+                        .unwrap_or(4096)
+                        .min(BODY_START_MAX)
+                        .min(self.cfg.max_message_size);
                     tx.body = Vec::with_capacity(start as usize);
                     tx.data = Some(DataScanner::new(self.cfg.max_message_size));
                     self.phase = Phase::Data;
@@ -398,7 +412,11 @@ impl Session {
             },
             Command::Rset => {
                 self.tx = None;
-                self.phase = if self.helo.is_empty() { Phase::Connected } else { Phase::Ready };
+                self.phase = if self.helo.is_empty() {
+                    Phase::Connected
+                } else {
+                    Phase::Ready
+                };
                 out.extend_from_slice(reply::OK);
             }
             Command::Noop => out.extend_from_slice(reply::OK),
@@ -427,7 +445,9 @@ impl Session {
         let domain_ok = to.is_bare_postmaster()
             || match &self.cfg.accept_domains {
                 None => true,
-                Some(list) => list.iter().any(|d| d.as_bytes().eq_ignore_ascii_case(to.domain)),
+                Some(list) => list
+                    .iter()
+                    .any(|d| d.as_bytes().eq_ignore_ascii_case(to.domain)),
             };
         if !domain_ok {
             self.refuse(Some(verb), out, reply::DOMAIN_DENIED);
@@ -440,7 +460,8 @@ impl Session {
             out.extend_from_slice(reply::TOO_MANY_RCPTS);
             return;
         }
-        tx.rcpts.push(String::from_utf8_lossy(to.mailbox).into_owned());
+        tx.rcpts
+            .push(String::from_utf8_lossy(to.mailbox).into_owned());
         out.extend_from_slice(reply::RCPT_OK);
     }
 
@@ -534,6 +555,17 @@ impl Session {
         }
     }
 
+    /// The session has lasted longer than the server allows (`--max-session-time`): appends
+    /// `421 4.4.2 <hostname> Error: session time limit exceeded`; the session is closed
+    /// afterwards. Together with the idle timeout this bounds how long any client, however
+    /// slowly it trickles bytes or however many NOOPs it sends, can hold a connection.
+    pub fn on_session_time_limit(&mut self, out: &mut Vec<u8>) {
+        if self.phase != Phase::Closed {
+            reply::session_time_limit(out, &self.cfg.hostname);
+            self.close();
+        }
+    }
+
     /// The server is shutting down. Between commands: appends
     /// `421 4.3.2 <hostname> Service shutting down` and returns true (close now). In DATA or
     /// while committing: returns false and the message may finish; the session then answers the
@@ -592,7 +624,10 @@ impl Session {
                 + t.rcpts.iter().map(String::capacity).sum::<usize>()
                 + t.body.capacity()
         });
-        self.line.capacity() + self.helo.capacity() + tx + self.ready.as_ref().map_or(0, |m| m.body.capacity())
+        self.line.capacity()
+            + self.helo.capacity()
+            + tx
+            + self.ready.as_ref().map_or(0, |m| m.body.capacity())
     }
 }
 
@@ -617,7 +652,10 @@ mod tests {
     const PEER: &str = "192.0.2.7:4000";
 
     fn cfg() -> SessionConfig {
-        SessionConfig { hostname: "mx.example".into(), ..SessionConfig::default() }
+        SessionConfig {
+            hostname: "mx.example".into(),
+            ..SessionConfig::default()
+        }
     }
 
     /// What a whole session produced: every reply byte, the messages handed over, whether it
@@ -633,7 +671,12 @@ mod tests {
     /// Drives a session over `chunks` like the worker does: every Commit is stored as `Q<n>`.
     fn drive(cfg: &Arc<SessionConfig>, chunks: &[&[u8]]) -> Run {
         let mut s = Session::new(cfg.clone(), PEER.parse().unwrap());
-        let mut run = Run { out: Vec::new(), msgs: Vec::new(), closed: false, stats: SessionStats::default() };
+        let mut run = Run {
+            out: Vec::new(),
+            msgs: Vec::new(),
+            closed: false,
+            stats: SessionStats::default(),
+        };
         s.greet(&mut run.out);
         'chunks: for chunk in chunks {
             let mut input = *chunk;
@@ -644,9 +687,13 @@ mod tests {
                         assert_eq!(s.phase(), Phase::Committing);
                         // The session holds no input while committing.
                         let mut extra = Vec::new();
-                        assert_eq!(s.feed(b"NOOP\r\n", &mut extra), Feed::Commit { consumed: 0 });
+                        assert_eq!(
+                            s.feed(b"NOOP\r\n", &mut extra),
+                            Feed::Commit { consumed: 0 }
+                        );
                         assert!(extra.is_empty());
-                        run.msgs.push(s.take_message().expect("message after Commit"));
+                        run.msgs
+                            .push(s.take_message().expect("message after Commit"));
                         assert!(s.take_message().is_none());
                         let queue_id = format!("Q{}", run.msgs.len());
                         s.committed(CommitResult::Stored { queue_id }, &mut run.out);
@@ -670,7 +717,12 @@ mod tests {
         let whole = drive(&cfg, &[input]);
         for cut in 0..=input.len() {
             let split = drive(&cfg, &[&input[..cut], &input[cut..]]);
-            assert_eq!(split, whole, "split at {cut} differs; input {:?}", String::from_utf8_lossy(input));
+            assert_eq!(
+                split,
+                whole,
+                "split at {cut} differs; input {:?}",
+                String::from_utf8_lossy(input)
+            );
         }
         let bytes: Vec<&[u8]> = input.chunks(1).collect();
         assert_eq!(drive(&cfg, &bytes), whole, "byte by byte differs");
@@ -700,7 +752,10 @@ mod tests {
     }
 
     fn codes(out: &[u8]) -> Vec<u16> {
-        replies(out).iter().map(|r| r[..3].parse().unwrap()).collect()
+        replies(out)
+            .iter()
+            .map(|r| r[..3].parse().unwrap())
+            .collect()
     }
 
     const HELLO: &str = "EHLO c.example\r\n";
@@ -760,7 +815,15 @@ mod tests {
                 smtputf8: false,
             }
         );
-        assert_eq!(r.stats, SessionStats { commands: 6, errors: 0, messages_accepted: 1, messages_rejected: 0 });
+        assert_eq!(
+            r.stats,
+            SessionStats {
+                commands: 6,
+                errors: 0,
+                messages_accepted: 1,
+                messages_rejected: 0
+            }
+        );
     }
 
     #[test]
@@ -778,13 +841,21 @@ mod tests {
         let one = "MAIL FROM:<a@b>\r\nRCPT TO:<x@y>\r\nDATA\r\nhello\r\n.\r\n";
         let r = run(&with_hello(&format!("{one}{one}{one}")));
         assert_eq!(r.msgs.len(), 3);
-        assert_eq!(replies(&r.out).iter().filter(|l| l.starts_with("250 2.0.0 Ok: queued as Q")).count(), 3);
+        assert_eq!(
+            replies(&r.out)
+                .iter()
+                .filter(|l| l.starts_with("250 2.0.0 Ok: queued as Q"))
+                .count(),
+            3
+        );
         assert_eq!(r.stats.messages_accepted, 3);
     }
 
     #[test]
     fn new_ehlo_resets_the_transaction() {
-        let r = run(&with_hello("MAIL FROM:<a@b>\r\nRCPT TO:<x@y>\r\nEHLO again\r\nDATA\r\nMAIL FROM:<a@b>\r\n"));
+        let r = run(&with_hello(
+            "MAIL FROM:<a@b>\r\nRCPT TO:<x@y>\r\nEHLO again\r\nDATA\r\nMAIL FROM:<a@b>\r\n",
+        ));
         assert_eq!(codes(&r.out), [220, 250, 250, 250, 250, 503, 250]);
         assert!(r.msgs.is_empty());
     }
@@ -810,7 +881,13 @@ mod tests {
 
     #[test]
     fn expn_is_refused_but_not_counted_as_an_error() {
-        let r = run_cfg(SessionConfig { max_errors: 2, ..cfg() }, b"EXPN a\r\nEXPN b\r\nEXPN c\r\nNOOP\r\n");
+        let r = run_cfg(
+            SessionConfig {
+                max_errors: 2,
+                ..cfg()
+            },
+            b"EXPN a\r\nEXPN b\r\nEXPN c\r\nNOOP\r\n",
+        );
         assert_eq!(codes(&r.out), [220, 502, 502, 502, 250]);
         assert_eq!(r.stats.errors, 0);
         assert!(!r.closed);
@@ -820,7 +897,10 @@ mod tests {
     fn quit_close_reports_consumed_bytes() {
         let mut s = Session::new(Arc::new(cfg()), PEER.parse().unwrap());
         let mut out = Vec::new();
-        assert_eq!(s.feed(b"NOOP\r\nQUIT\r\nNOOP\r\n", &mut out), Feed::Close { consumed: 12 });
+        assert_eq!(
+            s.feed(b"NOOP\r\nQUIT\r\nNOOP\r\n", &mut out),
+            Feed::Close { consumed: 12 }
+        );
         assert_eq!(s.phase(), Phase::Closed);
         // A closed session stays closed.
         assert_eq!(s.feed(b"NOOP\r\n", &mut out), Feed::Close { consumed: 0 });
@@ -831,7 +911,11 @@ mod tests {
         let r = run(b"FOO bar\r\n\r\nSTARTTLS\r\nEHLO x\r\n");
         assert_eq!(
             replies(&r.out)[1..4],
-            ["500 5.5.2 Error: command not recognized", "500 5.5.2 Error: command not recognized", "500 5.5.2 Error: command not recognized"]
+            [
+                "500 5.5.2 Error: command not recognized",
+                "500 5.5.2 Error: command not recognized",
+                "500 5.5.2 Error: command not recognized"
+            ]
         );
         assert_eq!(codes(&r.out)[4], 250);
         assert_eq!(r.stats.errors, 3);
@@ -839,7 +923,9 @@ mod tests {
 
     #[test]
     fn syntax_errors_501_with_expected_syntax() {
-        let r = run(&with_hello("MAIL FROM:a@b\r\nMAIL FROM:<a@b>\r\nRCPT TO:<>\r\nDATA now\r\n"));
+        let r = run(&with_hello(
+            "MAIL FROM:a@b\r\nMAIL FROM:<a@b>\r\nRCPT TO:<>\r\nDATA now\r\n",
+        ));
         assert_eq!(
             replies(&r.out)[2..],
             [
@@ -855,9 +941,14 @@ mod tests {
     fn bad_sequence_503() {
         // MAIL, RCPT and DATA before HELO/EHLO.
         let r = run(b"MAIL FROM:<a@b>\r\nRCPT TO:<x@y>\r\nDATA\r\n");
-        assert_eq!(replies(&r.out)[1..], ["503 5.5.1 Error: send HELO/EHLO first"; 3]);
+        assert_eq!(
+            replies(&r.out)[1..],
+            ["503 5.5.1 Error: send HELO/EHLO first"; 3]
+        );
         // RCPT before MAIL; DATA before MAIL; DATA with no accepted RCPT; nested MAIL.
-        let r = run(&with_hello("RCPT TO:<x@y>\r\nDATA\r\nMAIL FROM:<a@b>\r\nDATA\r\nMAIL FROM:<c@d>\r\n"));
+        let r = run(&with_hello(
+            "RCPT TO:<x@y>\r\nDATA\r\nMAIL FROM:<a@b>\r\nDATA\r\nMAIL FROM:<c@d>\r\n",
+        ));
         assert_eq!(
             replies(&r.out)[2..],
             [
@@ -879,7 +970,9 @@ mod tests {
 
     #[test]
     fn rset_ends_the_transaction() {
-        let r = run(&with_hello("MAIL FROM:<a@b>\r\nRCPT TO:<x@y>\r\nRSET\r\nDATA\r\nMAIL FROM:<a@b>\r\n"));
+        let r = run(&with_hello(
+            "MAIL FROM:<a@b>\r\nRCPT TO:<x@y>\r\nRSET\r\nDATA\r\nMAIL FROM:<a@b>\r\n",
+        ));
         assert_eq!(codes(&r.out), [220, 250, 250, 250, 250, 503, 250]);
     }
 
@@ -890,7 +983,14 @@ mod tests {
         let long = format!("NOOP {}\r\n", "x".repeat(512 - 6));
         assert_eq!(ok.len(), 512);
         let r = run(format!("{ok}{long}NOOP\r\n").as_bytes());
-        assert_eq!(replies(&r.out)[1..], ["250 2.0.0 Ok", "500 5.5.6 Error: line too long", "250 2.0.0 Ok"]);
+        assert_eq!(
+            replies(&r.out)[1..],
+            [
+                "250 2.0.0 Ok",
+                "500 5.5.6 Error: line too long",
+                "250 2.0.0 Ok"
+            ]
+        );
         // The same with bare LF: 512 octets including the LF.
         let ok = format!("NOOP {}\n", "x".repeat(512 - 6));
         let long = format!("NOOP {}\n", "x".repeat(512 - 5));
@@ -923,19 +1023,35 @@ mod tests {
         assert_eq!(s.feed(b"NOOP ", &mut out), Feed::NeedMore);
         for _ in 0..1000 {
             assert_eq!(s.feed(&[b'x'; 100], &mut out), Feed::NeedMore);
-            assert!(s.heap_bytes() <= LINE_BYTES_MAX, "holds {} bytes", s.heap_bytes());
+            assert!(
+                s.heap_bytes() <= LINE_BYTES_MAX,
+                "holds {} bytes",
+                s.heap_bytes()
+            );
         }
         assert!(out.is_empty(), "no reply before the line ends");
         assert_eq!(s.feed(b"xx\r\nNOOP\r\n", &mut out), Feed::NeedMore);
-        assert_eq!(replies(&out), ["500 5.5.6 Error: line too long", "250 2.0.0 Ok"]);
+        assert_eq!(
+            replies(&out),
+            ["500 5.5.6 Error: line too long", "250 2.0.0 Ok"]
+        );
         assert_eq!(s.heap_bytes(), 0);
     }
 
     #[test]
     fn error_limit_421_and_close() {
-        let r = run_cfg(SessionConfig { max_errors: 3, ..cfg() }, b"A\r\nB\r\nNOOP\r\nC\r\nD\r\nE\r\n");
+        let r = run_cfg(
+            SessionConfig {
+                max_errors: 3,
+                ..cfg()
+            },
+            b"A\r\nB\r\nNOOP\r\nC\r\nD\r\nE\r\n",
+        );
         assert_eq!(codes(&r.out), [220, 500, 500, 250, 500, 421]);
-        assert_eq!(replies(&r.out)[5], "421 4.7.0 mx.example Error: too many errors");
+        assert_eq!(
+            replies(&r.out)[5],
+            "421 4.7.0 mx.example Error: too many errors"
+        );
         assert!(r.closed);
         assert_eq!(r.stats.errors, 3);
     }
@@ -958,13 +1074,19 @@ mod tests {
                 continue;
             }
             let b = reply.as_bytes();
-            assert!(b[4] == code && b[5] == b'.' && b[6].is_ascii_digit(), "no enhanced code: {reply:?}");
+            assert!(
+                b[4] == code && b[5] == b'.' && b[6].is_ascii_digit(),
+                "no enhanced code: {reply:?}"
+            );
         }
     }
 
     #[test]
     fn recipient_domain_policy() {
-        let c = SessionConfig { accept_domains: Some(vec!["y.example".into(), "z.example".into()]), ..cfg() };
+        let c = SessionConfig {
+            accept_domains: Some(vec!["y.example".into(), "z.example".into()]),
+            ..cfg()
+        };
         let r = run_cfg(
             c,
             &with_hello(
@@ -983,7 +1105,10 @@ mod tests {
                 "250 2.1.5 Ok"
             ]
         );
-        assert_eq!(r.msgs[0].envelope.rcpt_to, ["x@Y.EXAMPLE", "Postmaster", "x@z.example"]);
+        assert_eq!(
+            r.msgs[0].envelope.rcpt_to,
+            ["x@Y.EXAMPLE", "Postmaster", "x@z.example"]
+        );
         assert_eq!(r.stats.errors, 3);
     }
 
@@ -1002,10 +1127,16 @@ mod tests {
     #[test]
     fn declared_size_over_limit_552() {
         let r = run_cfg(
-            SessionConfig { max_message_size: 100, ..cfg() },
+            SessionConfig {
+                max_message_size: 100,
+                ..cfg()
+            },
             &with_hello("MAIL FROM:<a@b> SIZE=101\r\nMAIL FROM:<a@b> SIZE=100\r\n"),
         );
-        assert_eq!(replies(&r.out)[2..], ["552 5.3.4 Message size exceeds fixed limit", "250 2.1.0 Ok"]);
+        assert_eq!(
+            replies(&r.out)[2..],
+            ["552 5.3.4 Message size exceeds fixed limit", "250 2.1.0 Ok"]
+        );
         assert!(replies(&r.out)[1].contains("250-SIZE 100\n"));
     }
 
@@ -1015,8 +1146,17 @@ mod tests {
         let input = with_hello(&format!(
             "MAIL FROM:<a@b>\r\nRCPT TO:<x@y>\r\nDATA\r\n{big}{big}.\r\nMAIL FROM:<a@b>\r\nRCPT TO:<x@y>\r\nDATA\r\n{big}.\r\n"
         ));
-        let r = run_cfg(SessionConfig { max_message_size: 101, ..cfg() }, &input);
-        assert_eq!(codes(&r.out), [220, 250, 250, 250, 354, 552, 250, 250, 354, 250]);
+        let r = run_cfg(
+            SessionConfig {
+                max_message_size: 101,
+                ..cfg()
+            },
+            &input,
+        );
+        assert_eq!(
+            codes(&r.out),
+            [220, 250, 250, 250, 354, 552, 250, 250, 354, 250]
+        );
         assert_eq!(r.msgs.len(), 1);
         assert_eq!(r.msgs[0].body, big.as_bytes());
         assert_eq!(r.stats.messages_rejected, 1);
@@ -1024,9 +1164,18 @@ mod tests {
 
     #[test]
     fn body_over_limit_memory_stays_bounded() {
-        let mut s = Session::new(Arc::new(SessionConfig { max_message_size: 1000, ..cfg() }), PEER.parse().unwrap());
+        let mut s = Session::new(
+            Arc::new(SessionConfig {
+                max_message_size: 1000,
+                ..cfg()
+            }),
+            PEER.parse().unwrap(),
+        );
         let mut out = Vec::new();
-        s.feed(b"EHLO x\r\nMAIL FROM:<a@b>\r\nRCPT TO:<x@y>\r\nDATA\r\n", &mut out);
+        s.feed(
+            b"EHLO x\r\nMAIL FROM:<a@b>\r\nRCPT TO:<x@y>\r\nDATA\r\n",
+            &mut out,
+        );
         let line = [b"z".repeat(998), b"\r\n".to_vec()].concat();
         for _ in 0..1000 {
             assert_eq!(s.feed(&line, &mut out), Feed::NeedMore);
@@ -1034,13 +1183,25 @@ mod tests {
         }
         out.clear();
         assert_eq!(s.feed(b".\r\n", &mut out), Feed::NeedMore);
-        assert_eq!(replies(&out), ["552 5.3.4 Message size exceeds fixed limit"]);
+        assert_eq!(
+            replies(&out),
+            ["552 5.3.4 Message size exceeds fixed limit"]
+        );
     }
 
     #[test]
     fn unknown_parameters_555() {
-        let r = run(&with_hello("MAIL FROM:<a@b> RET=FULL\r\nMAIL FROM:<a@b>\r\nRCPT TO:<x@y> NOTIFY=NEVER\r\n"));
-        assert_eq!(replies(&r.out)[2..], ["555 5.5.4 Unsupported option", "250 2.1.0 Ok", "555 5.5.4 Unsupported option"]);
+        let r = run(&with_hello(
+            "MAIL FROM:<a@b> RET=FULL\r\nMAIL FROM:<a@b>\r\nRCPT TO:<x@y> NOTIFY=NEVER\r\n",
+        ));
+        assert_eq!(
+            replies(&r.out)[2..],
+            [
+                "555 5.5.4 Unsupported option",
+                "250 2.1.0 Ok",
+                "555 5.5.4 Unsupported option"
+            ]
+        );
     }
 
     #[test]
@@ -1050,8 +1211,14 @@ mod tests {
              MAIL FROM:<j\u{f6}rg@b> SMTPUTF8\r\nRCPT TO:<\u{e9}@y>\r\nDATA\r\n.\r\n"
                 .as_bytes(),
         );
-        assert_eq!(codes(&r.out), [220, 250, 553, 250, 553, 250, 250, 250, 354, 250]);
-        assert_eq!(replies(&r.out)[2], "553 5.6.7 Non-ASCII address requires SMTPUTF8");
+        assert_eq!(
+            codes(&r.out),
+            [220, 250, 553, 250, 553, 250, 250, 250, 354, 250]
+        );
+        assert_eq!(
+            replies(&r.out)[2],
+            "553 5.6.7 Non-ASCII address requires SMTPUTF8"
+        );
         let e = &r.msgs[0].envelope;
         assert!(e.smtputf8);
         assert_eq!(e.mail_from, "j\u{f6}rg@b");
@@ -1069,14 +1236,24 @@ mod tests {
         let mut s = Session::new(Arc::new(cfg()), PEER.parse().unwrap());
         let mut out = Vec::new();
         let input = b"EHLO x\r\nMAIL FROM:<a@b>\r\nRCPT TO:<x@y>\r\nRCPT TO:<bad>\r\nDATA\r\nMAIL FROM:<not@a.command>\r\n.\r\nNOOP\r\n";
-        let Feed::Commit { consumed } = s.feed(input, &mut out) else { panic!() };
+        let Feed::Commit { consumed } = s.feed(input, &mut out) else {
+            panic!()
+        };
         assert_eq!(&input[consumed..], b"NOOP\r\n");
         assert_eq!(codes(&out), [250, 250, 250, 501, 354]);
-        assert_eq!(s.take_message().unwrap().body, b"MAIL FROM:<not@a.command>\r\n");
+        assert_eq!(
+            s.take_message().unwrap().body,
+            b"MAIL FROM:<not@a.command>\r\n"
+        );
         // EHLO ends a pipelined group (RFC 2920 3.1): the four commands after it in the same
         // read were counted, and answered all the same.
         assert_eq!(s.improper_pipelining(), 4);
-        s.committed(CommitResult::Stored { queue_id: "A".into() }, &mut out);
+        s.committed(
+            CommitResult::Stored {
+                queue_id: "A".into(),
+            },
+            &mut out,
+        );
         assert_eq!(s.feed(&input[consumed..], &mut out), Feed::NeedMore);
         assert_eq!(codes(&out), [250, 250, 250, 501, 354, 250, 250]);
     }
@@ -1093,12 +1270,18 @@ mod tests {
     #[test]
     fn store_failures_are_answered_and_session_goes_on() {
         for (result, want) in [
-            (CommitResult::NoSpace, "452 4.3.1 Insufficient system storage"),
+            (
+                CommitResult::NoSpace,
+                "452 4.3.1 Insufficient system storage",
+            ),
             (CommitResult::Failed, "451 4.3.0 Local error in processing"),
         ] {
             let mut s = Session::new(Arc::new(cfg()), PEER.parse().unwrap());
             let mut out = Vec::new();
-            let r = s.feed(b"HELO x\r\nMAIL FROM:<a@b>\r\nRCPT TO:<x@y>\r\nDATA\r\n.\r\n", &mut out);
+            let r = s.feed(
+                b"HELO x\r\nMAIL FROM:<a@b>\r\nRCPT TO:<x@y>\r\nDATA\r\n.\r\n",
+                &mut out,
+            );
             assert!(matches!(r, Feed::Commit { .. }));
             assert!(s.take_message().is_some());
             out.clear();
@@ -1112,14 +1295,23 @@ mod tests {
 
     #[test]
     fn smuggling_vectors_reject_the_whole_message_and_session_goes_on() {
-        for v in ["\n.\n", "\r.\r", "\r\n.\n", "\n.\r\n", "\r.\r\n", "\r\n.\r", "\n.\r", "\r.\n"] {
+        for v in [
+            "\n.\n", "\r.\r", "\r\n.\n", "\n.\r\n", "\r.\r\n", "\r\n.\r", "\n.\r", "\r.\n",
+        ] {
             let input = with_hello(&format!(
                 "MAIL FROM:<a@b>\r\nRCPT TO:<x@y>\r\nDATA\r\nSubject: one\r\n\r\nx{v}MAIL FROM:<evil@x>\r\nRCPT TO:<victim@y>\r\n\
                  DATA\r\nSubject: smuggled\r\n\r\n.\r\nMAIL FROM:<a@b>\r\nRCPT TO:<x@y>\r\nDATA\r\nclean\r\n.\r\n"
             ));
             let r = run(&input);
-            assert_eq!(codes(&r.out), [220, 250, 250, 250, 354, 550, 250, 250, 354, 250], "vector {v:?}");
-            assert_eq!(replies(&r.out)[5], "550 5.6.11 Message contains bare CR or LF; lines must end with CRLF");
+            assert_eq!(
+                codes(&r.out),
+                [220, 250, 250, 250, 354, 550, 250, 250, 354, 250],
+                "vector {v:?}"
+            );
+            assert_eq!(
+                replies(&r.out)[5],
+                "550 5.6.11 Message contains bare CR or LF; lines must end with CRLF"
+            );
             assert_eq!(r.msgs.len(), 1, "vector {v:?}");
             assert_eq!(r.msgs[0].body, b"clean\r\n");
             assert_eq!(r.stats.messages_rejected, 1);
@@ -1133,7 +1325,10 @@ mod tests {
         s.feed(b"EHLO x\r\nMAIL FROM:<a@b>\r\n", &mut out);
         out.clear();
         assert!(s.on_shutdown(&mut out, false));
-        assert_eq!(replies(&out), ["421 4.3.2 mx.example Service shutting down"]);
+        assert_eq!(
+            replies(&out),
+            ["421 4.3.2 mx.example Service shutting down"]
+        );
         assert_eq!(s.phase(), Phase::Closed);
         assert!(s.on_shutdown(&mut out, true));
         assert_eq!(out.len(), 44, "no second 421");
@@ -1143,14 +1338,31 @@ mod tests {
     fn shutdown_in_data_lets_the_message_finish_then_421() {
         let mut s = Session::new(Arc::new(cfg()), PEER.parse().unwrap());
         let mut out = Vec::new();
-        s.feed(b"EHLO x\r\nMAIL FROM:<a@b>\r\nRCPT TO:<x@y>\r\nDATA\r\nhalf", &mut out);
+        s.feed(
+            b"EHLO x\r\nMAIL FROM:<a@b>\r\nRCPT TO:<x@y>\r\nDATA\r\nhalf",
+            &mut out,
+        );
         out.clear();
         assert!(!s.on_shutdown(&mut out, false));
         assert!(out.is_empty());
-        assert_eq!(s.feed(b" done\r\n.\r\nNOOP\r\n", &mut out), Feed::Commit { consumed: 10 });
+        assert_eq!(
+            s.feed(b" done\r\n.\r\nNOOP\r\n", &mut out),
+            Feed::Commit { consumed: 10 }
+        );
         assert_eq!(s.take_message().unwrap().body, b"half done\r\n");
-        s.committed(CommitResult::Stored { queue_id: "Q".into() }, &mut out);
-        assert_eq!(replies(&out), ["250 2.0.0 Ok: queued as Q", "421 4.3.2 mx.example Service shutting down"]);
+        s.committed(
+            CommitResult::Stored {
+                queue_id: "Q".into(),
+            },
+            &mut out,
+        );
+        assert_eq!(
+            replies(&out),
+            [
+                "250 2.0.0 Ok: queued as Q",
+                "421 4.3.2 mx.example Service shutting down"
+            ]
+        );
         assert_eq!(s.phase(), Phase::Closed);
         assert_eq!(s.feed(b"NOOP\r\n", &mut out), Feed::Close { consumed: 0 });
     }
@@ -1159,7 +1371,10 @@ mod tests {
     fn shutdown_in_data_with_rejected_message_closes_after_the_550() {
         let mut s = Session::new(Arc::new(cfg()), PEER.parse().unwrap());
         let mut out = Vec::new();
-        s.feed(b"EHLO x\r\nMAIL FROM:<a@b>\r\nRCPT TO:<x@y>\r\nDATA\r\nbare\n\r\n", &mut out);
+        s.feed(
+            b"EHLO x\r\nMAIL FROM:<a@b>\r\nRCPT TO:<x@y>\r\nDATA\r\nbare\n\r\n",
+            &mut out,
+        );
         out.clear();
         assert!(!s.on_shutdown(&mut out, false));
         assert_eq!(s.feed(b".\r\n", &mut out), Feed::Close { consumed: 3 });
@@ -1170,21 +1385,38 @@ mod tests {
     fn forced_shutdown_in_data_and_while_committing() {
         let mut s = Session::new(Arc::new(cfg()), PEER.parse().unwrap());
         let mut out = Vec::new();
-        s.feed(b"EHLO x\r\nMAIL FROM:<a@b>\r\nRCPT TO:<x@y>\r\nDATA\r\n", &mut out);
+        s.feed(
+            b"EHLO x\r\nMAIL FROM:<a@b>\r\nRCPT TO:<x@y>\r\nDATA\r\n",
+            &mut out,
+        );
         out.clear();
         assert!(!s.on_shutdown(&mut out, false));
         assert!(s.on_shutdown(&mut out, true));
-        assert_eq!(replies(&out), ["421 4.3.2 mx.example Service shutting down"]);
+        assert_eq!(
+            replies(&out),
+            ["421 4.3.2 mx.example Service shutting down"]
+        );
 
         let mut s = Session::new(Arc::new(cfg()), PEER.parse().unwrap());
-        s.feed(b"EHLO x\r\nMAIL FROM:<a@b>\r\nRCPT TO:<x@y>\r\nDATA\r\n.\r\n", &mut out);
+        s.feed(
+            b"EHLO x\r\nMAIL FROM:<a@b>\r\nRCPT TO:<x@y>\r\nDATA\r\n.\r\n",
+            &mut out,
+        );
         assert_eq!(s.phase(), Phase::Committing);
         out.clear();
         assert!(!s.on_shutdown(&mut out, false));
         assert!(s.on_shutdown(&mut out, true));
         // A late store answer after the forced close says nothing.
-        s.committed(CommitResult::Stored { queue_id: "late".into() }, &mut out);
-        assert_eq!(replies(&out), ["421 4.3.2 mx.example Service shutting down"]);
+        s.committed(
+            CommitResult::Stored {
+                queue_id: "late".into(),
+            },
+            &mut out,
+        );
+        assert_eq!(
+            replies(&out),
+            ["421 4.3.2 mx.example Service shutting down"]
+        );
     }
 
     #[test]
@@ -1194,7 +1426,10 @@ mod tests {
         s.feed(b"EHLO x\r\nMAIL FRO", &mut out);
         out.clear();
         s.on_idle_timeout(&mut out);
-        assert_eq!(replies(&out), ["421 4.4.2 mx.example Error: timeout exceeded"]);
+        assert_eq!(
+            replies(&out),
+            ["421 4.4.2 mx.example Error: timeout exceeded"]
+        );
         assert_eq!(s.phase(), Phase::Closed);
         // Only the HELO name is left, kept for the session-end log line.
         assert_eq!(s.heap_bytes(), 1);
@@ -1221,15 +1456,31 @@ mod tests {
     #[test]
     fn idle_session_is_small() {
         let cfg = Arc::new(cfg());
-        assert!(std::mem::size_of::<Session>() <= 160, "Session is {} bytes", std::mem::size_of::<Session>());
+        assert!(
+            std::mem::size_of::<Session>() <= 160,
+            "Session is {} bytes",
+            std::mem::size_of::<Session>()
+        );
         let mut s = Session::new(cfg, PEER.parse().unwrap());
         let mut out = Vec::new();
         assert_eq!(s.heap_bytes(), 0);
-        s.feed(b"EHLO client.example\r\nMAIL FROM:<a@b>\r\nRCPT TO:<x@y>\r\nDATA\r\nbody\r\n.\r\n", &mut out);
+        s.feed(
+            b"EHLO client.example\r\nMAIL FROM:<a@b>\r\nRCPT TO:<x@y>\r\nDATA\r\nbody\r\n.\r\n",
+            &mut out,
+        );
         s.take_message();
-        s.committed(CommitResult::Stored { queue_id: "Q".into() }, &mut out);
+        s.committed(
+            CommitResult::Stored {
+                queue_id: "Q".into(),
+            },
+            &mut out,
+        );
         // Between transactions only the HELO name is held.
-        assert!(s.heap_bytes() <= 32, "idle session holds {} bytes", s.heap_bytes());
+        assert!(
+            s.heap_bytes() <= 32,
+            "idle session holds {} bytes",
+            s.heap_bytes()
+        );
         // A command split across reads is held only until its end arrives.
         s.feed(b"NO", &mut out);
         assert!(s.heap_bytes() > 0);
