@@ -1211,6 +1211,7 @@ fn help_mentions_every_flag() {
         "--max-message-size",
         "--max-recipients",
         "--idle-timeout",
+        "--max-session-time",
         "--max-connections",
         "--max-connections-per-ip",
         "--max-errors",
@@ -2064,4 +2065,34 @@ fn sessions_leave_no_descriptors_behind() {
     );
     assert_eq!(server.new_files().len(), 50);
     assert_eq!(list_dir(&server.maildir().join("tmp")).len(), 0);
+}
+
+#[test]
+fn max_session_time_ends_even_a_busy_session() {
+    // A client that never goes idle (a NOOP every 300 ms) is still cut off at the session limit.
+    let server = Server::start(&["--max-session-time", "1", "--idle-timeout", "30"]);
+    let mut c = server.connect();
+    c.ehlo("client.example");
+    let start = Instant::now();
+    let end = loop {
+        std::thread::sleep(Duration::from_millis(300));
+        let r = c.cmd("NOOP");
+        if !r.starts_with("250") {
+            break r;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(6),
+            "still served after 6 s"
+        );
+    };
+    assert_eq!(
+        end,
+        format!("421 4.4.2 {HOSTNAME} Error: session time limit exceeded")
+    );
+    assert!(c.closed());
+    assert!(
+        start.elapsed() >= Duration::from_millis(600),
+        "cut off too early: {:?}",
+        start.elapsed()
+    );
 }
