@@ -954,16 +954,19 @@ impl Worker {
                 }
                 continue;
             }
-            if !conn.committing && now.duration_since(conn.started) >= self.cfg.session_time_max {
-                conn.session.on_session_time_limit(&mut conn.out);
-                conn.closing = true;
-                conn.reason = EndReason::Timeout;
-                conn.pending.clear();
-                touched.push((slot, conn.generation));
+            if conn.committing {
                 continue;
             }
-            if !conn.committing && now.duration_since(conn.last_active) >= idle {
+            let expired = if now.duration_since(conn.started) >= self.cfg.session_time_max {
+                conn.session.on_session_time_limit(&mut conn.out);
+                true
+            } else if now.duration_since(conn.last_active) >= idle {
                 conn.session.on_idle_timeout(&mut conn.out);
+                true
+            } else {
+                false
+            };
+            if expired {
                 conn.closing = true;
                 conn.reason = EndReason::Timeout;
                 conn.pending.clear();
