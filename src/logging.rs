@@ -19,11 +19,18 @@ thread_local! {
 /// A thread's unwritten lines; written out when the thread ends, so none are lost on exit.
 struct Pending(Vec<u8>);
 
-impl Drop for Pending {
-    fn drop(&mut self) {
+impl Pending {
+    fn write_out(&mut self) {
         if !self.0.is_empty() {
             let _ = io::stderr().write_all(&self.0);
+            self.0.clear();
         }
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        self.write_out();
     }
 }
 
@@ -35,11 +42,8 @@ pub fn buffer_this_thread() {
 /// Writes this thread's pending log lines, if any.
 pub fn flush_thread() {
     BUF.with(|b| {
-        if let Some(Pending(v)) = b.borrow_mut().as_mut() {
-            if !v.is_empty() {
-                let _ = io::stderr().write_all(v);
-                v.clear();
-            }
+        if let Some(p) = b.borrow_mut().as_mut() {
+            p.write_out();
         }
     });
 }
@@ -66,11 +70,10 @@ pub struct Line;
 impl Write for Line {
     fn write(&mut self, data: &[u8]) -> io::Result<usize> {
         let buffered = BUF.with(|b| match b.borrow_mut().as_mut() {
-            Some(Pending(v)) => {
-                v.extend_from_slice(data);
-                if v.len() >= FLUSH_AT {
-                    let _ = io::stderr().write_all(v);
-                    v.clear();
+            Some(p) => {
+                p.0.extend_from_slice(data);
+                if p.0.len() >= FLUSH_AT {
+                    p.write_out();
                 }
                 true
             }

@@ -247,6 +247,32 @@ struct Conn {
     started: Instant,
 }
 
+impl Conn {
+    /// The peer reset the connection: nothing can be sent to it or answered any more.
+    fn reset_by_peer(&mut self) {
+        self.closing = true;
+        self.reason = EndReason::Reset;
+        self.out.clear();
+        self.pending.clear();
+    }
+
+    /// The server ends the session (timeout, shutdown): its last reply is already in `out`;
+    /// input it has not answered is dropped.
+    fn end_session(&mut self, reason: EndReason) {
+        self.closing = true;
+        self.reason = reason;
+        self.pending.clear();
+    }
+
+    /// After the client's EOF, close once everything it sent has been answered.
+    fn close_if_eof_answered(&mut self) {
+        if self.eof && !self.committing && self.pending.is_empty() && !self.closing {
+            self.closing = true;
+            self.reason = EndReason::PeerClosed;
+        }
+    }
+}
+
 /// A message on its way to disk.
 struct CommitEntry {
     conn: Token,
@@ -637,20 +663,12 @@ impl Worker {
             }
             RecvOutcome::Eof => {
                 conn.eof = true;
-                if !conn.committing && conn.pending.is_empty() && !conn.closing {
-                    conn.closing = true;
-                    conn.reason = EndReason::PeerClosed;
-                }
+                conn.close_if_eof_answered();
             }
             // Out of buffers, interrupted, or cancelled for a pause that is already over: the
             // re-arm below takes care of all three.
             RecvOutcome::NoBuffers | RecvOutcome::Retry | RecvOutcome::Canceled => {}
-            RecvOutcome::PeerClosed => {
-                conn.closing = true;
-                conn.reason = EndReason::Reset;
-                conn.out.clear();
-                conn.pending.clear();
-            }
+            RecvOutcome::PeerClosed => conn.reset_by_peer(),
             RecvOutcome::Unexpected(e) => {
                 tracing::warn!(client = %conn.peer.ip(), "unexpected errno {e} from recv");
                 conn.closing = true;
@@ -728,10 +746,7 @@ impl Worker {
                 Self::rearm(&mut self.ring, conn, slot);
             }
         }
-        if conn.eof && !conn.committing && conn.pending.is_empty() && !conn.closing {
-            conn.closing = true;
-            conn.reason = EndReason::PeerClosed;
-        }
+        conn.close_if_eof_answered();
         self.dirty.push((slot, generation));
     }
 
@@ -837,12 +852,7 @@ impl Worker {
                 conn.send_id = Some(self.ring.push(c.token, Op::Send { fd, buf, off }));
                 return;
             }
-            SendOutcome::PeerClosed | SendOutcome::Canceled => {
-                conn.closing = true;
-                conn.reason = EndReason::Reset;
-                conn.out.clear();
-                conn.pending.clear();
-            }
+            SendOutcome::PeerClosed | SendOutcome::Canceled => conn.reset_by_peer(),
             SendOutcome::Unexpected(e) => {
                 tracing::warn!(client = %conn.peer.ip(), "unexpected errno {e} from send");
                 conn.closing = true;
@@ -913,9 +923,7 @@ impl Worker {
                 continue;
             }
             if conn.session.on_shutdown(&mut conn.out, force) {
-                conn.closing = true;
-                conn.reason = EndReason::Shutdown;
-                conn.pending.clear();
+                conn.end_session(EndReason::Shutdown);
             }
             touched.push((slot, conn.generation));
         }
@@ -967,9 +975,7 @@ impl Worker {
                 false
             };
             if expired {
-                conn.closing = true;
-                conn.reason = EndReason::Timeout;
-                conn.pending.clear();
+                conn.end_session(EndReason::Timeout);
                 touched.push((slot, conn.generation));
             }
         }
