@@ -12,30 +12,24 @@ use support::*;
 #[test]
 fn closed_run_counts_exactly_the_messages_the_server_accepted() {
     let server = TestServer::start(Behaviour::default());
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("r.json");
     let addr = server.addr.to_string();
-    let o = loadgen(&[
-        "--target",
+    let (stdout, j) = run_report(
         &addr,
-        "--connections",
-        "8",
-        "--threads",
-        "2",
-        "--sessions",
-        "120",
-        "--messages-per-session",
-        "3",
-        "--recipients",
-        "2",
-        "--size",
-        "3000",
-        "--json",
-        out.to_str().unwrap(),
-    ]);
-    let (stdout, stderr) = text(&o);
-    assert!(o.status.success(), "{stdout}\n{stderr}");
-    let j = json(&out);
+        &[
+            "--connections",
+            "8",
+            "--threads",
+            "2",
+            "--sessions",
+            "120",
+            "--messages-per-session",
+            "3",
+            "--recipients",
+            "2",
+            "--size",
+            "3000",
+        ],
+    );
     assert_eq!(j["counts"]["messages_accepted"], 360, "{stdout}");
     assert_eq!(
         server.accepted.load(std::sync::atomic::Ordering::SeqCst),
@@ -54,25 +48,12 @@ fn closed_run_counts_exactly_the_messages_the_server_accepted() {
 #[test]
 fn warmup_sessions_run_but_stay_out_of_the_figures() {
     let server = TestServer::start(Behaviour::default());
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("r.json");
     let addr = server.addr.to_string();
     let started = Instant::now();
-    let o = loadgen(&[
-        "--target",
+    let (stdout, j) = run_report(
         &addr,
-        "--connections",
-        "4",
-        "--warmup",
-        "0.5",
-        "--duration",
-        "1",
-        "--json",
-        out.to_str().unwrap(),
-    ]);
-    let (stdout, stderr) = text(&o);
-    assert!(o.status.success(), "{stdout}\n{stderr}");
-    let j = json(&out);
+        &["--connections", "4", "--warmup", "0.5", "--duration", "1"],
+    );
     let c = &j["counts"];
     let (measured, warm) = (
         c["messages_accepted"].as_u64().unwrap(),
@@ -99,29 +80,23 @@ fn warmup_sessions_run_but_stay_out_of_the_figures() {
 #[test]
 fn pipelined_run_uses_pipelining_and_counts_right() {
     let server = TestServer::start(Behaviour::default());
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("r.json");
     let addr = server.addr.to_string();
-    let o = loadgen(&[
-        "--target",
+    let (stdout, j) = run_report(
         &addr,
-        "--connections",
-        "4",
-        "--threads",
-        "1",
-        "--sessions",
-        "40",
-        "--messages-per-session",
-        "5",
-        "--recipients",
-        "3",
-        "--pipelining",
-        "--json",
-        out.to_str().unwrap(),
-    ]);
-    let (stdout, stderr) = text(&o);
-    assert!(o.status.success(), "{stdout}\n{stderr}");
-    let j = json(&out);
+        &[
+            "--connections",
+            "4",
+            "--threads",
+            "1",
+            "--sessions",
+            "40",
+            "--messages-per-session",
+            "5",
+            "--recipients",
+            "3",
+            "--pipelining",
+        ],
+    );
     assert_eq!(j["server_offers_pipelining"], true);
     assert_eq!(j["counts"]["messages_accepted"], 200, "{stdout}");
     assert_eq!(
@@ -137,22 +112,8 @@ fn rcpt_451_shows_up_as_errors_not_throughput() {
         rcpt_reply: "451 4.3.0 try again later",
         ..Default::default()
     });
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("r.json");
     let addr = server.addr.to_string();
-    let o = loadgen(&[
-        "--target",
-        &addr,
-        "--connections",
-        "5",
-        "--sessions",
-        "50",
-        "--json",
-        out.to_str().unwrap(),
-    ]);
-    let (stdout, stderr) = text(&o);
-    assert!(o.status.success(), "{stdout}\n{stderr}");
-    let j = json(&out);
+    let (stdout, j) = run_report(&addr, &["--connections", "5", "--sessions", "50"]);
     assert_eq!(j["counts"]["messages_accepted"], 0);
     assert_eq!(j["counts"]["messages_failed"], 50);
     assert_eq!(j["counts"]["sessions_ok"], 0);
@@ -187,24 +148,11 @@ fn open_loop_p999_shows_a_one_second_stall_and_closed_loop_says_what_it_is() {
         stall_after_connections: Some((150, Duration::from_secs(1))),
         ..Default::default()
     });
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("open.json");
     let addr = server.addr.to_string();
-    let o = loadgen(&[
-        "--target",
+    let (stdout, j) = run_report(
         &addr,
-        "--rate",
-        "200",
-        "--duration",
-        "3",
-        "--threads",
-        "1",
-        "--json",
-        out.to_str().unwrap(),
-    ]);
-    let (stdout, stderr) = text(&o);
-    assert!(o.status.success(), "{stdout}\n{stderr}");
-    let j = json(&out);
+        &["--rate", "200", "--duration", "3", "--threads", "1"],
+    );
     assert_eq!(j["mode"], "open");
     assert_eq!(j["errors_total"], 0, "{stdout}");
     let session = phase(&j, "session");
@@ -227,21 +175,8 @@ fn open_loop_p999_shows_a_one_second_stall_and_closed_loop_says_what_it_is() {
         stall_after_connections: Some((50, Duration::from_secs(1))),
         ..Default::default()
     });
-    let out = dir.path().join("closed.json");
     let addr = server.addr.to_string();
-    let o = loadgen(&[
-        "--target",
-        &addr,
-        "--connections",
-        "4",
-        "--duration",
-        "2",
-        "--json",
-        out.to_str().unwrap(),
-    ]);
-    let (stdout, stderr) = text(&o);
-    assert!(o.status.success(), "{stdout}\n{stderr}");
-    let j = json(&out);
+    let (stdout, j) = run_report(&addr, &["--connections", "4", "--duration", "2"]);
     assert_eq!(j["mode"], "closed");
     assert!(j["latency_basis"].as_str().unwrap().contains("closed loop"));
     assert!(
@@ -252,26 +187,12 @@ fn open_loop_p999_shows_a_one_second_stall_and_closed_loop_says_what_it_is() {
 
 #[test]
 fn a_server_that_closes_or_goes_silent_mid_session_shows_as_errors_by_kind() {
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("closed.json");
     let server = TestServer::start(Behaviour {
         close_on_mail: true,
         ..Default::default()
     });
     let addr = server.addr.to_string();
-    let o = loadgen(&[
-        "--target",
-        &addr,
-        "--connections",
-        "3",
-        "--sessions",
-        "12",
-        "--json",
-        out.to_str().unwrap(),
-    ]);
-    let (stdout, stderr) = text(&o);
-    assert!(o.status.success(), "{stdout}\n{stderr}");
-    let j = json(&out);
+    let (stdout, j) = run_report(&addr, &["--connections", "3", "--sessions", "12"]);
     assert_eq!(j["errors"][0]["kind"], "closed by server", "{stdout}");
     assert_eq!(j["errors"][0]["count"], 12);
     assert!(
@@ -286,32 +207,20 @@ fn a_server_that_closes_or_goes_silent_mid_session_shows_as_errors_by_kind() {
 
     // No reply to DATA: each session times out there, its operations are cancelled and the
     // run still ends on its own, soon after the timeout.
-    let out = dir.path().join("timeout.json");
     let server = TestServer::start(Behaviour {
         silent_on_data: true,
         ..Default::default()
     });
     let addr = server.addr.to_string();
     let started = Instant::now();
-    let o = loadgen(&[
-        "--target",
+    let (stdout, j) = run_report(
         &addr,
-        "--connections",
-        "4",
-        "--sessions",
-        "8",
-        "--timeout",
-        "0.4",
-        "--json",
-        out.to_str().unwrap(),
-    ]);
-    let (stdout, stderr) = text(&o);
-    assert!(o.status.success(), "{stdout}\n{stderr}");
+        &["--connections", "4", "--sessions", "8", "--timeout", "0.4"],
+    );
     assert!(
         started.elapsed() < Duration::from_secs(8),
         "bounded by the timeout"
     );
-    let j = json(&out);
     assert_eq!(j["errors"][0]["kind"], "timeout", "{stdout}");
     assert_eq!(j["errors"][0]["count"], 8);
     assert!(
@@ -584,24 +493,19 @@ fn count_files(dir: &std::path::Path) -> u64 {
 #[test]
 fn closed_run_against_ringmx_maildir_stores_exactly_what_was_reported_accepted() {
     let server = start_ringmx();
-    let out = server.dir.path().join("r.json");
-    let o = loadgen(&[
-        "--target",
+    let (stdout, j) = run_report(
         &server.addr,
-        "--connections",
-        "8",
-        "--threads",
-        "2",
-        "--sessions",
-        "100",
-        "--messages-per-session",
-        "2",
-        "--json",
-        out.to_str().unwrap(),
-    ]);
-    let (stdout, stderr) = text(&o);
-    assert!(o.status.success(), "{stdout}\n{stderr}");
-    let j = json(&out);
+        &[
+            "--connections",
+            "8",
+            "--threads",
+            "2",
+            "--sessions",
+            "100",
+            "--messages-per-session",
+            "2",
+        ],
+    );
     let accepted = j["counts"]["messages_accepted"].as_u64().unwrap();
     assert_eq!(
         accepted, 200,

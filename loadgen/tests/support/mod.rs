@@ -174,6 +174,20 @@ pub fn loadgen(args: &[&str]) -> Output {
         .expect("run ringmx-loadgen")
 }
 
+/// Runs the generator against `target` with `args`, writing its report to a JSON file of its
+/// own; asserts that it exited 0 and returns its stdout and the report.
+pub fn run_report(target: &str, args: &[&str]) -> (String, serde_json::Value) {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("report.json");
+    let mut all = vec!["--target", target];
+    all.extend_from_slice(args);
+    all.extend(["--json", out.to_str().unwrap()]);
+    let o = loadgen(&all);
+    let (stdout, stderr) = text(&o);
+    assert!(o.status.success(), "{stdout}\n{stderr}");
+    (stdout, json(&out))
+}
+
 pub fn text(o: &Output) -> (String, String) {
     (
         String::from_utf8_lossy(&o.stdout).into_owned(),
