@@ -554,6 +554,8 @@ impl Worker {
         let (slot, generation) = self.conns.vacant();
         let mut session = Session::new(self.cfg.session.clone(), peer);
         session.set_line_bytes_max(self.cfg.line_bytes_max);
+        // The discard store only counts bodies: scan them in place, never copy them.
+        session.set_keep_body(!matches!(self.store, Store::Discard(_)));
         let mut conn = Conn {
             fd,
             generation,
@@ -1338,7 +1340,7 @@ fn feed_from(
                             client = %conn.peer.ip(),
                             from = %msg.envelope.mail_from,
                             to = ?msg.envelope.rcpt_to,
-                            size = msg.body.len(),
+                            size = msg.size,
                             result = "discarded",
                             "message"
                         );

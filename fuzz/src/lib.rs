@@ -64,7 +64,19 @@ pub fn commit_result(n: usize, fail_every: usize) -> CommitResult {
 /// Drives one session through `chunks` exactly as the worker does (see the contract in
 /// `protocol/session.rs`), checking the contract on the way.
 pub fn drive(cfg: Arc<SessionConfig>, chunks: &[&[u8]], fail_every: usize) -> Transcript {
+    drive_keeping(cfg, chunks, fail_every, true)
+}
+
+/// `drive` with `Session::set_keep_body(keep_body)`: with `false`, as the worker runs sessions
+/// for the discard store (bodies counted, never copied).
+pub fn drive_keeping(
+    cfg: Arc<SessionConfig>,
+    chunks: &[&[u8]],
+    fail_every: usize,
+    keep_body: bool,
+) -> Transcript {
     let mut s = Session::new(cfg, peer());
+    s.set_keep_body(keep_body);
     let mut t = Transcript::default();
     s.greet(&mut t.replies);
     assert_eq!(s.phase(), Phase::Connected, "phase after greeting");
@@ -89,10 +101,15 @@ pub fn drive(cfg: Arc<SessionConfig>, chunks: &[&[u8]], fail_every: usize) -> Tr
                         s.take_message().is_none(),
                         "one Commit handed over two messages"
                     );
+                    if keep_body {
+                        assert_eq!(m.size, m.body.len(), "size of a kept body");
+                    } else {
+                        assert!(m.body.is_empty(), "a body was kept by a discard session");
+                    }
                     assert!(
-                        m.body.len() as u64 <= MAX_MESSAGE_SIZE,
+                        m.size as u64 <= MAX_MESSAGE_SIZE,
                         "a {} byte body passed the {MAX_MESSAGE_SIZE} byte limit",
-                        m.body.len()
+                        m.size
                     );
                     assert!(
                         !m.envelope.rcpt_to.is_empty(),
@@ -258,9 +275,21 @@ pub fn session_check(input: &[u8], seed: u8) {
     let chunked = drive(cfg.clone(), &chunk_by_seed(input, seed), fail_every);
     assert_transcripts_eq(&whole, &chunked, "whole vs seeded chunks");
     let bytes: Vec<&[u8]> = input.chunks(1).collect();
-    let bytewise = drive(cfg, &bytes, fail_every);
+    let bytewise = drive(cfg.clone(), &bytes, fail_every);
     assert_transcripts_eq(&whole, &bytewise, "whole vs one byte at a time");
+    let discarding = drive_keeping(cfg, &chunk_by_seed(input, seed), fail_every, false);
+    assert_discarding_eq(&whole, &discarding, "whole vs discarding seeded chunks");
     check_replies_well_formed(&whole.replies);
+}
+
+/// A session that does not keep bodies (`discarding`) says and hands over the same as one that
+/// does (`kept`), except that its bodies are empty; their sizes are the kept bodies' lengths.
+pub fn assert_discarding_eq(kept: &Transcript, discarding: &Transcript, what: &str) {
+    let mut unkept = kept.clone();
+    for m in &mut unkept.messages {
+        m.body = Vec::new();
+    }
+    assert_transcripts_eq(&unkept, discarding, what);
 }
 
 pub fn assert_transcripts_eq(a: &Transcript, b: &Transcript, what: &str) {
@@ -282,6 +311,7 @@ pub fn assert_transcripts_eq(a: &Transcript, b: &Transcript, what: &str) {
             "{what}: envelope of message {i} differs"
         );
         assert!(x.body == y.body, "{what}: body of message {i} differs");
+        assert_eq!(x.size, y.size, "{what}: size of message {i} differs");
     }
     assert_eq!(a.closed, b.closed, "{what}: one closed, the other did not");
 }
@@ -399,7 +429,24 @@ pub fn scan_chunks(chunks: &[&[u8]], max: u64) -> Scanned {
     let mut offset = 0;
     let mut end = None;
     for c in chunks {
-        if let Some(consumed) = sc.scan(c, &mut body) {
+        let mut handed_out = 0u64;
+        let r = sc.scan(c, |segment| {
+            assert!(!segment.is_empty(), "an empty segment was handed out");
+            handed_out += segment.len() as u64;
+            body.extend_from_slice(segment);
+        });
+        if sc.rejecting() {
+            // What the session does: a rejected body is never stored, so it is dropped.
+            body = Vec::new();
+        } else {
+            assert_eq!(sc.len(), body.len() as u64, "segments add up to len");
+        }
+        assert!(
+            handed_out <= c.len() as u64 + 1,
+            "segments of {handed_out} bytes from a {}-byte input",
+            c.len()
+        );
+        if let Some(consumed) = r {
             assert!(
                 consumed <= c.len(),
                 "scan consumed {consumed} of {}",

@@ -16,14 +16,22 @@
 //! Rejecting rather than passing the bytes on means no downstream system, however lenient, can be
 //! fooled into seeing two messages in one.
 //!
-//! Speed: the scanner works in stretches of up to 8 KiB: a `memchr::memmem` search for LF-then-dot
-//! finds the only places that need the state machine (dot-unstuffing and the end marker), one
-//! branch-free pass the compiler vectorizes checks "CR if and only if LF follows" (bare CR/LF),
-//! and one `extend_from_slice` copies the stretch while it is still in the cache. No per-line work
-//! happens outside dot-started lines.
+//! Zero copy: the scanner never copies the body. It hands the unstuffed body to a sink as slices
+//! of its input (segments), in order, like httparse hands out borrowed headers; copying is the
+//! consumer's job. The session copies the segments into its body buffer for a durable store, and
+//! only counts them when the store discards.
 //!
-//! Memory: once the body is known to be rejected (over the size limit or containing a bare CR/LF)
-//! the scanner stops appending and frees what it had, while it keeps looking for the end.
+//! Speed: one fused pass per 64-byte block, written as plain comparisons over fixed-size arrays
+//! so that the compiler vectorizes it (SSE2 on the x86-64 baseline, no `unsafe`, no target
+//! flags), marks every byte pair that breaks "CR if and only if LF follows" (a bare CR or bare
+//! LF) or that is an LF followed by a dot (a dot-started line: unstuffing or the end marker).
+//! Ordinary text lines ending in CRLF mark nothing, so a block without marks is skipped with no
+//! per-byte work at all; only marked blocks get a bit mask, and only their marks go through the
+//! line state machine.
+//!
+//! Memory: the scanner holds no body. Once the body is known to be rejected (over the size limit
+//! or containing a bare CR/LF) it stops handing out segments, while it keeps counting the
+//! unstuffed length and looking for the end; the consumer should then free what it kept.
 
 /// Where the scanner is, relative to the lines of the data.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -95,21 +103,27 @@ impl DataScanner {
         self.bare || self.too_big()
     }
 
-    /// Scans `input`, appending unstuffed body bytes to `body` (unless the message is already
-    /// known to be rejected). Returns `Some(consumed)` when the end marker ends at
+    /// Scans `input`, handing the unstuffed body to `sink` as slices of `input`, in order
+    /// (unless the message is already known to be rejected; a segment that first makes it too big
+    /// is not handed out). The concatenation of all segments over all calls is the body, whatever
+    /// the split of the data into inputs. Returns `Some(consumed)` when the end marker ends at
     /// `input[consumed - 1]`, or `None` when all of `input` belongs to the body so far.
-    pub fn scan(&mut self, input: &[u8], body: &mut Vec<u8>) -> Option<usize> {
+    pub fn scan(&mut self, input: &[u8], mut sink: impl FnMut(&[u8])) -> Option<usize> {
         let n = input.len();
+        // The next byte to look at, and the start of the body bytes not yet handed out.
         let mut i = 0;
+        let mut from = 0;
         loop {
             match self.state {
                 State::Done => return Some(i),
                 State::LineStart => {
                     if i == n {
-                        return None;
+                        break;
                     }
                     if input[i] == b'.' {
+                        self.emit(&input[from..i], &mut sink);
                         i += 1;
+                        from = i;
                         self.state = State::Dot;
                     } else {
                         self.state = State::Mid;
@@ -117,9 +131,10 @@ impl DataScanner {
                 }
                 State::Dot => {
                     if i == n {
-                        return None;
+                        break;
                     }
                     if input[i] == b'\r' {
+                        // Held back (not handed out) until its LF decides: `from` stays on it.
                         i += 1;
                         self.state = State::DotCr;
                     } else {
@@ -129,23 +144,27 @@ impl DataScanner {
                 }
                 State::DotCr => {
                     if i == n {
-                        return None;
+                        break;
                     }
                     if input[i] == b'\n' {
+                        // The end marker; its dot and CR were never part of the body.
                         self.state = State::Done;
                         return Some(i + 1);
                     }
-                    // `.` CR then not LF: the CR was bare and belongs to the (stuffed) line.
+                    // `.` CR then not LF: the CR was bare and belongs to the (stuffed) line. When
+                    // it is in this input it is already the first pending byte (`from`); when it
+                    // ended the previous input, it has to be handed out on its own.
                     self.bare = true;
-                    self.emit(body, b"\r");
+                    if i == 0 {
+                        self.emit(b"\r", &mut sink);
+                    }
                     self.state = State::Mid;
                 }
                 State::Cr => {
                     if i == n {
-                        return None;
+                        break;
                     }
                     if input[i] == b'\n' {
-                        self.emit(body, b"\n");
                         i += 1;
                         self.state = State::LineStart;
                     } else {
@@ -155,132 +174,146 @@ impl DataScanner {
                 }
                 State::Mid => {
                     if i == n {
-                        return None;
+                        break;
                     }
-                    i = self.block(input, i, body);
+                    if i > 0 && n > BLOCK {
+                        match self.blocks(input, i, &mut from, &mut sink) {
+                            Ok(end) => return Some(end),
+                            Err(next) => i = next,
+                        }
+                    } else {
+                        // Short inputs and the first byte of an input, one byte at a time.
+                        match input[i] {
+                            b'\r' => self.state = State::Cr,
+                            // Inside a line the byte before was not a CR: the LF is bare.
+                            b'\n' => self.bare = true,
+                            _ => {}
+                        }
+                        i += 1;
+                    }
                 }
             }
         }
+        // A CR held back after a line-start dot is not body (yet): it is the only pending byte.
+        if self.state != State::DotCr {
+            self.emit(&input[from..], &mut sink);
+        }
+        None
     }
 
-    /// The fast path, entered inside a line whose last byte was not a CR. Works one stretch of
-    /// up to `STRETCH` bytes at a time, so that each stretch is searched, checked and copied while
-    /// it is in the cache: a `memmem` search for LF-then-dot (the only place where the line
-    /// structure matters: dot-unstuffing and the end marker), one vectorized pass for bare CR/LF
-    /// over the bytes before it, and one `extend_from_slice`. A stuffed dot is dropped without
-    /// leaving the loop. Ends at the end marker (state `Done`), at the end of `input`, or just
-    /// before a line-start dot whose meaning the next read decides. Returns the new position.
-    fn block(&mut self, input: &[u8], start: usize, body: &mut Vec<u8>) -> usize {
-        const STRETCH: usize = 8 * 1024;
+    /// The fast path, entered inside a line (state `Mid`) at `start > 0`, with `input` longer
+    /// than one block. Marks the byte pairs that need the state machine one block at a time (see
+    /// `marks`) and handles only those: a bare CR or LF sets the flag, a line-start dot is dropped
+    /// (body bytes before it are handed out) or ends the data. Returns `Ok(consumed)` at the end
+    /// marker, or `Err(next)` with the state set: at the end of `input`, or just past a line-start
+    /// dot too close to the end of `input` to tell stuffing from the end marker.
+    fn blocks(
+        &mut self,
+        input: &[u8],
+        start: usize,
+        from: &mut usize,
+        sink: &mut impl FnMut(&[u8]),
+    ) -> Result<usize, usize> {
         let n = input.len();
-        // The byte before `start` was not a CR, so an LF first is bare.
-        if input[start] == b'\n' {
-            self.bare = true;
-        }
-        // Search from `i`; body bytes before `copied` are emitted.
-        let mut i = start;
-        let mut copied = start;
-        loop {
-            let stop = (i + STRETCH).min(n);
-            // One byte past the stretch, so that an LF at its end is judged with what follows.
-            let look = (stop + 1).min(n);
-            let found = dot_line_finder().find(&input[i..look]).map(|k| i + k);
-            // Judge only the bytes before a dot line: what follows it may be the end marker and
-            // then the next commands, which are not part of this message.
-            let judged = found.map_or(look, |lf| lf + 1);
-            if !self.bare && has_bare_cr_lf(&input[i..judged]) {
-                self.bare = true;
-            }
-            let Some(lf) = found else {
-                if stop < n {
-                    self.emit(body, &input[copied..stop]);
-                    copied = stop;
-                    i = stop;
-                    continue;
-                }
-                self.emit(body, &input[copied..]);
-                let prev_is_cr = n - 1 > start && input[n - 2] == b'\r';
-                self.state = match input[n - 1] {
-                    b'\r' => State::Cr,
-                    b'\n' if prev_is_cr => State::LineStart,
-                    _ => State::Mid,
-                };
-                return n;
-            };
-            let dot = lf + 1;
-            if !(lf > start && input[lf - 1] == b'\r') {
-                // A bare LF (already flagged): the dot does not start a line; it is content.
-                i = dot;
+        let mut base = start;
+        while base < n {
+            // The last block overlaps the one before instead of taking a slow tail; the marks of
+            // pairs already handled are shifted out.
+            let at = base.min(n - BLOCK);
+            let window: &[u8; BLOCK + 1] = input[at - 1..at + BLOCK]
+                .try_into()
+                .expect("a block and the byte before it");
+            if !any_mark(window) {
+                base = at + BLOCK;
                 continue;
             }
-            self.emit(body, &input[copied..dot]);
-            if dot + 2 >= n {
-                // Too close to the end of the input to tell a stuffed dot from the end marker.
-                self.state = State::LineStart;
-                return dot;
+            let mut m = marks(window) >> (base - at);
+            while m != 0 {
+                let k = base + m.trailing_zeros() as usize;
+                m &= m - 1;
+                if !(input[k - 1] == b'\n' && input[k] == b'.') {
+                    // The other kind of mark: CR without LF after it, or LF without CR before.
+                    self.bare = true;
+                    continue;
+                }
+                // An LF at `start - 1` was consumed in state `Mid`, so it was bare. After that,
+                // an LF preceded by a CR always ends a line here.
+                if k == start || input[k - 2] != b'\r' {
+                    // After a bare LF (flagged at its own mark) a dot is content.
+                    continue;
+                }
+                self.emit(&input[*from..k], sink);
+                *from = k + 1;
+                if k + 2 >= n {
+                    self.state = State::Dot;
+                    return Err(k + 1);
+                }
+                if input[k + 1] == b'\r' && input[k + 2] == b'\n' {
+                    self.state = State::Done;
+                    return Ok(k + 3);
+                }
+                // A stuffed dot, dropped. What follows it is judged by the marks: an LF right
+                // after it is marked as bare, since its predecessor is the dot.
             }
-            if input[dot + 1] == b'\r' && input[dot + 2] == b'\n' {
-                self.state = State::Done;
-                return dot + 3;
-            }
-            // A stuffed dot: drop it. An LF right after it is bare (its predecessor is the dot).
-            if input[dot + 1] == b'\n' {
-                self.bare = true;
-            }
-            copied = dot + 1;
-            i = dot + 1;
+            base = at + BLOCK;
         }
-    }
-
-    fn emit(&mut self, body: &mut Vec<u8>, bytes: &[u8]) {
-        self.len = self.len.saturating_add(bytes.len() as u64);
-        if self.rejecting() {
-            if body.capacity() != 0 {
-                // Free the partial body now: it will never be stored.
-                *body = Vec::new();
-            }
-        } else {
-            body.extend_from_slice(bytes);
-        }
-    }
-}
-
-/// The searcher for an LF followed by a dot, built once per process.
-fn dot_line_finder() -> &'static memchr::memmem::Finder<'static> {
-    static FINDER: std::sync::OnceLock<memchr::memmem::Finder<'static>> =
-        std::sync::OnceLock::new();
-    FINDER.get_or_init(|| memchr::memmem::Finder::new(b"\n."))
-}
-
-/// True when some byte pair of `seg` breaks "CR if and only if LF follows": a CR followed by
-/// something else, or an LF preceded by something else. A CR as the very last byte is not judged
-/// (its LF may come in the next read). Written as fixed-width chunks of plain comparisons so that
-/// the compiler vectorizes it; the early exit is per chunk.
-fn has_bare_cr_lf(seg: &[u8]) -> bool {
-    const W: usize = 64;
-    if seg.len() < 2 {
-        return false;
-    }
-    let (a, b) = (&seg[..seg.len() - 1], &seg[1..]);
-    if a.len() < W {
-        return a.iter().zip(b).any(|(&x, &y)| (x == b'\r') != (y == b'\n'));
-    }
-    let window = |at: usize| {
-        // Fixed-size views let the compiler drop the bounds checks and vectorize.
-        let (Ok(x), Ok(y)) = (
-            <&[u8; W]>::try_from(&a[at..at + W]),
-            <&[u8; W]>::try_from(&b[at..at + W]),
-        ) else {
-            return true;
+        self.state = match input[n - 1] {
+            b'\r' => State::Cr,
+            b'\n' if input[n - 2] == b'\r' => State::LineStart,
+            _ => State::Mid,
         };
-        let mut acc = 0u8;
-        for k in 0..W {
-            acc |= u8::from(x[k] == b'\r') ^ u8::from(y[k] == b'\n');
+        Err(n)
+    }
+
+    /// Counts body bytes and hands them to `sink` unless the message is rejected.
+    fn emit(&mut self, bytes: &[u8], sink: &mut impl FnMut(&[u8])) {
+        if bytes.is_empty() {
+            return;
         }
-        acc != 0
-    };
-    // Whole windows, then one last window overlapping the previous one instead of a slow tail.
-    (0..a.len() / W).any(|c| window(c * W)) || window(a.len() - W)
+        self.len = self.len.saturating_add(bytes.len() as u64);
+        if !self.rejecting() {
+            sink(bytes);
+        }
+    }
+}
+
+/// Bytes per block of the fast path: one 64-bit mask.
+const BLOCK: usize = 64;
+
+/// True when the byte pair `(p, x)` needs the state machine: `x` is an LF without a CR before it,
+/// `p` is a CR without an LF after it, or `p` is an LF and `x` a dot (a dot-started line, unless
+/// the LF itself was bare). Branch-free, so that the callers vectorize.
+#[inline(always)]
+fn mark(p: u8, x: u8) -> bool {
+    ((x == b'\n') != (p == b'\r')) | ((p == b'\n') & (x == b'.'))
+}
+
+/// True when some pair of `window` (`window[j]`, `window[j + 1]`) is marked. One OR-reduction
+/// with no early exit, which the compiler turns into vector compares over the whole block.
+#[inline(always)]
+fn any_mark(window: &[u8; BLOCK + 1]) -> bool {
+    let mut acc = 0u8;
+    for j in 0..BLOCK {
+        acc |= u8::from(mark(window[j], window[j + 1]));
+    }
+    acc != 0
+}
+
+/// Bit `j` set when the pair (`window[j]`, `window[j + 1]`) is marked. The flags are computed as
+/// bytes (vectorized like `any_mark`) and packed eight at a time with one multiplication: byte
+/// `b` of a word holding 0 or 1 lands on bit 56 + `b` of the product.
+#[inline(always)]
+fn marks(window: &[u8; BLOCK + 1]) -> u64 {
+    let mut flags = [0u8; BLOCK];
+    for (j, f) in flags.iter_mut().enumerate() {
+        *f = u8::from(mark(window[j], window[j + 1]));
+    }
+    let mut m = 0u64;
+    for (g, word) in flags.chunks_exact(8).enumerate() {
+        let w = u64::from_le_bytes(word.try_into().expect("8 bytes"));
+        m |= (w.wrapping_mul(0x0102_0408_1020_4080) >> 56) << (8 * g);
+    }
+    m
 }
 
 #[cfg(test)]
@@ -311,13 +344,19 @@ mod tests {
         Some((k + 3, body, bare))
     }
 
-    /// Feeds `input` in the given chunks; returns (consumed, body, bare) like `naive`.
+    /// Feeds `input` in the given chunks, collecting the segments into a body as the session
+    /// does (and dropping it once the message is rejected); returns (consumed, body, bare) like
+    /// `naive`.
     fn chunked(input: &[u8], cuts: &[usize]) -> Option<(usize, Vec<u8>, bool)> {
         let mut s = DataScanner::new(u64::MAX);
         let mut body = Vec::new();
         let mut from = 0;
         for &to in cuts.iter().chain(std::iter::once(&input.len())) {
-            if let Some(c) = s.scan(&input[from..to], &mut body) {
+            let r = s.scan(&input[from..to], |seg| body.extend_from_slice(seg));
+            if !s.rejecting() {
+                assert_eq!(s.len(), body.len() as u64, "len counts what was handed out");
+            }
+            if let Some(c) = r {
                 return Some((from + c, body, s.bare_cr_lf()));
             }
             from = to;
@@ -496,8 +535,8 @@ mod tests {
 
     #[test]
     fn long_bodies_across_stretches_match_the_oracle() {
-        // Bodies longer than the 8 KiB stretch, with line lengths that put LFs, dots and bare
-        // bytes on and around the stretch boundaries; fed whole and split at many offsets.
+        // Bodies of many blocks, with line lengths that put LFs, dots and bare bytes on and around
+        // block boundaries; fed whole and split at many offsets.
         let mut x: u64 = 0xD1B5_4A32_D192_ED03;
         let mut next = || {
             x ^= x << 13;
@@ -520,7 +559,7 @@ mod tests {
                 let at = next() as usize % v.len();
                 v[at] = if round % 2 == 0 { b'\r' } else { b'\n' };
             }
-            // A dot line right on a stretch boundary.
+            // A dot line right on a block boundary (8192 is one, 128 blocks in).
             let mut tail_dot = b"\r\n..x\r\n".to_vec();
             let at = 8192 - 2 + round % 5;
             if at + tail_dot.len() < v.len() {
@@ -548,6 +587,21 @@ mod tests {
     }
 
     #[test]
+    fn marks_on_and_around_block_edges_match_the_oracle() {
+        // Inputs of a few blocks with a dot line, the end marker or a bare byte at every offset,
+        // so that each lands at the start, middle and end of a block, in the overlapping last
+        // block and across every split.
+        for v in [&b"\r\n..x\r\n"[..], b"\r\n.\r\n", b"\n", b"\r", b"\r\n.\n", b"\n.\r\n"] {
+            for pos in 0..=150 - v.len() {
+                let mut input = vec![b'a'; 150];
+                input[pos..pos + v.len()].copy_from_slice(v);
+                input.extend_from_slice(b"\r\n.\r\nNOOP\n");
+                check(&input);
+            }
+        }
+    }
+
+    #[test]
     fn bytes_after_the_end_do_not_taint_the_message() {
         // Commands after the end marker may end in bare LF; they are not part of the message,
         // whichever way the chunks of the fast path fall.
@@ -566,35 +620,48 @@ mod tests {
     }
 
     #[test]
-    fn bare_check_matches_naive_across_chunks() {
-        for len in 0..200 {
-            for pos in 0..len {
-                for b in [b'\r', b'\n'] {
-                    let mut v = vec![b'a'; len];
-                    v[pos] = b;
-                    let naive =
-                        (0..len.saturating_sub(1)).any(|i| (v[i] == b'\r') != (v[i + 1] == b'\n'));
-                    assert_eq!(has_bare_cr_lf(&v), naive, "len {len} pos {pos} byte {b}");
+    fn block_marks_match_the_pairwise_rule() {
+        // Every placement of one or two of CR, LF and dot in a block (and the byte before it):
+        // the vectorized marks, their OR-reduction and the scalar rule agree bit for bit.
+        let bytes = [b'\r', b'\n', b'.'];
+        for pos in 0..=BLOCK {
+            for pos2 in [0, 1, 7, 8, 31, 32, 63, 64] {
+                for &b in &bytes {
+                    for &b2 in &bytes {
+                        let mut w = [b'a'; BLOCK + 1];
+                        w[pos] = b;
+                        w[pos2] = b2;
+                        let want = (0..BLOCK)
+                            .filter(|&j| mark(w[j], w[j + 1]))
+                            .fold(0u64, |m, j| m | 1 << j);
+                        assert_eq!(marks(&w), want, "pos {pos} {b} pos2 {pos2} {b2}");
+                        assert_eq!(any_mark(&w), want != 0, "pos {pos} pos2 {pos2}");
+                    }
                 }
             }
         }
+        // Clean CRLF lines carry no marks.
+        let mut w = [b'a'; BLOCK + 1];
+        w[10..12].copy_from_slice(b"\r\n");
+        w[40..42].copy_from_slice(b"\r\n");
+        assert_eq!(marks(&w), 0);
     }
 
     #[test]
-    fn oversize_is_flagged_and_memory_is_freed() {
+    fn oversize_is_flagged_and_nothing_more_is_handed_out() {
         let mut s = DataScanner::new(10);
         let mut body = Vec::new();
-        assert_eq!(s.scan(b"0123456789", &mut body), None);
+        assert_eq!(s.scan(b"0123456789", |seg| body.extend_from_slice(seg)), None);
         assert!(!s.too_big());
         assert_eq!(body.len(), 10);
-        assert_eq!(s.scan(b"abc\r\n", &mut body), None);
+        assert_eq!(s.scan(b"abc\r\n", |seg| body.extend_from_slice(seg)), None);
         assert!(s.too_big() && s.rejecting());
-        assert_eq!(body.capacity(), 0);
+        // The segment that crossed the limit was not handed out, and nothing after it is.
+        assert_eq!(body.len(), 10);
         for _ in 0..100 {
-            assert_eq!(s.scan(&[b'z'; 1000], &mut body), None);
-            assert_eq!(body.capacity(), 0);
+            assert_eq!(s.scan(&[b'z'; 1000], |_| panic!("handed out")), None);
         }
-        assert_eq!(s.scan(b"\r\n.\r\nNEXT", &mut body), Some(5));
+        assert_eq!(s.scan(b"\r\n.\r\nNEXT", |_| panic!("handed out")), Some(5));
         assert_eq!(s.len(), 15 + 100_000 + 2);
     }
 
@@ -602,7 +669,7 @@ mod tests {
     fn exactly_max_is_accepted() {
         let mut s = DataScanner::new(5);
         let mut body = Vec::new();
-        assert_eq!(s.scan(b"abc\r\n.\r\n", &mut body), Some(8));
+        assert_eq!(s.scan(b"abc\r\n.\r\n", |seg| body.extend_from_slice(seg)), Some(8));
         assert!(!s.too_big());
         assert_eq!(body, b"abc\r\n");
     }

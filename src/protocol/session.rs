@@ -120,7 +120,10 @@ pub struct Envelope {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Message {
     pub envelope: Envelope,
+    /// The body; empty when the session does not keep bodies (`Session::set_keep_body`).
     pub body: Vec<u8>,
+    /// The body's length in bytes, kept or not: `body.len()` when the body is kept.
+    pub size: usize,
 }
 
 /// The store's verdict on a message handed over by `Feed::Commit`.
@@ -164,6 +167,8 @@ pub struct Session {
     improper_pipelining: u32,
     /// Longest command line, line ending included (`LINE_BYTES_MAX` unless raised).
     line_max: u32,
+    /// Copy message bodies into `Message::body` (true unless the store discards them).
+    keep_body: bool,
 }
 
 /// MAIL ... end of data.
@@ -192,6 +197,7 @@ impl Session {
             stats: SessionStats::default(),
             improper_pipelining: 0,
             line_max: LINE_BYTES_MAX as u32,
+            keep_body: true,
         }
     }
 
@@ -199,6 +205,13 @@ impl Session {
     /// `LINE_BYTES_MAX..=65536`, since RFC 5321 4.5.3.1.4 requires at least 512.
     pub fn set_line_bytes_max(&mut self, n: usize) {
         self.line_max = n.clamp(LINE_BYTES_MAX, 65_536) as u32;
+    }
+
+    /// With `false`, message bodies are scanned in place and never copied: `Message::body` stays
+    /// empty and only `Message::size` tells the body's length. For a store that forgets bodies
+    /// (`--store discard`), which then needs no body buffer and no fresh pages for one.
+    pub fn set_keep_body(&mut self, keep: bool) {
+        self.keep_body = keep;
     }
 
     /// Appends the `220 <hostname> ESMTP` greeting.
@@ -274,10 +287,22 @@ impl Session {
         }
     }
 
+    /// Scans body bytes; the scanner hands out the unstuffed body as slices of `input`, which
+    /// are copied only when bodies are kept.
     fn scan_data(&mut self, input: &[u8]) -> Option<usize> {
         let tx = self.tx.as_mut()?;
         let Transaction { data, body, .. } = &mut **tx;
-        data.as_mut()?.scan(input, body)
+        let data = data.as_mut()?;
+        let end = if self.keep_body {
+            data.scan(input, |segment| body.extend_from_slice(segment))
+        } else {
+            data.scan(input, |_| {})
+        };
+        if data.rejecting() && body.capacity() != 0 {
+            // Free the partial body now: it will never be stored.
+            *body = Vec::new();
+        }
+        end
     }
 
     /// The end of data was seen: hand the message over (true) or reject it (false).
@@ -306,6 +331,7 @@ impl Session {
             self.close_if_shutting_down(out);
             return false;
         }
+        let size = tx.data.as_ref().map_or(0, |d| d.len() as usize);
         let Transaction {
             from,
             rcpts,
@@ -313,6 +339,7 @@ impl Session {
             body,
             ..
         } = *tx;
+        debug_assert!(!self.keep_body || body.len() == size);
         self.ready = Some(Box::new(Message {
             envelope: Envelope {
                 helo: self.helo.clone(),
@@ -324,6 +351,7 @@ impl Session {
                 smtputf8: params.smtputf8,
             },
             body,
+            size,
         }));
         self.phase = Phase::Committing;
         true
@@ -404,7 +432,9 @@ impl Session {
                         .unwrap_or(4096)
                         .min(BODY_START_MAX)
                         .min(self.cfg.max_message_size);
-                    tx.body = Vec::with_capacity(start as usize);
+                    if self.keep_body {
+                        tx.body = Vec::with_capacity(start as usize);
+                    }
                     tx.data = Some(DataScanner::new(self.cfg.max_message_size));
                     self.phase = Phase::Data;
                     out.extend_from_slice(reply::DATA_GO);
@@ -1160,6 +1190,33 @@ mod tests {
         assert_eq!(r.msgs.len(), 1);
         assert_eq!(r.msgs[0].body, big.as_bytes());
         assert_eq!(r.stats.messages_rejected, 1);
+    }
+
+    #[test]
+    fn a_session_that_keeps_no_body_reports_its_size_and_holds_nothing() {
+        let mut s = Session::new(Arc::new(cfg()), PEER.parse().unwrap());
+        s.set_keep_body(false);
+        let mut out = Vec::new();
+        s.feed(
+            b"EHLO x\r\nMAIL FROM:<a@b> SIZE=100000\r\nRCPT TO:<x@y>\r\nDATA\r\n",
+            &mut out,
+        );
+        // A stuffed line in every read, every read ending inside a line.
+        let mut sent = 0;
+        for i in 0..100 {
+            let chunk = format!("line {i}\r\n..{}", "w".repeat(900));
+            assert_eq!(s.feed(chunk.as_bytes(), &mut out), Feed::NeedMore);
+            sent += chunk.len() - 1;
+            assert!(s.heap_bytes() < 1024, "holds {}", s.heap_bytes());
+        }
+        let Feed::Commit { consumed } = s.feed(b"\r\n.\r\nQUIT\r\n", &mut out) else {
+            panic!("no commit: {}", String::from_utf8_lossy(&out));
+        };
+        assert_eq!(consumed, 5);
+        let m = s.take_message().unwrap();
+        assert!(m.body.is_empty());
+        assert_eq!(m.size, sent + 2);
+        assert_eq!(m.envelope.rcpt_to, ["x@y"]);
     }
 
     #[test]

@@ -33,7 +33,8 @@ impl Discard {
         let id = queue_id(secs, usecs, self.pid, self.worker, self.counter);
         self.counter += 1;
         self.messages += 1;
-        self.bytes += msg.body.len() as u64;
+        // `size`, not `body.len()`: discard sessions do not keep the body (`set_keep_body`).
+        self.bytes += msg.size as u64;
         id
     }
 
@@ -66,6 +67,7 @@ mod tests {
                 smtputf8: false,
             },
             body: vec![b'x'; 100],
+            size: 100,
         };
         let mut d = Discard::new(2);
         let now = SystemTime::now();
@@ -76,5 +78,13 @@ mod tests {
         assert_eq!(d.messages(), 2);
         assert_eq!(d.bytes(), 200);
         assert_ne!(a, Discard::new(3).accept(&msg, now));
+        // A body that was not kept counts by its size.
+        let unkept = Message {
+            body: Vec::new(),
+            size: 5000,
+            ..msg
+        };
+        d.accept(&unkept, now);
+        assert_eq!(d.bytes(), 5200);
     }
 }

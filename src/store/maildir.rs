@@ -489,6 +489,7 @@ mod tests {
         Message {
             envelope: envelope(rcpts),
             body: b"Subject: hi\r\n\r\nhello\r\n".to_vec(),
+            size: 22,
         }
     }
 

@@ -186,6 +186,27 @@ proptest! {
         prop_assert!(whole.closed, "QUIT did not close");
     }
 
+    /// A session that does not keep bodies (the discard store's) answers exactly like one that
+    /// does and reports each message's size as the unstuffed body's length, whatever the
+    /// chunking, without holding the body.
+    #[test]
+    fn discarding_session_reports_the_size(lines in prop::collection::vec(body_line(), 0..40), cuts in cuts()) {
+        let mut body = Vec::new();
+        for l in &lines {
+            body.extend_from_slice(l.as_bytes());
+            body.extend_from_slice(b"\r\n");
+        }
+        let input = transaction(&h::stuff(&body));
+        let kept = h::drive(h::session_config(), &[&input], 0);
+        let discarding = h::drive_keeping(h::session_config(), &h::split_at(&input, &cuts), 0, false);
+        h::assert_discarding_eq(&kept, &discarding, "discarding session");
+        if body.len() as u64 <= h::MAX_MESSAGE_SIZE / 2 {
+            prop_assert_eq!(discarding.messages.len(), 1);
+            prop_assert_eq!(discarding.messages[0].size, body.len());
+            prop_assert!(discarding.messages[0].body.is_empty());
+        }
+    }
+
     /// Smuggling (CVE-2023-51764 class): a bare-LF or bare-CR look-alike of the end-of-data
     /// line followed by a second transaction never yields a second message, whatever the
     /// chunking; if the one message is accepted, it holds the smuggled text.
