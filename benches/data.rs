@@ -66,9 +66,8 @@ fn bench_data(c: &mut Criterion) {
                     b.iter(|| {
                         out.clear();
                         let mut s = DataScanner::new(u64::MAX);
-                        let end = s.scan(black_box(input), |segment| {
-                            out.extend_from_slice(segment)
-                        });
+                        let end =
+                            s.scan(black_box(input), |segment| out.extend_from_slice(segment));
                         assert_eq!(end, Some(input.len()));
                         out.len()
                     })
