@@ -9,7 +9,8 @@
 //!     match s.feed(&input, &mut out) {      // replies appended to out, in order
 //!         Feed::NeedMore => { /* all input consumed; send out; read more */ }
 //!         Feed::Commit { consumed } => {
-//!             let msg = s.take_message().unwrap();   // envelope + unstuffed body
+//!             let msg = s.take_message().unwrap();   // envelope + unstuffed body (and its size;
+//!                                                    // only the size after set_keep_body(false))
 //!             /* store msg durably (group commit), then: */
 //!             s.committed(CommitResult::Stored { queue_id }, &mut out);  // 250 into out
 //!             /* then feed input[consumed..] again */
