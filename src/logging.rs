@@ -1,11 +1,15 @@
 //! Where log lines go and what they look like: stderr, one line per event, through `tracing`.
 //!
-//! A worker thread buffers its lines and writes them once per loop turn (`flush_thread`), so a
-//! busy core makes one write(2) per turn instead of one per event. The profile of shape (a) in
+//! A worker thread buffers its lines and writes them from its loop (`flush_thread`), so a busy
+//! core makes few write(2) calls instead of one per event. The profile of shape (a) in
 //! BENCHMARKS.md showed an unbuffered write per "message accepted" and "session end" line costing
-//! about 9% of the server's CPU. Lines are still written at the end of the turn that produced
-//! them, so an operator sees them as promptly as before. Other threads (start-up, signals)
-//! write directly.
+//! about 9% of the server's CPU; one write per loop turn still cost about 3% in shape (c), where
+//! a turn often carries a single line. So a turn writes its lines at once only if the thread's
+//! last write was at least `FLUSH_EVERY` ago (a quiet server's lines appear at the end of the
+//! turn that produced them), or once `FLUSH_AT` bytes are pending; otherwise they wait for a
+//! later turn, which comes at the latest with the worker's timer tick (250 ms). Other threads
+//! (start-up, signals) write directly, and a worker writes everything left when it stops
+//! (`flush_now`, and again when the thread ends).
 //!
 //! `LineFormat` formats each event into the line tracing-subscriber's default format would
 //! print without colours and targets (`2026-11-24T12:26:00.358728Z  INFO message queue_id=...
@@ -19,7 +23,7 @@
 use std::cell::{Cell, RefCell};
 use std::fmt::{self, Write as _};
 use std::io::{self, Write};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tracing::field::{Field, Visit};
 use tracing::{Event, Level, Subscriber};
@@ -30,19 +34,26 @@ use tracing_subscriber::EnvFilter;
 
 /// A buffered thread writes early once this much is pending, keeping its buffer bounded.
 const FLUSH_AT: usize = 32 * 1024;
+/// A loop turn writes pending lines only if the thread's last write is at least this old.
+const FLUSH_EVERY: Duration = Duration::from_millis(20);
 
 thread_local! {
     static BUF: RefCell<Option<Pending>> = const { RefCell::new(None) };
 }
 
 /// A thread's unwritten lines; written out when the thread ends, so none are lost on exit.
-struct Pending(Vec<u8>);
+struct Pending {
+    buf: Vec<u8>,
+    /// When this thread last wrote; `None` before its first write.
+    written: Option<Instant>,
+}
 
 impl Pending {
     fn write_out(&mut self) {
-        if !self.0.is_empty() {
-            let _ = io::stderr().write_all(&self.0);
-            self.0.clear();
+        if !self.buf.is_empty() {
+            let _ = io::stderr().write_all(&self.buf);
+            self.buf.clear();
+            self.written = Some(Instant::now());
         }
     }
 }
@@ -55,11 +66,31 @@ impl Drop for Pending {
 
 /// From now on this thread's log lines wait for `flush_thread`.
 pub fn buffer_this_thread() {
-    BUF.with(|b| *b.borrow_mut() = Some(Pending(Vec::with_capacity(8 * 1024))));
+    BUF.with(|b| {
+        *b.borrow_mut() = Some(Pending {
+            buf: Vec::with_capacity(8 * 1024),
+            written: None,
+        })
+    });
 }
 
-/// Writes this thread's pending log lines, if any.
+/// End of a loop turn: writes this thread's pending lines unless it wrote less than
+/// `FLUSH_EVERY` ago (see the module docs).
 pub fn flush_thread() {
+    BUF.with(|b| {
+        if let Some(p) = b.borrow_mut().as_mut() {
+            if p.buf.is_empty() {
+                return;
+            }
+            if p.written.is_none_or(|t| t.elapsed() >= FLUSH_EVERY) {
+                p.write_out();
+            }
+        }
+    });
+}
+
+/// Writes this thread's pending lines, if any, now.
+pub fn flush_now() {
     BUF.with(|b| {
         if let Some(p) = b.borrow_mut().as_mut() {
             p.write_out();
@@ -69,7 +100,7 @@ pub fn flush_thread() {
 
 /// Bytes waiting in this thread's buffer.
 pub fn pending_bytes() -> usize {
-    BUF.with(|b| b.borrow().as_ref().map_or(0, |p| p.0.len()))
+    BUF.with(|b| b.borrow().as_ref().map_or(0, |p| p.buf.len()))
 }
 
 /// The `tracing_subscriber` writer: stderr, buffered on threads that asked for it.
@@ -90,8 +121,8 @@ impl Write for Line {
     fn write(&mut self, data: &[u8]) -> io::Result<usize> {
         let buffered = BUF.with(|b| match b.borrow_mut().as_mut() {
             Some(p) => {
-                p.0.extend_from_slice(data);
-                if p.0.len() >= FLUSH_AT {
+                p.buf.extend_from_slice(data);
+                if p.buf.len() >= FLUSH_AT {
                     p.write_out();
                 }
                 true
@@ -366,6 +397,31 @@ mod tests {
                 assert!(pending_bytes() < FLUSH_AT);
             }
             flush_thread();
+        })
+        .join()
+        .unwrap();
+    }
+
+    #[test]
+    fn a_busy_thread_writes_at_most_every_flush_interval() {
+        std::thread::spawn(|| {
+            buffer_this_thread();
+            Line.write_all(b"logging test: first line\n").unwrap();
+            flush_thread();
+            assert_eq!(pending_bytes(), 0, "the first turn writes at once");
+            Line.write_all(b"logging test: second line\n").unwrap();
+            flush_thread();
+            assert_eq!(
+                pending_bytes(),
+                26,
+                "a turn right after a write keeps its lines"
+            );
+            std::thread::sleep(FLUSH_EVERY);
+            flush_thread();
+            assert_eq!(pending_bytes(), 0, "a later turn writes them");
+            Line.write_all(b"logging test: third line\n").unwrap();
+            flush_now();
+            assert_eq!(pending_bytes(), 0, "flush_now always writes");
         })
         .join()
         .unwrap();

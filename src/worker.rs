@@ -438,7 +438,7 @@ impl Worker {
                 "receive buffers leaked"
             );
         }
-        crate::logging::flush_thread();
+        crate::logging::flush_now();
         if let Store::Discard(d) = &self.store {
             // The discard store answers inside `feed_from` and keeps its own counts.
             self.report.metrics.messages_accepted += d.messages();
