@@ -1,29 +1,59 @@
-//! Where log lines go: stderr, one line per event, through `tracing`.
+//! Where log lines go and what they look like: stderr, one line per event, through `tracing`.
 //!
-//! A worker thread buffers its lines and writes them once per loop turn (`flush_thread`), so a
-//! busy core makes one write(2) per turn instead of one per event. The profile of shape (a) in
+//! A worker thread buffers its lines and writes them from its loop (`flush_thread`), so a busy
+//! core makes few write(2) calls instead of one per event. The profile of shape (a) in
 //! BENCHMARKS.md showed an unbuffered write per "message accepted" and "session end" line costing
-//! about 9% of the server's CPU. Lines are still written at the end of the turn that produced
-//! them, so an operator sees them as promptly as before. Other threads (start-up, signals)
-//! write directly.
-use std::cell::RefCell;
+//! about 9% of the server's CPU; one write per loop turn still cost about 3% in shape (c), where
+//! a turn often carries a single line. So a turn writes its lines at once only if the thread's
+//! last write was at least `FLUSH_EVERY` ago (a quiet server's lines appear at the end of the
+//! turn that produced them), or once `FLUSH_AT` bytes are pending; otherwise they wait for a
+//! later turn, which comes at the latest with the worker's timer tick (250 ms). Other threads
+//! (start-up, signals) write directly, and a worker writes everything left when it stops
+//! (`flush_now`, and again when the thread ends).
+//!
+//! `LineFormat` formats each event into the line tracing-subscriber's default format would
+//! print without colours and targets (`2026-11-24T12:26:00.358728Z  INFO message queue_id=...
+//! client=... size=102400 result="stored"`), at a fraction of its cost: the date and time up to
+//! the second are formatted once per second and per thread, integers and plain strings are
+//! copied without going through `core::fmt`, and nothing is allocated per event. After the
+//! buffering above, formatting was the larger half of what logging still cost (about 4.5% of
+//! the server's CPU in shape (c)). Every control character in a message or field value is
+//! escaped, so a client cannot forge lines or send terminal escapes through its envelope. ringmx
+//! opens no spans; a span's fields would not be printed.
+use std::cell::{Cell, RefCell};
+use std::fmt::{self, Write as _};
 use std::io::{self, Write};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use tracing::field::{Field, Visit};
+use tracing::{Event, Level, Subscriber};
+use tracing_subscriber::fmt::format::{self as tfmt, FormatEvent, FormatFields};
+use tracing_subscriber::fmt::FmtContext;
+use tracing_subscriber::registry::LookupSpan;
+use tracing_subscriber::EnvFilter;
 
 /// A buffered thread writes early once this much is pending, keeping its buffer bounded.
 const FLUSH_AT: usize = 32 * 1024;
+/// A loop turn writes pending lines only if the thread's last write is at least this old.
+const FLUSH_EVERY: Duration = Duration::from_millis(20);
 
 thread_local! {
     static BUF: RefCell<Option<Pending>> = const { RefCell::new(None) };
 }
 
 /// A thread's unwritten lines; written out when the thread ends, so none are lost on exit.
-struct Pending(Vec<u8>);
+struct Pending {
+    buf: Vec<u8>,
+    /// When this thread last wrote; `None` before its first write.
+    written: Option<Instant>,
+}
 
 impl Pending {
     fn write_out(&mut self) {
-        if !self.0.is_empty() {
-            let _ = io::stderr().write_all(&self.0);
-            self.0.clear();
+        if !self.buf.is_empty() {
+            let _ = io::stderr().write_all(&self.buf);
+            self.buf.clear();
+            self.written = Some(Instant::now());
         }
     }
 }
@@ -36,11 +66,31 @@ impl Drop for Pending {
 
 /// From now on this thread's log lines wait for `flush_thread`.
 pub fn buffer_this_thread() {
-    BUF.with(|b| *b.borrow_mut() = Some(Pending(Vec::with_capacity(8 * 1024))));
+    BUF.with(|b| {
+        *b.borrow_mut() = Some(Pending {
+            buf: Vec::with_capacity(8 * 1024),
+            written: None,
+        })
+    });
 }
 
-/// Writes this thread's pending log lines, if any.
+/// End of a loop turn: writes this thread's pending lines unless it wrote less than
+/// `FLUSH_EVERY` ago (see the module docs).
 pub fn flush_thread() {
+    BUF.with(|b| {
+        if let Some(p) = b.borrow_mut().as_mut() {
+            if p.buf.is_empty() {
+                return;
+            }
+            if p.written.is_none_or(|t| t.elapsed() >= FLUSH_EVERY) {
+                p.write_out();
+            }
+        }
+    });
+}
+
+/// Writes this thread's pending lines, if any, now.
+pub fn flush_now() {
     BUF.with(|b| {
         if let Some(p) = b.borrow_mut().as_mut() {
             p.write_out();
@@ -50,7 +100,7 @@ pub fn flush_thread() {
 
 /// Bytes waiting in this thread's buffer.
 pub fn pending_bytes() -> usize {
-    BUF.with(|b| b.borrow().as_ref().map_or(0, |p| p.0.len()))
+    BUF.with(|b| b.borrow().as_ref().map_or(0, |p| p.buf.len()))
 }
 
 /// The `tracing_subscriber` writer: stderr, buffered on threads that asked for it.
@@ -71,8 +121,8 @@ impl Write for Line {
     fn write(&mut self, data: &[u8]) -> io::Result<usize> {
         let buffered = BUF.with(|b| match b.borrow_mut().as_mut() {
             Some(p) => {
-                p.0.extend_from_slice(data);
-                if p.0.len() >= FLUSH_AT {
+                p.buf.extend_from_slice(data);
+                if p.buf.len() >= FLUSH_AT {
                     p.write_out();
                 }
                 true
@@ -87,6 +137,235 @@ impl Write for Line {
 
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
+    }
+}
+
+/// Installs the process-wide subscriber: events that `filter` lets through, formatted by
+/// `LineFormat`, written by `Stderr`.
+pub fn init(filter: EnvFilter) {
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(Stderr)
+        .event_format(LineFormat)
+        .init();
+}
+
+/// One line per event: the UTC time to the microsecond, the level padded to five characters,
+/// the message, then each field as `name=value` (see the module docs).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LineFormat;
+
+impl<S, N> FormatEvent<S, N> for LineFormat
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+{
+    fn format_event(
+        &self,
+        _ctx: &FmtContext<'_, S, N>,
+        mut writer: tfmt::Writer<'_>,
+        event: &Event<'_>,
+    ) -> fmt::Result {
+        write_line(&mut writer, SystemTime::now(), event)
+    }
+}
+
+/// Formats `event` as of `now` into `w`, newline included.
+fn write_line(w: &mut dyn fmt::Write, now: SystemTime, event: &Event<'_>) -> fmt::Result {
+    write_time(w, now)?;
+    w.write_str(level_str(event.metadata().level()))?;
+    let mut fields = Fields {
+        w,
+        first: true,
+        result: Ok(()),
+    };
+    event.record(&mut fields);
+    fields.result?;
+    fields.w.write_char('\n')
+}
+
+fn level_str(level: &Level) -> &'static str {
+    // The separating spaces are part of the strings: tracing-subscriber pads levels to five
+    // characters, right-aligned, after one space.
+    match *level {
+        Level::ERROR => " ERROR ",
+        Level::WARN => "  WARN ",
+        Level::INFO => "  INFO ",
+        Level::DEBUG => " DEBUG ",
+        Level::TRACE => " TRACE ",
+    }
+}
+
+thread_local! {
+    /// The second last formatted on this thread and its text, `YYYY-MM-DDTHH:MM:SS.`.
+    static SECOND: Cell<(u64, [u8; 20])> = const { Cell::new((u64::MAX, [0; 20])) };
+}
+
+/// `2026-11-24T12:26:00.358728Z` (RFC 3339, UTC, microseconds), as tracing-subscriber prints it.
+fn write_time(w: &mut dyn fmt::Write, now: SystemTime) -> fmt::Result {
+    let since = now.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let secs = since.as_secs();
+    let (cached, mut text) = SECOND.with(Cell::get);
+    if cached != secs {
+        text = second_text(secs);
+        SECOND.with(|c| c.set((secs, text)));
+    }
+    let mut out = [0u8; 27];
+    out[..20].copy_from_slice(&text);
+    let mut micros = since.subsec_micros();
+    for i in (20..26).rev() {
+        out[i] = b'0' + (micros % 10) as u8;
+        micros /= 10;
+    }
+    out[26] = b'Z';
+    w.write_str(std::str::from_utf8(&out).map_err(|_| fmt::Error)?)
+}
+
+/// The date and time of `secs` since the epoch, up to and including the dot before the fraction.
+fn second_text(secs: u64) -> [u8; 20] {
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    let (year, month, day) = civil_from_days(days);
+    let mut t = [0u8; 20];
+    let year = year.clamp(0, 9999) as u32;
+    let digits = |t: &mut [u8], v: u32| {
+        let n = t.len();
+        let mut v = v;
+        for i in (0..n).rev() {
+            t[i] = b'0' + (v % 10) as u8;
+            v /= 10;
+        }
+    };
+    digits(&mut t[0..4], year);
+    t[4] = b'-';
+    digits(&mut t[5..7], month);
+    t[7] = b'-';
+    digits(&mut t[8..10], day);
+    t[10] = b'T';
+    digits(&mut t[11..13], (rem / 3600) as u32);
+    t[13] = b':';
+    digits(&mut t[14..16], (rem / 60 % 60) as u32);
+    t[16] = b':';
+    digits(&mut t[17..19], (rem % 60) as u32);
+    t[19] = b'.';
+    t
+}
+
+/// Proleptic Gregorian (year, month, day) of a day count since 1970-01-01 (Howard Hinnant's
+/// `civil_from_days`, public domain).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    (year, month, day)
+}
+
+/// Writes an event's fields: the message bare, every other field as ` name=value`.
+struct Fields<'a> {
+    w: &'a mut dyn fmt::Write,
+    first: bool,
+    result: fmt::Result,
+}
+
+impl Fields<'_> {
+    /// The separator and, except for the message, `name=`.
+    fn start(&mut self, field: &Field) -> fmt::Result {
+        if !self.first {
+            self.w.write_char(' ')?;
+        }
+        self.first = false;
+        let name = field.name();
+        if name != "message" {
+            self.w.write_str(name.strip_prefix("r#").unwrap_or(name))?;
+            self.w.write_char('=')?;
+        }
+        Ok(())
+    }
+
+    fn record(&mut self, field: &Field, body: impl FnOnce(&mut dyn fmt::Write) -> fmt::Result) {
+        if self.result.is_ok() {
+            self.result = self.start(field).and_then(|()| body(self.w));
+        }
+    }
+}
+
+impl Visit for Fields<'_> {
+    fn record_u64(&mut self, field: &Field, value: u64) {
+        self.record(field, |w| write_u64(w, value));
+    }
+
+    fn record_i64(&mut self, field: &Field, value: i64) {
+        self.record(field, |w| {
+            if value < 0 {
+                w.write_char('-')?;
+            }
+            write_u64(w, value.unsigned_abs())
+        });
+    }
+
+    fn record_bool(&mut self, field: &Field, value: bool) {
+        self.record(field, |w| w.write_str(if value { "true" } else { "false" }));
+    }
+
+    fn record_str(&mut self, field: &Field, value: &str) {
+        let message = field.name() == "message";
+        self.record(field, |w| {
+            if message {
+                Escaped(w).write_str(value)
+            } else if value
+                .bytes()
+                .all(|b| (b' '..=b'~').contains(&b) && b != b'"' && b != b'\\')
+            {
+                // The common case, quoted as `{:?}` would quote it, without its machinery.
+                w.write_char('"')?;
+                w.write_str(value)?;
+                w.write_char('"')
+            } else {
+                write!(Escaped(w), "{value:?}")
+            }
+        });
+    }
+
+    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
+        self.record(field, |w| write!(Escaped(w), "{value:?}"));
+    }
+}
+
+/// Writes `v` in decimal.
+fn write_u64(w: &mut dyn fmt::Write, mut v: u64) -> fmt::Result {
+    let mut buf = [0u8; 20];
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (v % 10) as u8;
+        v /= 10;
+        if v == 0 {
+            break;
+        }
+    }
+    w.write_str(std::str::from_utf8(&buf[i..]).map_err(|_| fmt::Error)?)
+}
+
+/// Passes text through with every control character (C0, DEL, C1) written as an escape, so a
+/// value can neither end the line early nor reach a terminal as an escape sequence.
+struct Escaped<'a>(&'a mut dyn fmt::Write);
+
+impl fmt::Write for Escaped<'_> {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        let mut rest = s;
+        while let Some(i) = rest.find(|c: char| c.is_control()) {
+            self.0.write_str(&rest[..i])?;
+            let c = rest[i..].chars().next().expect("found at i");
+            write!(self.0, "\\u{{{:x}}}", c as u32)?;
+            rest = &rest[i + c.len_utf8()..];
+        }
+        self.0.write_str(rest)
     }
 }
 
@@ -124,6 +403,31 @@ mod tests {
     }
 
     #[test]
+    fn a_busy_thread_writes_at_most_every_flush_interval() {
+        std::thread::spawn(|| {
+            buffer_this_thread();
+            Line.write_all(b"logging test: first line\n").unwrap();
+            flush_thread();
+            assert_eq!(pending_bytes(), 0, "the first turn writes at once");
+            Line.write_all(b"logging test: second line\n").unwrap();
+            flush_thread();
+            assert_eq!(
+                pending_bytes(),
+                26,
+                "a turn right after a write keeps its lines"
+            );
+            std::thread::sleep(FLUSH_EVERY);
+            flush_thread();
+            assert_eq!(pending_bytes(), 0, "a later turn writes them");
+            Line.write_all(b"logging test: third line\n").unwrap();
+            flush_now();
+            assert_eq!(pending_bytes(), 0, "flush_now always writes");
+        })
+        .join()
+        .unwrap();
+    }
+
+    #[test]
     fn other_threads_write_directly() {
         std::thread::spawn(|| {
             Line.write_all(b"").unwrap();
@@ -131,5 +435,164 @@ mod tests {
         })
         .join()
         .unwrap();
+    }
+
+    /// Collects what a subscriber writes, for comparing formats.
+    #[derive(Clone, Default)]
+    struct Capture(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Capture {
+        type Writer = Capture;
+        fn make_writer(&'a self) -> Capture {
+            self.clone()
+        }
+    }
+
+    impl Write for Capture {
+        fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(data);
+            Ok(data.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// The events the worker logs most, plus the awkward cases.
+    fn emit_samples() {
+        let peer: std::net::IpAddr = "192.0.2.7".parse().unwrap();
+        let to = vec!["rcpt@example.net".to_string(), "b@example.org".to_string()];
+        tracing::info!(
+            queue_id = %"6B0F27A7D1195P3A49W0Q0",
+            client = %peer,
+            from = %"sender@example.com",
+            to = ?to,
+            size = 102400usize,
+            result = "stored",
+            "message"
+        );
+        tracing::info!(
+            client = %peer,
+            duration_ms = 12u64,
+            messages = 1u32,
+            errors = 0u32,
+            result = "closed",
+            "session end"
+        );
+        tracing::warn!(
+            delta = -5i64,
+            ok = true,
+            "unexpected errno {} from recv",
+            104
+        );
+        tracing::error!(worker = 0usize, "waiting on the ring failed");
+        tracing::info!(note = "say \"hi\" \\ there", "quotes");
+    }
+
+    /// Lines with their 27-character timestamps cut off.
+    fn without_time(out: &[u8]) -> Vec<String> {
+        String::from_utf8(out.to_vec())
+            .unwrap()
+            .lines()
+            .map(|l| l[27..].to_string())
+            .collect()
+    }
+
+    #[test]
+    fn lines_match_what_the_default_format_printed() {
+        let ours = Capture::default();
+        let sub = tracing_subscriber::fmt()
+            .with_writer(ours.clone())
+            .event_format(LineFormat)
+            .finish();
+        tracing::subscriber::with_default(sub, emit_samples);
+        let theirs = Capture::default();
+        let sub = tracing_subscriber::fmt()
+            .with_writer(theirs.clone())
+            .with_ansi(false)
+            .with_target(false)
+            .finish();
+        tracing::subscriber::with_default(sub, emit_samples);
+        let ours = without_time(&ours.0.lock().unwrap());
+        let theirs = without_time(&theirs.0.lock().unwrap());
+        assert_eq!(ours.len(), 5);
+        assert_eq!(ours, theirs);
+        assert_eq!(
+            ours[0],
+            "  INFO message queue_id=6B0F27A7D1195P3A49W0Q0 client=192.0.2.7 \
+             from=sender@example.com to=[\"rcpt@example.net\", \"b@example.org\"] size=102400 \
+             result=\"stored\""
+        );
+    }
+
+    #[test]
+    fn control_characters_in_values_are_escaped() {
+        let ours = Capture::default();
+        let sub = tracing_subscriber::fmt()
+            .with_writer(ours.clone())
+            .event_format(LineFormat)
+            .finish();
+        tracing::subscriber::with_default(sub, || {
+            tracing::info!(from = %"a\x1b[31mb\nINFO forged\u{9b}c", "msg\rx");
+        });
+        let out = String::from_utf8(ours.0.lock().unwrap().clone()).unwrap();
+        assert_eq!(out.lines().count(), 1, "{out:?}");
+        assert!(
+            out.ends_with("  INFO msg\\u{d}x from=a\\u{1b}[31mb\\u{a}INFO forged\\u{9b}c\n"),
+            "{out:?}"
+        );
+    }
+
+    #[test]
+    fn timestamps_are_rfc3339_utc_with_microseconds() {
+        let at = |secs: u64, micros: u32| {
+            let mut s = String::new();
+            let t = UNIX_EPOCH + std::time::Duration::new(secs, micros * 1000 + 999);
+            write_time(&mut s, t).unwrap();
+            s
+        };
+        assert_eq!(at(0, 0), "1970-01-01T00:00:00.000000Z");
+        assert_eq!(at(951_868_800, 5), "2000-03-01T00:00:00.000005Z");
+        assert_eq!(
+            at(1_709_164_800 + 86_399, 999_999),
+            "2024-02-29T23:59:59.999999Z"
+        );
+        assert_eq!(at(1_700_000_000, 123_456), "2023-11-14T22:13:20.123456Z");
+        // The per-second cache must not leak one second's text into another.
+        assert_eq!(at(1_700_000_001, 0), "2023-11-14T22:13:21.000000Z");
+        assert_eq!(at(1_700_000_000, 1), "2023-11-14T22:13:20.000001Z");
+    }
+
+    #[test]
+    fn every_day_of_four_centuries_agrees_with_a_day_counter() {
+        // A slow oracle: walk the calendar one day at a time from 1970-01-01.
+        let (mut y, mut m, mut d) = (1970i64, 1u32, 1u32);
+        for days in 0..146_097 {
+            assert_eq!(civil_from_days(days), (y, m, d), "day {days}");
+            let leap = (y % 4 == 0 && y % 100 != 0) || y % 400 == 0;
+            let len = [
+                31,
+                if leap { 29 } else { 28 },
+                31,
+                30,
+                31,
+                30,
+                31,
+                31,
+                30,
+                31,
+                30,
+                31,
+            ];
+            d += 1;
+            if d > len[m as usize - 1] {
+                d = 1;
+                m += 1;
+                if m > 12 {
+                    m = 1;
+                    y += 1;
+                }
+            }
+        }
     }
 }

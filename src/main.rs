@@ -21,13 +21,7 @@ fn main() -> ExitCode {
     };
     let filter = tracing_subscriber::EnvFilter::try_new(cfg.log_filter())
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(ringmx::logging::Stderr)
-        .with_ansi(ansi)
-        .with_target(false)
-        .init();
+    ringmx::logging::init(filter);
     match ringmx::server::run(cfg) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

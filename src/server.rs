@@ -53,6 +53,10 @@ impl std::fmt::Display for ServerError {
 
 impl std::error::Error for ServerError {}
 
+/// The receive buffer asked for on listeners (the kernel doubles it for its bookkeeping, and caps
+/// it at net.core.rmem_max); see `listener`.
+const RCVBUF_BYTES: usize = 256 * 1024;
+
 /// One listening socket for `addr`; `reuseport` lets every worker have its own.
 fn listener(addr: SocketAddr, reuseport: bool) -> std::io::Result<Socket> {
     let domain = if addr.is_ipv6() {
@@ -72,6 +76,16 @@ fn listener(addr: SocketAddr, reuseport: bool) -> std::io::Result<Socket> {
     // Accepted sockets inherit TCP_NODELAY from the listener, which saves a setsockopt per
     // connection. Replies are already batched into one send per read, so Nagle only delays.
     s.set_nodelay(true)?;
+    // Accepted sockets inherit the receive buffer too. A fixed one of at least RCVBUF_BYTES lets
+    // a client send a 100 KB message in one go: with the default (tcp_rmem's 128 KiB, about 64
+    // KiB of window at the start) the client stalls on the window, and each window update the
+    // server sends also delivers the client's next segments in the server's context on
+    // loopback. Shape (c) measured 9.5 instead of 12.3 packets sent per message in the server's
+    // context. The buffer is only a limit: an idle connection holds no memory for it. A larger
+    // default (a system with a big tcp_rmem) is left alone.
+    if s.recv_buffer_size()? < RCVBUF_BYTES {
+        s.set_recv_buffer_size(RCVBUF_BYTES)?;
+    }
     s.bind(&addr.into())?;
     if reuseport {
         s.listen(1024)?;
@@ -299,6 +313,25 @@ mod tests {
         let _c = std::net::TcpStream::connect(addr).unwrap();
         let (a, _) = l.accept().unwrap();
         assert!(a.nodelay().unwrap());
+    }
+
+    #[test]
+    fn accepted_sockets_get_the_larger_receive_buffer_of_the_listener() {
+        let l = listener("127.0.0.1:0".parse().unwrap(), true).unwrap();
+        let addr = l.local_addr().unwrap().as_socket().unwrap();
+        let _c = std::net::TcpStream::connect(addr).unwrap();
+        let (a, _) = l.accept().unwrap();
+        let plain = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)).unwrap();
+        let default = plain.recv_buffer_size().unwrap();
+        let got = a.recv_buffer_size().unwrap();
+        assert_eq!(got, l.recv_buffer_size().unwrap());
+        // At least what was asked for (as the kernel caps it) and never below the default.
+        let rmem_max: usize = std::fs::read_to_string("/proc/sys/net/core/rmem_max")
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(RCVBUF_BYTES);
+        assert!(got >= default, "{got} < default {default}");
+        assert!(got >= RCVBUF_BYTES.min(rmem_max), "{got}");
     }
 
     #[test]
