@@ -2106,6 +2106,14 @@ fn a_blocked_log_write_does_not_hold_back_produced_replies() {
     use std::process::{Command, Stdio};
     let port = crate::common::free_port();
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    /// Kills the server however the test ends (a panic included): it is stuck in a write.
+    struct Killed(std::process::Child);
+    impl Drop for Killed {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
     let mut child = Command::new(crate::common::BIN)
         .args([
             "serve",
@@ -2123,6 +2131,7 @@ fn a_blocked_log_write_does_not_hold_back_produced_replies() {
         .unwrap();
     // Kept open and never read: the pipe fills and the worker's log write blocks.
     let _stderr = child.stderr.take().unwrap();
+    let _child = Killed(child);
     let read = |s: &mut TcpStream| -> Option<String> {
         let mut buf = [0u8; 512];
         match s.read(&mut buf) {
@@ -2169,8 +2178,6 @@ fn a_blocked_log_write_does_not_hold_back_produced_replies() {
         }
         sessions += 1;
     };
-    let _ = child.kill();
-    let _ = child.wait();
     assert!(
         stalled_at_greeting,
         "the worker stalled before the first session completed"
