@@ -412,6 +412,13 @@ impl Worker {
                 self.next_tick = now + TICK;
             }
             self.flush_dirty();
+            if crate::logging::pending_bytes() > 0 {
+                // Hand this round's sends (greetings and replies) to the kernel before the log
+                // write, not after it at the next wait: a write to a log file can block (page
+                // cache allocation, dirty-page throttling while other processes write), and a
+                // reply that waits behind it is latency every client sees.
+                self.ring.submit();
+            }
             crate::logging::flush_thread();
             if self.shutting_down
                 && self.conns.is_empty()

@@ -2096,3 +2096,90 @@ fn max_session_time_ends_even_a_busy_session() {
         start.elapsed()
     );
 }
+
+/// A log write that blocks (stderr is a pipe nobody reads, so it fills) must not hold back the
+/// replies of the round that logged: the worker hands them to the kernel before writing. Once
+/// the worker is stuck in the write, new sessions wait for their greeting; no session may stall
+/// waiting for the replies of its last command group, produced in the round that logged.
+#[test]
+fn a_blocked_log_write_does_not_hold_back_produced_replies() {
+    use std::process::{Command, Stdio};
+    let port = crate::common::free_port();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    /// Kills the server however the test ends (a panic included): it is stuck in a write.
+    struct Killed(std::process::Child);
+    impl Drop for Killed {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut child = Command::new(crate::common::BIN)
+        .args([
+            "serve",
+            "--listen",
+            &addr.to_string(),
+            "--hostname",
+            HOSTNAME,
+        ])
+        .args(["--workers", "1", "--store", "discard"])
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Kept open and never read: the pipe fills and the worker's log write blocks.
+    let _stderr = child.stderr.take().unwrap();
+    let _child = Killed(child);
+    let read = |s: &mut TcpStream| -> Option<String> {
+        let mut buf = [0u8; 512];
+        match s.read(&mut buf) {
+            Ok(n) if n > 0 => Some(String::from_utf8_lossy(&buf[..n]).into_owned()),
+            _ => None,
+        }
+    };
+    let started = Instant::now();
+    let mut sessions = 0;
+    let stalled_at_greeting = loop {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the log pipe never filled"
+        );
+        let Ok(mut s) = TcpStream::connect(addr) else {
+            std::thread::sleep(Duration::from_millis(20));
+            continue;
+        };
+        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let Some(greeting) = read(&mut s) else {
+            break sessions > 0;
+        };
+        assert!(greeting.starts_with("220"), "{greeting:?}");
+        for (cmd, code) in [
+            ("EHLO client.example\r\n", "250"),
+            ("MAIL FROM:<a@example.com>\r\n", "250"),
+            ("RCPT TO:<b@example.net>\r\n", "250"),
+            ("DATA\r\n", "354"),
+            // The end of data and QUIT in one write: the 250 and the 221 come from one round,
+            // which also logs the message, so the write that blocks is after both or neither.
+            ("Subject: x\r\n\r\nbody\r\n.\r\nQUIT\r\n", "221"),
+        ] {
+            s.write_all(cmd.as_bytes()).unwrap();
+            let mut reply = String::new();
+            // A multi-line EHLO reply may come in more than one read.
+            while !reply.lines().any(|l| l.starts_with(&format!("{code} "))) {
+                match read(&mut s) {
+                    Some(r) => reply.push_str(&r),
+                    None => panic!(
+                        "session {sessions}: no reply to {cmd:?} (got {reply:?}): a reply was held back behind the log write"
+                    ),
+                }
+            }
+        }
+        sessions += 1;
+    };
+    assert!(
+        stalled_at_greeting,
+        "the worker stalled before the first session completed"
+    );
+}
