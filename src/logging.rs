@@ -49,6 +49,11 @@ struct Pending {
 }
 
 impl Pending {
+    /// Lines are pending and the thread's last write is at least `FLUSH_EVERY` old.
+    fn due(&self) -> bool {
+        !self.buf.is_empty() && self.written.is_none_or(|t| t.elapsed() >= FLUSH_EVERY)
+    }
+
     fn write_out(&mut self) {
         if !self.buf.is_empty() {
             let _ = io::stderr().write_all(&self.buf);
@@ -74,15 +79,18 @@ pub fn buffer_this_thread() {
     });
 }
 
+/// True when `flush_thread` would write now. The worker submits its queued sends first in that
+/// case, so that no reply waits behind a log write (which can block).
+pub fn write_due() -> bool {
+    BUF.with(|b| b.borrow().as_ref().is_some_and(Pending::due))
+}
+
 /// End of a loop turn: writes this thread's pending lines unless it wrote less than
 /// `FLUSH_EVERY` ago (see the module docs).
 pub fn flush_thread() {
     BUF.with(|b| {
         if let Some(p) = b.borrow_mut().as_mut() {
-            if p.buf.is_empty() {
-                return;
-            }
-            if p.written.is_none_or(|t| t.elapsed() >= FLUSH_EVERY) {
+            if p.due() {
                 p.write_out();
             }
         }
@@ -410,6 +418,7 @@ mod tests {
             flush_thread();
             assert_eq!(pending_bytes(), 0, "the first turn writes at once");
             Line.write_all(b"logging test: second line\n").unwrap();
+            assert!(!write_due(), "a turn right after a write is not due");
             flush_thread();
             assert_eq!(
                 pending_bytes(),
@@ -417,6 +426,7 @@ mod tests {
                 "a turn right after a write keeps its lines"
             );
             std::thread::sleep(FLUSH_EVERY);
+            assert!(write_due(), "a turn after the interval is due");
             flush_thread();
             assert_eq!(pending_bytes(), 0, "a later turn writes them");
             Line.write_all(b"logging test: third line\n").unwrap();

@@ -412,7 +412,7 @@ impl Worker {
                 self.next_tick = now + TICK;
             }
             self.flush_dirty();
-            if crate::logging::pending_bytes() > 0 {
+            if crate::logging::write_due() {
                 // Hand this round's sends (greetings and replies) to the kernel before the log
                 // write, not after it at the next wait: a write to a log file can block (page
                 // cache allocation, dirty-page throttling while other processes write), and a
