@@ -234,6 +234,12 @@ struct Conn {
     eof: bool,
     /// Send what is in `out`, then close.
     closing: bool,
+    /// The session ended with a QUIT that nothing followed: its 221 may wait for the FIN and
+    /// leave in the same segment (MSG_MORE). Not after an error limit, a timeout or a shutdown,
+    /// nor when the client pipelined past QUIT: a client that may still be sending could leave
+    /// unread data at the close, where the kernel resets the connection and drops unsent bytes,
+    /// and the reply must then already be on the wire.
+    fin_with_reply: bool,
     closing_since: Option<Instant>,
     close_pushed: bool,
     /// Got a session (passed the connection limits): logged and counted at its end.
@@ -581,6 +587,7 @@ impl Worker {
             committing: false,
             eof: false,
             closing: false,
+            fin_with_reply: false,
             closing_since: None,
             close_pushed: false,
             admitted: false,
@@ -802,6 +809,8 @@ impl Worker {
                     fd: conn.fd,
                     buf,
                     off: 0,
+                    // The 221 goes out with the FIN: one packet, not two.
+                    then_close: conn.closing && conn.fin_with_reply && !conn.eof,
                 },
             ));
         }
@@ -841,7 +850,13 @@ impl Worker {
         let Some(conn) = self.conns.get_mut(slot, generation) else {
             return;
         };
-        let Some(Op::Send { fd, buf, off }) = c.op else {
+        let Some(Op::Send {
+            fd,
+            buf,
+            off,
+            then_close,
+        }) = c.op
+        else {
             return;
         };
         conn.send_id = None;
@@ -851,7 +866,15 @@ impl Worker {
                 let off = off + n;
                 if off < buf.len() && n > 0 {
                     // Short send: push the rest from where the kernel stopped.
-                    conn.send_id = Some(self.ring.push(c.token, Op::Send { fd, buf, off }));
+                    conn.send_id = Some(self.ring.push(
+                        c.token,
+                        Op::Send {
+                            fd,
+                            buf,
+                            off,
+                            then_close,
+                        },
+                    ));
                     return;
                 }
                 let mut buf = buf;
@@ -861,7 +884,15 @@ impl Worker {
                 }
             }
             SendOutcome::Retry => {
-                conn.send_id = Some(self.ring.push(c.token, Op::Send { fd, buf, off }));
+                conn.send_id = Some(self.ring.push(
+                    c.token,
+                    Op::Send {
+                        fd,
+                        buf,
+                        off,
+                        then_close,
+                    },
+                ));
                 return;
             }
             SendOutcome::PeerClosed | SendOutcome::Canceled => conn.reset_by_peer(),
@@ -1329,9 +1360,10 @@ fn feed_from(
         };
         match fed {
             Feed::NeedMore => return,
-            Feed::Close { .. } => {
+            Feed::Close { consumed } => {
                 conn.closing = true;
                 conn.reason = EndReason::Quit;
+                conn.fin_with_reply = conn.session.quit_received() && pos + consumed >= input.len();
                 return;
             }
             Feed::Commit { consumed } => {

@@ -170,6 +170,8 @@ pub struct Session {
     line_max: u32,
     /// Copy message bodies into `Message::body` (true unless the store discards them).
     keep_body: bool,
+    /// The session ended with the client's QUIT (not an error limit, timeout or shutdown).
+    quit: bool,
 }
 
 /// MAIL ... end of data.
@@ -199,6 +201,7 @@ impl Session {
             improper_pipelining: 0,
             line_max: LINE_BYTES_MAX as u32,
             keep_body: true,
+            quit: false,
         }
     }
 
@@ -458,6 +461,7 @@ impl Session {
                 out.extend_from_slice(reply::BYE);
                 self.tx = None;
                 self.phase = Phase::Closed;
+                self.quit = true;
             }
         }
         Some(verb)
@@ -617,6 +621,12 @@ impl Session {
         }
     }
 
+    /// True once the client's QUIT ended the session (the 221 is its last reply).
+    pub fn quit_received(&self) -> bool {
+        self.quit
+    }
+
+    /// Where the session is.
     pub fn phase(&self) -> Phase {
         self.phase
     }
@@ -933,8 +943,30 @@ mod tests {
             Feed::Close { consumed: 12 }
         );
         assert_eq!(s.phase(), Phase::Closed);
+        assert!(s.quit_received());
         // A closed session stays closed.
         assert_eq!(s.feed(b"NOOP\r\n", &mut out), Feed::Close { consumed: 0 });
+    }
+
+    /// The worker lets only a QUIT's 221 wait for the FIN (MSG_MORE); a session closed by the
+    /// error limit must not look like one.
+    #[test]
+    fn only_quit_counts_as_quit_received() {
+        let mut s = Session::new(
+            Arc::new(SessionConfig {
+                max_errors: 2,
+                ..cfg()
+            }),
+            PEER.parse().unwrap(),
+        );
+        let mut out = Vec::new();
+        assert!(!s.quit_received());
+        assert!(matches!(
+            s.feed(b"A\r\nB\r\n", &mut out),
+            Feed::Close { .. }
+        ));
+        assert_eq!(s.phase(), Phase::Closed);
+        assert!(!s.quit_received());
     }
 
     #[test]

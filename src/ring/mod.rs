@@ -554,11 +554,17 @@ fn build_entry(op: &mut Op, limit: usize) -> squeue::Entry {
             .flags(libc::SOCK_CLOEXEC)
             .build(),
         Op::RecvMulti { fd } => opcode::RecvMulti::new(types::Fd(*fd), BGID).build(),
-        Op::Send { fd, buf, off } => {
+        Op::Send {
+            fd,
+            buf,
+            off,
+            then_close,
+        } => {
             let rest = &buf[(*off).min(buf.len())..];
             let len = rest.len().min(limit).min(u32::MAX as usize) as u32;
+            let more = if *then_close { libc::MSG_MORE } else { 0 };
             opcode::Send::new(types::Fd(*fd), rest.as_ptr(), len)
-                .flags(libc::MSG_NOSIGNAL)
+                .flags(libc::MSG_NOSIGNAL | more)
                 .build()
         }
         Op::ReadEventFd { fd, buf } => {
@@ -838,6 +844,7 @@ mod tests {
                 fd: a.as_raw_fd(),
                 buf: b"250 ok\r\n".to_vec(),
                 off: 4,
+                then_close: false,
             },
         );
         assert_eq!(SendOutcome::from_result(c.res), SendOutcome::Sent(4));

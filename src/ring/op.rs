@@ -15,7 +15,15 @@ pub enum Op {
     /// Multishot receive into the provided-buffer ring: one completion per read.
     RecvMulti { fd: RawFd },
     /// Send `buf[off..]`. A short send completes with fewer bytes; push again from the new offset.
-    Send { fd: RawFd, buf: Vec<u8>, off: usize },
+    /// `then_close`: the socket is closed right after this send completes, so the kernel may hold
+    /// the bytes (MSG_MORE) and put them in one segment with the FIN the close sends, instead of
+    /// two packets.
+    Send {
+        fd: RawFd,
+        buf: Vec<u8>,
+        off: usize,
+        then_close: bool,
+    },
     /// Read 8 bytes (an eventfd counter).
     ReadEventFd { fd: RawFd, buf: Box<[u8; 8]> },
     /// `openat(AT_FDCWD, path, flags, mode)`.
