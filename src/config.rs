@@ -114,7 +114,7 @@ const ABOUT: &str = "Thread-per-core io_uring inbound SMTP receiver with a durab
 const LONG_ABOUT: &str = "\
 ringmx receives mail over SMTP (RFC 5321) on every core at once: one pinned worker thread and one
 io_uring per core, each with its own SO_REUSEPORT listener. A message is acknowledged with 250 only
-once it is on disk (written to tmp/ and synced, renamed into new/, directory fsync'd).
+once it is on disk (written to tmp/, fsync'd, renamed into new/, directory fsync'd).
 
 Flags of `ringmx serve` (details: `ringmx serve --help`):
   --config FILE               TOML file with the same keys as the flags; flags win

@@ -9,13 +9,13 @@
 //! ```text
 //! multishot ACCEPT ─▶ connection slot ─▶ multishot RECV into a provided-buffer ring
 //! bytes ─▶ Session::feed (sans-I/O) ─▶ replies, batched into one SEND per batch of input
-//!                                   └▶ complete message ─▶ store plan (tmp write + data sync,
+//!                                   └▶ complete message ─▶ store plan (tmp write, fsync,
 //!                                      rename into new/) performed through the ring
 //! batch of messages renamed ─▶ one fsync of new/ ─▶ every session of the batch gets its 250
 //! ```
 //!
 //! Nothing is acknowledged before it is durable: a `250` after the final `.` means the file was
-//! written and synced (RWF_DSYNC), renamed into `new/` and the directory fsync'd. The directory fsync is shared by every
+//! fsync'd, renamed into `new/` and the directory fsync'd. The directory fsync is shared by every
 //! message that ended in the same batch on that worker (group commit), so durability costs
 //! little throughput.
 //!

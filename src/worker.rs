@@ -16,9 +16,8 @@
 //! client trickling single bytes into a command line or a body is therefore closed with 421
 //! 4.4.2 after --idle-timeout, like an idle one.
 //!
-//! Group commit (maildir): each message's tmp file is opened and written with RWF_DSYNC (the write
-//! is the file's data sync, so there is no separate fsync op), then closed and (at the same time)
-//! renamed into new/, as its own chain of ring ops, started at once. Messages join the open
+//! Group commit (maildir): each message's tmp file is opened, written and fsync'd, then closed
+//! and (at the same time) renamed into new/, as its own chain of ring ops, started at once. Messages join the open
 //! batch; the batch closes when it holds `batch_messages_max` messages, when
 //! `batch_delay_us_max` passed since its first message, or when no earlier batch is still in
 //! flight (nothing to wait for, so a lone message is not delayed). A closed batch, once all its
@@ -296,8 +295,8 @@ struct CommitEntry {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Step {
     Open,
-    /// Written with RWF_DSYNC: the write is the file's data sync.
     Write,
+    Fsync,
     Rename,
     Unlink,
     /// Renamed into new/ (or failed and cleaned up): waits for its batch's directory fsync.
@@ -1169,11 +1168,7 @@ impl Worker {
                     unreachable_op(&op)
                 };
                 let (head, body) = entry.staged.take().unwrap_or_default();
-                // The write is also the file's data sync (RWF_DSYNC): once it completes, the
-                // bytes and the size and block map needed to read them back are on disk.
-                self.report.metrics.fsyncs += 1;
-                self.ring
-                    .push(token, Op::write2_sync(fd, head, body, 0, true));
+                self.ring.push(token, Op::write2(fd, head, body, 0));
             }
             (Step::Write, FileOutcome::Done(n)) => {
                 let Op::Write2 {
@@ -1189,19 +1184,19 @@ impl Worker {
                 tracing::debug!(fd, done, n, total = entry.total, "write completed");
                 let done = done + n as usize;
                 if done < entry.total && n > 0 {
-                    // A short data-sync write synced what it wrote; the rest is written and
-                    // synced by this one.
-                    self.ring
-                        .push(token, Op::write2_sync(fd, head, body, done, true));
-                    return;
+                    self.ring.push(token, Op::write2(fd, head, body, done));
                 } else if n == 0 && done < entry.total {
                     self.fail_commit(e, libc::EIO);
-                    return;
+                } else {
+                    entry.step = Step::Fsync;
+                    self.report.metrics.fsyncs += 1;
+                    self.ring.push(token, Op::Fsync { fd });
                 }
-                // Every byte was written with RWF_DSYNC, so the file is durable: the rename may
-                // go now (never before, or a crash could leave a renamed, unsynced file in
-                // new/). Closing runs alongside it; its result cannot change the message's
-                // fate any more.
+            }
+            (Step::Fsync, FileOutcome::Done(_)) => {
+                // The data is durable: the rename may go now (never before the fsync, or a crash
+                // could leave a renamed, unsynced file in new/). Closing runs alongside it; its
+                // result cannot change the message's fate any more.
                 let fd = std::mem::replace(&mut entry.fd, -1);
                 entry.step = Step::Rename;
                 let (from, to) = (entry.tmp_path.clone(), entry.new_path.clone());

@@ -569,7 +569,6 @@ fn build_entry(op: &mut Op, limit: usize) -> squeue::Entry {
             head,
             body,
             done,
-            dsync,
             iov,
         } => {
             let n = if *done < head.len() {
@@ -599,12 +598,8 @@ fn build_entry(op: &mut Op, limit: usize) -> squeue::Entry {
             // An explicit offset, not -1 ("the file position"): the file is written from its
             // start, and a resumed short write must land right after the bytes already written.
             // With -1, short writes on a filling tmpfs were seen to start again at offset 0.
-            // RWF_DSYNC makes the write itself the data sync (see `Op::Write2`), so a commit
-            // needs no separate fsync op: one blocking op, and one io-wq hand-off, fewer.
-            let rw_flags = if *dsync { libc::RWF_DSYNC } else { 0 };
             opcode::Writev::new(types::Fd(*fd), iov.as_ptr(), n)
                 .offset(*done as u64)
-                .rw_flags(rw_flags)
                 .build()
         }
         Op::Fsync { fd } => opcode::Fsync::new(types::Fd(*fd)).build(),
@@ -792,13 +787,6 @@ mod tests {
             Op::write2(fd, b"head\r\n".to_vec(), b"body".to_vec(), 8),
         );
         assert_eq!(FileOutcome::from_result(c.res), FileOutcome::Done(2));
-        // A data-sync write (RWF_DSYNC, what a commit uses) is accepted by this kernel and
-        // resumes at `done` like any other.
-        let c = run(
-            &mut ring,
-            Op::write2_sync(fd, b"head\r\n".to_vec(), b"body!".to_vec(), 10, true),
-        );
-        assert_eq!(FileOutcome::from_result(c.res), FileOutcome::Done(1));
         assert_eq!(
             FileOutcome::from_result(run(&mut ring, Op::Fsync { fd }).res),
             FileOutcome::Done(0)
@@ -822,7 +810,7 @@ mod tests {
         );
         assert_eq!(
             std::fs::read(dir.path().join("n")).unwrap(),
-            b"head\r\nbody!"
+            b"head\r\nbody"
         );
         // Opening the same tmp name again with O_EXCL fails: a named failure, not a panic.
         let c = run(

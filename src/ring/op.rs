@@ -27,17 +27,11 @@ pub enum Op {
     /// Write `head` then `body` to a new file, skipping the first `done` bytes of the two
     /// together, at file offset `done` (so a short write is resumed by pushing again with a
     /// larger `done`).
-    ///
-    /// With `dsync` the write carries `RWF_DSYNC`: it completes only once the bytes it wrote,
-    /// and the metadata needed to read them back (size, block map), are on stable storage, as
-    /// if `fdatasync` had followed it over that range. A short write has synced the bytes it
-    /// did write; the resumed write syncs the rest.
     Write2 {
         fd: RawFd,
         head: Vec<u8>,
         body: Vec<u8>,
         done: usize,
-        dsync: bool,
         iov: Box<[libc::iovec; 2]>,
     },
     /// `fsync(fd)`.
@@ -70,14 +64,8 @@ impl Op {
         }
     }
 
-    /// A Write2 op for `head` + `body` starting after `done` bytes (no sync).
+    /// A Write2 op for `head` + `body` starting after `done` bytes.
     pub fn write2(fd: RawFd, head: Vec<u8>, body: Vec<u8>, done: usize) -> Op {
-        Op::write2_sync(fd, head, body, done, false)
-    }
-
-    /// A Write2 op for `head` + `body` starting after `done` bytes; with `dsync`, a data-sync
-    /// write (`RWF_DSYNC`, see `Op::Write2`).
-    pub fn write2_sync(fd: RawFd, head: Vec<u8>, body: Vec<u8>, done: usize, dsync: bool) -> Op {
         let iov = Box::new(
             [libc::iovec {
                 iov_base: std::ptr::null_mut(),
@@ -89,7 +77,6 @@ impl Op {
             head,
             body,
             done,
-            dsync,
             iov,
         }
     }

@@ -3,10 +3,8 @@
 //! same sequence with std::fs, kept as the reference behaviour for tests.
 //!
 //! Layout: DIR/tmp, DIR/new, DIR/cur (cur/ belongs to mail readers; we only create it). A message
-//! is written to tmp/NAME and synced (the worker writes with RWF_DSYNC: data, size and block map
-//! on disk, as fdatasync gives; for a freshly written file that is everything reading it back
-//! needs), renamed to new/NAME and new/ is fsync'd; only then is it acknowledged. So a file in
-//! new/ is always complete, and a file in tmp/ was never acknowledged.
+//! is written to tmp/NAME, fsync'd, renamed to new/NAME and new/ is fsync'd; only then is it
+//! acknowledged. So a file in new/ is always complete, and a file in tmp/ was never acknowledged.
 //!
 //! Names follow the Maildir convention `<secs>.M<usecs>P<pid>Q<counter>W<worker>.<host>`:
 //! the pid and the time separate restarts, W separates workers sharing the directory, and the

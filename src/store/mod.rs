@@ -10,10 +10,8 @@
 //! - `Maildir::prepare(&mut self, &Message, now: SystemTime) -> Prepared`: a unique queue id, the
 //!   tmp and new paths, and the header block (Return-Path, X-Envelope-To per recipient,
 //!   Received:) that goes before `message.body`. The worker then, through the ring: openat(tmp,
-//!   O_WRONLY|O_CREAT|O_EXCL|O_CLOEXEC, 0o600), writev(header, body) with RWF_DSYNC to completion
-//!   (each write is also the data sync of what it wrote: the bytes plus the size and block map
-//!   needed to read them back, what fdatasync persists), close, renameat(tmp, new); once every
-//!   message of the batch is renamed, one fsync of the new/
+//!   O_WRONLY|O_CREAT|O_EXCL|O_CLOEXEC, 0o600), writev(header, body) to completion, fsync, close,
+//!   renameat(tmp, new); once every message of the batch is renamed, one fsync of the new/
 //!   directory (`Maildir::new_dir_fd()`, or open `Maildir::new_dir_path()`), then every session of
 //!   the batch gets its 250. On any failure: unlinkat(tmp) and `commit_result_for_errno(errno)`.
 //!   `Maildir::commit_blocking` is the same sequence with std::fs: the reference for tests.
