@@ -26,6 +26,18 @@
 //! directory fsync itself fails, the batch's renamed files are unlinked from new/ again and the
 //! whole batch is answered 451 (the clients will resend; nothing is delivered twice).
 //!
+//! With `--batch-syncfs` a message's file is opened and written but not fsync'd: once every
+//! message of a closed batch is written (or failed), one syncfs of the Maildir's file system
+//! (`Op::SyncFs`, run by the ring's helper thread) writes them all out together, an fsync of new/
+//! then flushes the device cache (syncfs may write its last metadata after its own flush); then
+//! each is closed and renamed into new/, and the batch continues as above (directory fsync,
+//! answers).
+//! If the syncfs fails, every written message of the batch is unlinked from tmp/ and answered 452
+//! (ENOSPC) or 451. Why: each fsync writes its file's data block and inode block as separate
+//! synchronous requests, while syncfs writes the whole batch's blocks under one block plug (in
+//! shape (b), 1.6 instead of 3.4 block writes per message and a third of the context switches).
+//! The price is that syncfs also writes back every other dirty file on that file system.
+//!
 //! Limits: --max-connections (one atomic counter shared by the workers) and
 //! --max-connections-per-ip (a sharded map), both touched only at accept and when a connection
 //! starts closing; over either, `421 4.7.0 <host> Too many connections` and close.
@@ -86,6 +98,8 @@ const K_IGNORE: u8 = 5;
 const K_WAKE: u8 = 6;
 const K_COMMIT: u8 = 7;
 const K_DIRSYNC: u8 = 8;
+/// A batch's syncfs (`--batch-syncfs`); slot = batch.
+const K_FSSYNC: u8 = 9;
 
 /// State shared by all workers, touched only at accept and close.
 pub struct Shared {
@@ -308,6 +322,8 @@ enum Step {
     Fsync,
     Rename,
     Unlink,
+    /// `--batch-syncfs`: written, not yet synced; waits for its batch's syncfs before the rename.
+    Written,
     /// Renamed into new/ (or failed and cleaned up): waits for its batch's directory fsync.
     Done,
 }
@@ -316,6 +332,11 @@ struct Batch {
     entries: Vec<usize>,
     opened: Instant,
     closed: bool,
+    /// `--batch-syncfs`: the batch's syncfs was pushed (at most once per batch).
+    fs_sync_pushed: bool,
+    /// `--batch-syncfs`: the syncfs succeeded and the fsync of new/ that flushes the device
+    /// after it was pushed.
+    fs_flush_pushed: bool,
     dir_sync_pushed: bool,
 }
 
@@ -508,6 +529,7 @@ impl Worker {
             K_WAKE => self.on_wake(c),
             K_COMMIT => self.on_commit_step(c),
             K_DIRSYNC => self.on_dir_synced(c),
+            K_FSSYNC => self.on_fs_synced(c),
             K_IGNORE => {}
             _ => {
                 // A completion the ring could not match to an op still may carry a buffer.
@@ -1054,6 +1076,34 @@ impl Worker {
         if !batch.closed || batch.dir_sync_pushed {
             return;
         }
+        if !batch.fs_sync_pushed {
+            // --batch-syncfs: once every message is written (or failed), one syncfs makes all
+            // the written files durable together; only then are they renamed into new/.
+            let waiting = |step: Step| step == Step::Written;
+            let all_written = batch.entries.iter().all(|&e| {
+                self.commits
+                    .get(e as u32)
+                    .is_none_or(|c| c.step == Step::Done || waiting(c.step))
+            });
+            let any_written = batch
+                .entries
+                .iter()
+                .any(|&e| self.commits.get(e as u32).is_some_and(|c| waiting(c.step)));
+            if all_written && any_written {
+                if let Store::Maildir(m) = &self.store {
+                    let fd = m.new_dir_fd().as_raw_fd();
+                    let generation = self.batches.generation(b as u32).unwrap_or(0);
+                    let batch = self.batches.get_any_mut(b as u32).expect("checked");
+                    batch.fs_sync_pushed = true;
+                    self.report.metrics.fsyncs += 1;
+                    self.ring.push(
+                        Token::new(K_FSSYNC, b as u32, generation),
+                        Op::SyncFs { fd },
+                    );
+                    return;
+                }
+            }
+        }
         let all_done = batch.entries.iter().all(|&e| {
             self.commits
                 .get(e as u32)
@@ -1081,6 +1131,76 @@ impl Worker {
             }
             _ => self.finish_batch(b, None),
         }
+    }
+
+    /// The syncfs of batch `b`, or the fsync of new/ after it, completed: go on to that fsync,
+    /// then rename the batch's written files into new/; or, on failure, fail them all.
+    fn on_fs_synced(&mut self, c: Completion) {
+        let b = c.token.slot() as usize;
+        let failure = match FileOutcome::from_result(c.res) {
+            FileOutcome::Done(_) => None,
+            FileOutcome::Retry => {
+                if let Some(op) = c.op {
+                    self.ring.push(c.token, op);
+                }
+                return;
+            }
+            FileOutcome::NoSpace => Some(libc::ENOSPC),
+            FileOutcome::Failed(e) => {
+                tracing::error!(
+                    worker = self.index,
+                    "syncfs of the maildir's file system failed: {}",
+                    std::io::Error::from_raw_os_error(e)
+                );
+                Some(e)
+            }
+        };
+        let Some(batch) = self.batches.get_any_mut(b as u32) else {
+            return;
+        };
+        if failure.is_none() && !batch.fs_flush_pushed {
+            // syncfs on ext4 without a journal writes the last metadata blocks (inode tables:
+            // the files' sizes and block maps) after its device cache flush, so with a
+            // write-back cache they may not be on stable storage yet. An fsync of new/ ends
+            // with a flush that covers them; only after it may a file be renamed into new/,
+            // or a crash could leave an entry there whose inode is not on disk.
+            batch.fs_flush_pushed = true;
+            if let Store::Maildir(m) = &self.store {
+                let fd = m.new_dir_fd().as_raw_fd();
+                self.report.metrics.fsyncs += 1;
+                self.ring.push(c.token, Op::Fsync { fd });
+                return;
+            }
+        }
+        for e in batch.entries.clone() {
+            let e = e as u32;
+            let Some(generation) = self.commits.generation(e) else {
+                continue;
+            };
+            let Some(entry) = self.commits.get_mut(e, generation) else {
+                continue;
+            };
+            if entry.step != Step::Written {
+                continue;
+            }
+            if let Some(errno) = failure {
+                // Not known durable: the tmp file is removed and the client hears 4xx.
+                self.fail_commit(e, errno);
+                continue;
+            }
+            // Durable now (data and inode written, device flushed): rename, and close
+            // alongside it as after an fsync.
+            let fd = std::mem::replace(&mut entry.fd, -1);
+            entry.step = Step::Rename;
+            let (from, to) = (entry.tmp_path.clone(), entry.new_path.clone());
+            self.ring
+                .push(Token::new(K_IGNORE, e, generation), Op::Close { fd });
+            self.ring.push(
+                Token::new(K_COMMIT, e, generation),
+                Op::RenameAt { from, to },
+            );
+        }
+        self.maybe_sync_batch(b);
     }
 
     fn on_dir_synced(&mut self, c: Completion) {
@@ -1230,6 +1350,12 @@ impl Worker {
                     self.ring.push(token, Op::write2(fd, head, body, done));
                 } else if n == 0 && done < entry.total {
                     self.fail_commit(e, libc::EIO);
+                } else if self.cfg.batch_syncfs {
+                    // The batch's one syncfs makes this file durable, once every message of the
+                    // batch is written (`maybe_sync_batch`).
+                    entry.step = Step::Written;
+                    let b = entry.batch;
+                    self.maybe_sync_batch(b);
                 } else {
                     entry.step = Step::Fsync;
                     self.report.metrics.fsyncs += 1;
@@ -1407,6 +1533,8 @@ fn feed_from(
                                         entries: Vec::new(),
                                         opened: Instant::now(),
                                         closed: false,
+                                        fs_sync_pushed: false,
+                                        fs_flush_pushed: false,
                                         dir_sync_pushed: false,
                                     },
                                 );
@@ -1922,6 +2050,43 @@ mod tests {
 
     #[test]
     fn seeded_faults_never_lose_or_cut_an_acknowledged_message() {
+        seeded_faults_check(false);
+    }
+
+    #[test]
+    fn seeded_faults_never_lose_or_cut_an_acknowledged_message_with_batch_syncfs() {
+        // Here the faults also hit the batch's syncfs (ENOSPC or EIO for a whole batch).
+        seeded_faults_check(true);
+    }
+
+    #[test]
+    fn batch_syncfs_lands_every_message_in_new_with_one_sync_per_batch() {
+        let mut w = TestWorker::start(false, |a| a.batch_syncfs = true);
+        let n = 1_500;
+        let codes = pipeline(w.addr, n);
+        assert!(codes == expected_codes(n), "got {} replies", codes.len());
+        let threads: Vec<_> = (0..8)
+            .map(|_| {
+                let addr = w.addr;
+                std::thread::spawn(move || pipeline(addr, 50))
+            })
+            .collect();
+        for t in threads {
+            assert!(t.join().unwrap() == expected_codes(50));
+        }
+        let total = n + 8 * 50;
+        assert_eq!(w.files("new"), total);
+        assert_eq!(w.files("tmp"), 0);
+        let report = w.stop();
+        let m = report.metrics;
+        assert_eq!(m.messages_accepted, total as u64);
+        // One syncfs and two fsyncs of new/ per batch (the device flush after the syncfs, the
+        // directory fsync after the renames), no per-file fsyncs.
+        assert_eq!(m.fsyncs, 3 * m.batches, "{m:?}");
+        assert!(m.batches < m.messages_accepted, "no batching: {m:?}");
+    }
+
+    fn seeded_faults_check(batch_syncfs: bool) {
         // Set RINGMX_FAULT_SEED to replay a failure; the seed is printed either way.
         let seed = std::env::var("RINGMX_FAULT_SEED")
             .ok()
@@ -1940,7 +2105,7 @@ mod tests {
             file_error_pct: 4,
             ..Default::default()
         };
-        let mut w = TestWorker::start_with(false, Some(faults), |_| {});
+        let mut w = TestWorker::start_with(false, Some(faults), |a| a.batch_syncfs = batch_syncfs);
         let (clients, per) = (6, 20);
         let threads: Vec<_> = (0..clients)
             .map(|c| {

@@ -15,7 +15,8 @@ What is measured, and how:
 - RSS per idle connection: (tree RSS with N connections held after their 220 - tree RSS just
   before) / N, on a freshly started server.
 - fsyncs per message (ringmx maildir): fsync requests submitted to io_uring (tracepoint
-  io_uring:io_uring_submit_req, opcode FSYNC) plus fsync/fdatasync system calls, counted with
+  io_uring:io_uring_submit_req, opcode FSYNC) plus fsync/fdatasync/syncfs system calls (syncfs:
+  `ringmx serve --batch-syncfs`, one per batch from the ring's helper thread), counted with
   `perf stat` on the server process during the run, divided by the accepted messages.
 Every figure is taken REPS times; the table shows the median and the range, and the ratio to
 smtp-sink's figure in the same repetition (median of the per-repetition ratios).
@@ -513,6 +514,7 @@ class FsyncCounter:
                 "-e", "io_uring:io_uring_submit_req", "--filter", "opcode == 3",
                 "-e", "io_uring:io_uring_submit_req",
                 "-e", "syscalls:sys_enter_fsync", "-e", "syscalls:sys_enter_fdatasync",
+                "-e", "syscalls:sys_enter_syncfs",
                 "-p", str(pid)]
         self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         remember(self.proc)
@@ -539,9 +541,9 @@ class FsyncCounter:
                             vals.append(None)
         except OSError:
             return None
-        if len(vals) < 4 or None in vals:
+        if len(vals) < 5 or None in vals:
             return None
-        return dict(ring_fsync=vals[0], ring_ops=vals[1], sys_fsync=vals[2] + vals[3])
+        return dict(ring_fsync=vals[0], ring_ops=vals[1], sys_fsync=vals[2] + vals[3] + vals[4])
 
 
 def measure(server, shape, rep, rate=None):
@@ -767,7 +769,7 @@ def report(results, idle, opens, started_at, commands, exit_lines):
     fs = [r for r in results if r.get("fsyncs_per_msg") is not None]
     if fs:
         A("Fsyncs per accepted message, ringmx maildir (perf stat on the server: io_uring FSYNC "
-          "submissions + fsync/fdatasync syscalls; ring ops = all io_uring submissions):")
+          "submissions + fsync/fdatasync/syncfs syscalls; ring ops = all io_uring submissions):")
         A("")
         A("| shape | fsyncs/msg | io_uring ops/msg | stored files = accepted? |")
         A("|---|---|---|---|")

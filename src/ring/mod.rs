@@ -8,6 +8,10 @@
 //! Completions are reaped into a queue first and handled by the caller afterwards, never from
 //! inside the reap (STYLE habit 4). An interrupted single-shot op (EINTR) is pushed again here
 //! and never reaches the caller; a full submission queue is flushed and the push retried.
+//!
+//! One op has no io_uring opcode: `Op::SyncFs`. A ring runs it on a helper thread of its own,
+//! started at first use, and learns of its end through an eventfd that it reads like any other
+//! op, so the caller pushes it and reaps its completion exactly as for the rest.
 #![deny(clippy::undocumented_unsafe_blocks)]
 
 pub mod bufs;
@@ -109,7 +113,7 @@ pub struct Faults {
     pub eintr_pct: u32,
     /// Sends and writes: a real short send or write of a random prefix.
     pub short_pct: u32,
-    /// openat, writev, fsync, renameat: ENOSPC or EIO, which the store path must survive.
+    /// openat, writev, fsync, syncfs, renameat: ENOSPC or EIO, which the store path must survive.
     pub file_error_pct: u32,
     /// Sends and (multishot) receives: ECONNRESET, as if the peer had reset the connection.
     pub reset_pct: u32,
@@ -156,7 +160,11 @@ impl FaultPlan {
         }
         let file_op = matches!(
             op,
-            Op::OpenAt { .. } | Op::Write2 { .. } | Op::Fsync { .. } | Op::RenameAt { .. }
+            Op::OpenAt { .. }
+                | Op::Write2 { .. }
+                | Op::Fsync { .. }
+                | Op::SyncFs { .. }
+                | Op::RenameAt { .. }
         );
         if file_op && self.roll(f.file_error_pct) {
             return Fault::Errno(if self.next().is_multiple_of(2) {
@@ -203,6 +211,63 @@ struct InFlight {
     op: Op,
 }
 
+/// The token of the ring's own eventfd read, which tells it that the helper thread finished
+/// ops (see `Helper`). Never handed to the caller.
+const HELPER_TOKEN: Token = Token(u64::MAX - 1);
+
+/// Runs the ops io_uring cannot (`Op::SyncFs`) on a thread of their own, so the worker never
+/// blocks on them. The ring sends (user_data, fd, injected errno) over `tx`; the thread runs the
+/// call, appends (user_data, result) to `done` and bumps `event`, which the ring reads through
+/// itself; that completion moves the results into the ready queue (`Ring::reap`). The thread
+/// ends when `tx` is dropped with the ring.
+struct Helper {
+    tx: std::sync::mpsc::Sender<(u64, RawFd, i32)>,
+    done: std::sync::Arc<std::sync::Mutex<Vec<(u64, i32)>>>,
+    event: std::sync::Arc<EventFd>,
+}
+
+impl Helper {
+    fn spawn() -> io::Result<Helper> {
+        let event = std::sync::Arc::new(EventFd::new()?);
+        let done = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (tx, rx) = std::sync::mpsc::channel::<(u64, RawFd, i32)>();
+        let (ev, out) = (event.clone(), done.clone());
+        std::thread::Builder::new()
+            .name("ringmx-sync".into())
+            .spawn(move || {
+                for (user_data, fd, injected) in rx {
+                    let res = if injected != 0 {
+                        -injected
+                    } else {
+                        syncfs_retrying(fd)
+                    };
+                    out.lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .push((user_data, res));
+                    ev.notify();
+                }
+            })?;
+        Ok(Helper { tx, done, event })
+    }
+}
+
+/// `syncfs(fd)`, resumed after a signal: 0 or a negative errno, like a completion's result.
+fn syncfs_retrying(fd: RawFd) -> i32 {
+    loop {
+        // SAFETY: a plain system call on a descriptor that the op's owner keeps open until the
+        // op completes (the worker's new/ directory, open for the worker's whole life).
+        if unsafe { libc::syncfs(fd) } == 0 {
+            return 0;
+        }
+        let e = io::Error::last_os_error()
+            .raw_os_error()
+            .unwrap_or(libc::EIO);
+        if e != libc::EINTR {
+            return -e;
+        }
+    }
+}
+
 /// A worker's io_uring: push ops, wait, reap.
 pub struct Ring {
     // Field order matters: `uring` is dropped (closing the ring and releasing the kernel's hold
@@ -216,6 +281,8 @@ pub struct Ring {
     faults: Option<FaultPlan>,
     /// Ops replaced by a no-op, by user_data, with the errno to report.
     injected: std::collections::HashMap<u64, i32>,
+    /// The thread for `Op::SyncFs`, started at its first use.
+    helper: Option<Helper>,
 }
 
 /// Most io-wq workers per ring, bounded and unbounded (see `Ring::new`).
@@ -301,6 +368,7 @@ impl Ring {
             in_flight: 0,
             faults: None,
             injected: std::collections::HashMap::new(),
+            helper: None,
         })
     }
 
@@ -380,6 +448,14 @@ impl Ring {
             Some(f) => f.decide(&self.table.get(slot).expect("just stored").op),
             None => Fault::None,
         };
+        if let Op::SyncFs { fd } = self.table.get(slot).expect("just stored").op {
+            let injected = match fault {
+                Fault::Errno(e) => e,
+                _ => 0,
+            };
+            self.push_to_helper(user_data, fd, injected);
+            return user_data;
+        }
         let entry = match fault {
             Fault::Errno(e) => {
                 // The op is not performed at all: a no-op completes in its place and reaps as
@@ -398,6 +474,70 @@ impl Ring {
         };
         self.push_entry(&entry);
         user_data
+    }
+
+    /// Hands op `user_data` (already in the table) to the helper thread, starting it and the
+    /// ring's read of its eventfd first if needed. If no thread can be started, the op completes
+    /// with that errno.
+    fn push_to_helper(&mut self, user_data: u64, fd: RawFd, injected: i32) {
+        if self.helper.is_none() {
+            match Helper::spawn() {
+                Ok(h) => {
+                    let efd = h.event.fd();
+                    self.helper = Some(h);
+                    self.arm_helper_read(efd);
+                }
+                Err(e) => {
+                    tracing::error!("cannot start the ring's sync thread: {e}");
+                    let errno = e.raw_os_error().unwrap_or(libc::EAGAIN);
+                    self.helper_result(user_data, -errno);
+                    return;
+                }
+            }
+        }
+        let helper = self.helper.as_ref().expect("started above");
+        if helper.tx.send((user_data, fd, injected)).is_err() {
+            // The thread is gone (it panicked): fail the op rather than lose it.
+            self.helper_result(user_data, -libc::EIO);
+        }
+    }
+
+    /// Keeps one read of the helper's eventfd in flight. It is the ring's own op: not counted
+    /// in `in_flight` (the worker waits for that to reach zero at shutdown) and never faulted.
+    fn arm_helper_read(&mut self, efd: RawFd) {
+        let (slot, generation) = self.table.vacant();
+        let user_data = ((generation as u64) << 32) | slot as u64;
+        self.table.fill(
+            slot,
+            InFlight {
+                token: HELPER_TOKEN,
+                op: Op::ReadEventFd {
+                    fd: efd,
+                    buf: Box::new([0; 8]),
+                },
+            },
+        );
+        let inflight = self.table.get_any_mut(slot).expect("just stored");
+        let entry = build_entry(&mut inflight.op, usize::MAX).user_data(user_data);
+        self.push_entry(&entry);
+    }
+
+    /// A helper op finished: hand it to the caller with its op, like a kernel completion.
+    fn helper_result(&mut self, user_data: u64, res: i32) {
+        let (slot, generation) = (user_data as u32, (user_data >> 32) as u32);
+        if self.table.get_mut(slot, generation).is_none() {
+            tracing::error!("helper result for unknown op {user_data:#x} (res {res})");
+            return;
+        }
+        let inflight = self.table.remove(slot).expect("checked");
+        self.in_flight -= 1;
+        self.ready.push_back(Completion {
+            token: inflight.token,
+            res,
+            flags: 0,
+            op: Some(inflight.op),
+            bid: None,
+        });
     }
 
     fn push_entry(&mut self, entry: &squeue::Entry) {
@@ -475,6 +615,7 @@ impl Ring {
     /// Moves completions from the kernel's queue to `ready`, re-pushing interrupted ops.
     fn reap(&mut self) {
         let mut again: Vec<(Token, Op)> = Vec::new();
+        let mut helper_read_done = None;
         {
             let cq = self.uring.completion();
             for cqe in cq {
@@ -524,6 +665,14 @@ impl Ring {
                     continue;
                 }
                 let inflight = self.table.remove(slot).expect("checked");
+                if inflight.token == HELPER_TOKEN {
+                    // The helper finished one or more ops; its results are collected below,
+                    // once the completion queue is no longer borrowed.
+                    if let Op::ReadEventFd { fd, .. } = inflight.op {
+                        helper_read_done = Some(fd);
+                    }
+                    continue;
+                }
                 self.in_flight -= 1;
                 let multishot =
                     matches!(inflight.op, Op::AcceptMulti { .. } | Op::RecvMulti { .. });
@@ -542,6 +691,16 @@ impl Ring {
         }
         for (token, op) in again {
             self.push(token, op);
+        }
+        if let Some(efd) = helper_read_done {
+            let results = match &self.helper {
+                Some(h) => std::mem::take(&mut *h.done.lock().unwrap_or_else(|e| e.into_inner())),
+                None => Vec::new(),
+            };
+            for (user_data, res) in results {
+                self.helper_result(user_data, res);
+            }
+            self.arm_helper_read(efd);
         }
     }
 }
@@ -616,6 +775,8 @@ fn build_entry(op: &mut Op, limit: usize) -> squeue::Entry {
         }
         Op::Fsync { fd } => opcode::Fsync::new(types::Fd(*fd)).build(),
         Op::Close { fd } => opcode::Close::new(types::Fd(*fd)).build(),
+        // Never reaches the kernel's ring: `Ring::push` hands it to the helper thread.
+        Op::SyncFs { .. } => unreachable!("syncfs runs on the helper thread"),
         Op::RenameAt { from, to } => opcode::RenameAt::new(
             types::Fd(libc::AT_FDCWD),
             from.as_ptr(),
@@ -852,6 +1013,40 @@ mod tests {
         b.read_exact(&mut got).unwrap();
         assert_eq!(&got, b"ok\r\n");
         assert_eq!(ring.in_flight(), 0);
+    }
+
+    #[test]
+    fn syncfs_completes_through_the_ring_without_counting_its_helper() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = std::fs::File::open(dir.path()).unwrap();
+        let mut ring = Ring::new(8, 2, 16).unwrap();
+        for round in 0..3u64 {
+            ring.push(Token(100 + round), Op::SyncFs { fd: f.as_raw_fd() });
+            assert_eq!(ring.in_flight(), 1);
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            let mut got = None;
+            while got.is_none() && std::time::Instant::now() < deadline {
+                ring.wait(Some(Duration::from_millis(100))).unwrap();
+                got = ring.next_completion();
+            }
+            let c = got.expect("syncfs completed");
+            assert_eq!((c.token, c.res), (Token(100 + round), 0));
+            assert!(matches!(c.op, Some(Op::SyncFs { .. })));
+            // The ring's own read of the helper's eventfd is not the caller's business.
+            assert_eq!(ring.in_flight(), 0);
+        }
+        // A bad descriptor is a named failure, not a panic.
+        ring.push(Token(7), Op::SyncFs { fd: -1 });
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let mut got = None;
+        while got.is_none() && std::time::Instant::now() < deadline {
+            ring.wait(Some(Duration::from_millis(100))).unwrap();
+            got = ring.next_completion();
+        }
+        assert_eq!(
+            FileOutcome::from_result(got.expect("completed").res),
+            FileOutcome::Failed(libc::EBADF)
+        );
     }
 
     #[test]

@@ -46,6 +46,11 @@ pub enum Op {
     Fsync { fd: RawFd },
     /// `close(fd)`.
     Close { fd: RawFd },
+    /// `syncfs(fd)`: write back every dirty file and metadata block of the file system that
+    /// holds `fd` and flush the device, in one pass (one block plug for all of them). io_uring
+    /// has no such op, so the ring runs it on its helper thread (see `Ring`); the worker never
+    /// blocks on it and gets its completion like any other.
+    SyncFs { fd: RawFd },
     /// `renameat(AT_FDCWD, from, AT_FDCWD, to)`.
     RenameAt { from: CString, to: CString },
     /// `unlinkat(AT_FDCWD, path, 0)`.
@@ -66,6 +71,7 @@ impl Op {
             Op::Write2 { .. } => "writev",
             Op::Fsync { .. } => "fsync",
             Op::Close { .. } => "close",
+            Op::SyncFs { .. } => "syncfs",
             Op::RenameAt { .. } => "renameat",
             Op::UnlinkAt { .. } => "unlinkat",
             Op::Cancel { .. } => "async_cancel",
@@ -245,7 +251,7 @@ impl SendOutcome {
     }
 }
 
-/// File operations of a commit (openat, writev, fsync, close, renameat, unlinkat).
+/// File operations of a commit (openat, writev, fsync, syncfs, close, renameat, unlinkat).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FileOutcome {
     /// The non-negative result (a descriptor for openat, a byte count for writev).

@@ -4,7 +4,9 @@
 //!
 //! Layout: DIR/tmp, DIR/new, DIR/cur (cur/ belongs to mail readers; we only create it). A message
 //! is written to tmp/NAME, fsync'd, renamed to new/NAME and new/ is fsync'd; only then is it
-//! acknowledged. So a file in new/ is always complete, and a file in tmp/ was never acknowledged.
+//! acknowledged. (With `--batch-syncfs` one syncfs of the file system per batch takes the place of
+//! the per-file fsyncs, still before any rename.) So a file in new/ is always complete, and a file
+//! in tmp/ was never acknowledged.
 //!
 //! Names follow the Maildir convention `<secs>.M<usecs>P<pid>Q<counter>W<worker>.<host>`:
 //! the pid and the time separate restarts, W separates workers sharing the directory, and the

@@ -14,6 +14,8 @@
 //!   renameat(tmp, new); once every message of the batch is renamed, one fsync of the new/
 //!   directory (`Maildir::new_dir_fd()`, or open `Maildir::new_dir_path()`), then every session of
 //!   the batch gets its 250. On any failure: unlinkat(tmp) and `commit_result_for_errno(errno)`.
+//!   With `--batch-syncfs` the per-file fsync is replaced by one syncfs (of `new_dir_fd()`'s file
+//!   system) once every message of the batch is written, before any of them is renamed.
 //!   `Maildir::commit_blocking` is the same sequence with std::fs: the reference for tests.
 //! - `discard::Discard`: counts and forgets; `Discard::accept(&mut self, &Message, now)` gives the
 //!   queue id for the 250 at once.

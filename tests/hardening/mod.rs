@@ -341,8 +341,22 @@ fn crash_filler(token: &str) -> usize {
 /// orphaned, or older than 36 h), keeps a foreign one, and takes mail again.
 #[test]
 fn crash_sigkill_loses_no_acknowledged_message() {
+    crash_check(&[]);
+}
+
+/// The same with `--batch-syncfs`: one syncfs per batch instead of an fsync per file.
+#[test]
+fn crash_sigkill_loses_no_acknowledged_message_with_batch_syncfs() {
+    crash_check(&["--batch-syncfs"]);
+}
+
+fn crash_check(extra: &[&str]) {
     let mut rng = seed();
-    let server = Server::start(&["--max-connections-per-ip", "200"]);
+    let args: Vec<&str> = ["--max-connections-per-ip", "200"]
+        .into_iter()
+        .chain(extra.iter().copied())
+        .collect();
+    let server = Server::start(&args);
     let addr = server.addr;
     let acked: Arc<Mutex<Vec<String>>> = Arc::new(Mutex::new(Vec::new()));
     let stop = Arc::new(AtomicBool::new(false));
@@ -430,8 +444,7 @@ fn crash_sigkill_loses_no_acknowledged_message() {
     let foreign = maildir.join("tmp").join("1700000000.another-mda.host");
     std::fs::write(&foreign, b"being written by someone else").unwrap();
 
-    let server = Server::start_in(dir, &["--max-connections-per-ip", "200"])
-        .expect("restart on the same maildir");
+    let server = Server::start_in(dir, &args).expect("restart on the same maildir");
     assert!(
         !ours.exists(),
         "our orphaned tmp/ file survived the restart"
