@@ -57,7 +57,7 @@ CLIENT = env("CLIENT", "loadgen")  # loadgen | smtp-source (stand-in while loadg
 BIN = env("BIN_DIR", os.path.join(ROOT, "target", "cmp", "release"))
 WORK = env("WORK", os.path.join(ROOT, "target", "cmp", "compare"))
 OUT = env("OUT", os.path.join(ROOT, "BENCHMARKS.md"))
-SERVERS = env("SERVERS", "ringmx-discard,ringmx-maildir,smtp-sink,postfix").split(",")
+SERVERS = env("SERVERS", "ringmx-discard,ringmx-maildir,ringmx-syncfs,smtp-sink,postfix").split(",")
 SHAPES_SEL = env("SHAPES", "a,b,c,d,open").split(",")
 SERVER_CORE = int(env("SERVER_CORE", "0"))
 CLIENT_CORE = int(env("CLIENT_CORE", "1"))
@@ -83,9 +83,12 @@ SHAPES = {
     "b": dict(desc="(b) 50 x 1 KB per session, 50 sessions", conns=50, mps=50, size=1024),
     "c": dict(desc="(c) 100 KB, 1 msg/session, 20 sessions", conns=20, mps=1, size=102400),
 }
+# The ringmx servers that store durably (their fsyncs are counted).
+MAILDIR_SERVERS = ("ringmx-maildir", "ringmx-syncfs")
 LABEL = {
     "ringmx-discard": "ringmx --store discard",
     "ringmx-maildir": "ringmx maildir (durable)",
+    "ringmx-syncfs": "ringmx maildir --batch-syncfs (durable)",
     "smtp-sink": "Postfix smtp-sink",
     "postfix": "Postfix smtpd (durable queue)",
 }
@@ -278,11 +281,12 @@ class Server:
 
 
 class Ringmx(Server):
-    def __init__(self, store, maildir="maildir"):
+    def __init__(self, store, maildir="maildir", name=None, extra=()):
         super().__init__()
         self.store = store
         self.maildir = os.path.join(WORK, maildir) if store == "maildir" else None
-        self.name = "ringmx-" + store
+        self.name = name or "ringmx-" + store
+        self.extra = list(extra)
         self.log = os.path.join(WORK, f"{self.name}.log")
         self.exit_lines = []
 
@@ -291,7 +295,8 @@ class Ringmx(Server):
         return ["taskset", "-c", str(SERVER_CORE), RINGMX, "serve", "--listen", self.addr(),
                 "--workers", "1", "--store", spec, "--hostname", "bench.localdomain",
                 "--max-connections", "15000", "--max-connections-per-ip", "15000",
-                "--shutdown-grace", "2"] + (["--log-level", RINGMX_LOG] if RINGMX_LOG else [])
+                "--shutdown-grace", "2"] + self.extra \
+            + (["--log-level", RINGMX_LOG] if RINGMX_LOG else [])
 
     def start(self):
         self.cmd = " ".join(shlex.quote(a) for a in self.argv())
@@ -413,6 +418,8 @@ def make_server(name, idle=False):
         return Ringmx("discard")
     if name == "ringmx-maildir":
         return Ringmx("maildir", "maildir-idle" if idle else "maildir")
+    if name == "ringmx-syncfs":
+        return Ringmx("maildir", "maildir-syncfs", name="ringmx-syncfs", extra=["--batch-syncfs"])
     if name == "smtp-sink":
         return SmtpSink()
     if name == "postfix":
@@ -480,7 +487,7 @@ def children_cpu_s():
 
 
 SOURCE_COUNTS = {"a": 20000, "b": 50000, "c": 4000}
-SOURCE_SLOW = {"postfix": 0.1, "ringmx-maildir": 0.5}
+SOURCE_SLOW = {"postfix": 0.1, "ringmx-maildir": 0.5, "ringmx-syncfs": 0.5}
 
 
 def client_argv(server, shape, jsonfile, rate=None):
@@ -554,7 +561,7 @@ def measure(server, shape, rep, rate=None):
     argv, n_fixed = client_argv(server, shape, jf, rate)
     timeout = (OPEN_DURATION if rate else DURATION) + 90
     fc = FsyncCounter(server.pid, os.path.join(WORK, f"{tag}.perf")) \
-        if server.name == "ringmx-maildir" else None
+        if server.name in MAILDIR_SERVERS else None
     stored0 = server.stored()
     la, bb = loadavg(), busy_builders()
     c0 = children_cpu_s()
@@ -771,13 +778,13 @@ def report(results, idle, opens, started_at, commands, exit_lines):
         A("Fsyncs per accepted message, ringmx maildir (perf stat on the server: io_uring FSYNC "
           "submissions + fsync/fdatasync/syncfs syscalls; ring ops = all io_uring submissions):")
         A("")
-        A("| shape | fsyncs/msg | io_uring ops/msg | stored files = accepted? |")
-        A("|---|---|---|---|")
-        for shape in ("a", "b", "c"):
-            rows = [r for r in fs if r["shape"] == shape]
+        A("| shape | server | fsyncs/msg | io_uring ops/msg | stored files = accepted? |")
+        A("|---|---|---|---|---|")
+        for shape, name in [(sh, n) for sh in ("a", "b", "c") for n in MAILDIR_SERVERS]:
+            rows = [r for r in fs if r["shape"] == shape and r["server"] == name]
             if rows:
                 ok = all(r.get("stored") == r.get("accepted") for r in rows)
-                A(f"| {SHAPES[shape]['desc']} | "
+                A(f"| {SHAPES[shape]['desc']} | {LABEL[name]} | "
                   f"{fmt(med_range([r['fsyncs_per_msg'] for r in rows]), 3)} | "
                   f"{fmt(med_range([r['ring_ops_per_msg'] for r in rows]), 1)} | "
                   f"{'yes' if ok else 'NO: ' + str([(r.get('stored'), r.get('accepted')) for r in rows])} |")
@@ -828,10 +835,11 @@ def report(results, idle, opens, started_at, commands, exit_lines):
         m = ratio_of(results, shape, "ringmx-discard", "cpu_us_per_msg")
         val, ver = verdict(m[0] if m else None, lim)
         A(f"| CPU/msg, discard vs smtp-sink, {SHAPES[shape]['desc']} | <= {lim}x | {val}x | {ver} |")
-    a = fig(results, "b", "ringmx-maildir", "msgs_per_s")
-    b = fig(results, "b", "postfix", "msgs_per_s")
-    val, ver = verdict(a[0] / b[0] if a and b and b[0] else None, 10, le=False)
-    A(f"| maildir msg/s vs private Postfix, (b) | >= 10x | {val}x | {ver} |")
+    for name in MAILDIR_SERVERS:
+        a = fig(results, "b", name, "msgs_per_s")
+        b = fig(results, "b", "postfix", "msgs_per_s")
+        val, ver = verdict(a[0] / b[0] if a and b and b[0] else None, 10, le=False)
+        A(f"| msg/s vs private Postfix, (b), {LABEL[name]} | >= 10x | {val}x | {ver} |")
     for name in ("ringmx-discard", "ringmx-maildir"):
         per = med_range([r["kib_per_conn"] for r in idle if r["server"] == name])
         val, ver = verdict(per[0] if per else None, 2.0)
@@ -869,6 +877,8 @@ def store_dirs():
     out = []
     if "ringmx-maildir" in SERVERS:
         out += [os.path.join(WORK, d) for d in ("maildir", "maildir-idle")]
+    if "ringmx-syncfs" in SERVERS:
+        out.append(os.path.join(WORK, "maildir-syncfs"))
     if "postfix" in SERVERS:
         out.append(os.path.join(WORK, "postfix", "queue"))
     return [d for d in out if os.path.exists(d)]
@@ -923,6 +933,8 @@ def main():
         if "d" in SHAPES_SEL:
             for rep in range(REPS):
                 for name in SERVERS:
+                    if name == "ringmx-syncfs":
+                        continue  # the same binary and memory as ringmx-maildir when idle
                     try:
                         r = measure_idle(name, rep)
                     except (RuntimeError, OSError, ValueError) as e:
@@ -934,7 +946,7 @@ def main():
                             f"(N = {IDLE_CONNS}; {POSTFIX_IDLE_CONNS} for the private Postfix)")
         if closed or "open" in SHAPES_SEL:
             wait = last_delete() + FS_SETTLE_S - time.time()
-            if wait > 0 and (set(SERVERS) & {"ringmx-maildir", "postfix"}):
+            if wait > 0 and (set(SERVERS) & {*MAILDIR_SERVERS, "postfix"}):
                 log(f"waiting {wait:.0f} s for ext4 to stop skipping the inodes freed by the "
                     f"last deletion of stores (see delete_stores)")
                 time.sleep(wait)
