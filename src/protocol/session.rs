@@ -403,10 +403,12 @@ impl Session {
                     self.refuse(Some(verb), out, reply::NESTED_MAIL);
                 } else if params.size.is_some_and(|n| n > self.cfg.max_message_size) {
                     tracing::info!(
-                        peer = %self.peer,
+                        client = %self.peer.ip(),
                         from = %String::from_utf8_lossy(from.mailbox),
+                        to = ?Vec::<&str>::new(),
                         size = params.size.unwrap_or(0),
-                        "transaction rejected: declared SIZE over the limit"
+                        result = "rejected: declared SIZE over the limit",
+                        "message"
                     );
                     self.stats.messages_rejected += 1;
                     self.refuse(Some(verb), out, reply::TOO_BIG);
@@ -537,13 +539,17 @@ impl Session {
         }
     }
 
+    /// The transaction's log line, with the same event name and fields as the worker's line for
+    /// an accepted message (`message client=... from=... to=[...] size=... result=...`), so one
+    /// filter finds every transaction.
     fn log_rejected(&self, tx: &Transaction, reason: &str) {
         tracing::info!(
-            peer = %self.peer,
+            client = %self.peer.ip(),
             from = %tx.from,
-            rcpts = ?tx.rcpts,
-            reason,
-            "message rejected"
+            to = ?tx.rcpts,
+            size = tx.data.as_ref().map_or(0, DataScanner::len),
+            result = format!("rejected: {reason}").as_str(),
+            "message"
         );
     }
 

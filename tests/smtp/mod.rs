@@ -2183,3 +2183,69 @@ fn a_blocked_log_write_does_not_hold_back_produced_replies() {
         "the worker stalled before the first session completed"
     );
 }
+
+/// Operators read one line per transaction, accepted or refused, with the same event name and
+/// fields (queue id where there is one, client, sender, recipients, size, result), and one line
+/// per session end.
+#[test]
+fn every_transaction_and_session_end_gets_one_log_line_with_the_same_fields() {
+    let mut server = Server::start(&["--max-message-size", "10000"]);
+    let mut c = server.connect();
+    c.expect(&format!("EHLO {HELO}"), 250);
+    open_data(&mut c, "alice@example.org", &["bob@example.com"]);
+    c.send(b"Subject: ok\r\n\r\nhello\r\n.\r\n");
+    let qid = queue_id(&c.reply());
+    open_data(
+        &mut c,
+        "mallory@example.org",
+        &["bob@example.com", "carol@example.com"],
+    );
+    c.send(b"Subject: smuggle\r\n\r\nbare\n.\nline\r\n.\r\n");
+    assert!(c.reply().starts_with("550 5.6.11"));
+    c.expect("MAIL FROM:<big@example.org> SIZE=20000", 552);
+    c.expect("QUIT", 221);
+    assert!(c.closed());
+    server.signal(libc::SIGTERM);
+    assert!(server.wait_exit(Duration::from_secs(10)).is_some());
+    let log = server.log_text();
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains(" INFO message "))
+        .collect();
+    assert_eq!(lines.len(), 3, "one line per transaction:\n{log}");
+    let stored = format!(
+        "queue_id={qid} client=127.0.0.1 from=alice@example.org to=[\"bob@example.com\"] \
+         size=22 result=\"stored\""
+    );
+    assert!(lines[0].ends_with(&stored), "{}", lines[0]);
+    assert!(
+        lines[1].ends_with(
+            "client=127.0.0.1 from=mallory@example.org \
+             to=[\"bob@example.com\", \"carol@example.com\"] size=33 \
+             result=\"rejected: bare CR or LF in message\""
+        ),
+        "{}",
+        lines[1]
+    );
+    assert!(
+        lines[2].ends_with(
+            "client=127.0.0.1 from=big@example.org to=[] size=20000 \
+             result=\"rejected: declared SIZE over the limit\""
+        ),
+        "{}",
+        lines[2]
+    );
+    // Two sessions: the harness's readiness probe (it waits for a greeting), then ours.
+    let ends: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains(" INFO session end "))
+        .collect();
+    assert_eq!(ends.len(), 2, "{log}");
+    assert!(
+        ends[1].contains("client=127.0.0.1 ")
+            && ends[1].contains(" messages=1 rejected=2 ")
+            && ends[1].ends_with("result=\"closed\""),
+        "{}",
+        ends[1]
+    );
+}
