@@ -39,11 +39,13 @@
 //! - [`server`] and [`config`]: the command line and config file turned into a validated
 //!   [`config::Config`], start-up checks, spawning and pinning workers, signals and shutdown.
 //! - [`metrics`]: per-worker counters, merged and logged at exit.
+//! - [`date`]: days since the epoch to a civil date, for log timestamps and message dates.
 //!
 //! The load generator, `ringmx-loadgen`, is its own crate in `loadgen/` and shares no code with
 //! this one, so a parser bug cannot cancel itself out in a benchmark.
 
 pub mod config;
+pub mod date;
 pub mod logging;
 pub mod metrics;
 pub mod protocol;
