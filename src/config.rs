@@ -68,6 +68,8 @@ pub struct Config {
     /// Group commit: one syncfs of the Maildir's file system per batch instead of one fsync
     /// per message file (see `--batch-syncfs`).
     pub batch_syncfs: bool,
+    /// Longest a busy worker holds its log lines before writing them (0: every loop turn).
+    pub log_flush: Duration,
     /// Longest command line, CRLF included (RFC 5321 4.5.3.1.4: 512).
     pub line_bytes_max: usize,
     /// A tracing-subscriber filter (`info`, `debug`, `ringmx=trace`); `None`: use RUST_LOG,
@@ -137,6 +139,7 @@ Flags of `ringmx serve` (details: `ringmx serve --help`):
   --shutdown-grace SECS       default 30; time for messages in progress at SIGTERM/SIGINT
   --batch-syncfs              one syncfs per commit batch instead of one fsync per message
                               (fewer disk writes; give the Maildir its own file system)
+  --log-flush-ms MS           default 20; longest a busy worker holds log lines (0: every turn)
   --log-level FILTER          e.g. info, debug, ringmx=trace; default: RUST_LOG, else info";
 
 const EXAMPLES: &str = "\
@@ -279,6 +282,11 @@ pub struct ServeArgs {
     /// system of its own. Default: off.
     #[arg(long)]
     pub batch_syncfs: bool,
+
+    /// Longest a busy worker holds its log lines before writing them, in milliseconds; 0 writes
+    /// them at the end of every loop turn. Default: 20.
+    #[arg(long, value_name = "MS")]
+    pub log_flush_ms: Option<u64>,
 }
 
 /// The `--config` file: the same keys as the flags.
@@ -304,6 +312,7 @@ struct FileConfig {
     batch_delay_us_max: Option<u64>,
     line_bytes_max: Option<usize>,
     batch_syncfs: Option<bool>,
+    log_flush_ms: Option<u64>,
 }
 
 impl FileConfig {
@@ -351,7 +360,7 @@ impl FileConfig {
 }
 
 /// Every key the config file accepts, for suggestions.
-const FILE_KEYS: [&str; 18] = [
+const FILE_KEYS: [&str; 20] = [
     "listen",
     "workers",
     "hostname",
@@ -370,6 +379,8 @@ const FILE_KEYS: [&str; 18] = [
     "batch-messages-max",
     "batch-delay-us-max",
     "line-bytes-max",
+    "batch-syncfs",
+    "log-flush-ms",
 ];
 
 /// The known key nearest to a mistyped one (edit distance at most 3), if any.
@@ -408,6 +419,8 @@ pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 pub const DEFAULT_MAX_CONNECTIONS_PER_IP: usize = 50;
 pub const DEFAULT_MAX_ERRORS: u32 = 10;
 pub const DEFAULT_SHUTDOWN_GRACE_SECS: u64 = 30;
+/// See `logging`: a busy worker writes its log lines at most this often.
+pub const DEFAULT_LOG_FLUSH_MS: u64 = 20;
 pub const DEFAULT_BATCH_MESSAGES_MAX: usize = 64;
 pub const DEFAULT_BATCH_DELAY_US_MAX: u64 = 2_000;
 pub const DEFAULT_LINE_BYTES_MAX: usize = 512;
@@ -671,6 +684,15 @@ impl Config {
             3_600,
             " seconds",
         )?;
+        let log_flush_ms = in_range(
+            "log-flush-ms",
+            args.log_flush_ms
+                .or(file.log_flush_ms)
+                .unwrap_or(DEFAULT_LOG_FLUSH_MS),
+            0,
+            10_000,
+            " ms",
+        )?;
         let batch_messages_max = in_range(
             "batch-messages-max",
             args.batch_messages_max
@@ -726,6 +748,7 @@ impl Config {
             batch_messages_max,
             batch_delay_us_max,
             batch_syncfs: args.batch_syncfs || file.batch_syncfs.unwrap_or(false),
+            log_flush: Duration::from_millis(log_flush_ms),
             line_bytes_max,
             log_level,
         })
@@ -790,6 +813,7 @@ mod tests {
         assert_eq!(c.connections_max, 10_000);
         assert_eq!(c.connections_per_ip_max, 50);
         assert_eq!(c.shutdown_grace, Duration::from_secs(30));
+        assert_eq!(c.log_flush, Duration::from_millis(20));
         assert_eq!(
             (c.batch_messages_max, c.batch_delay_us_max, c.line_bytes_max),
             (64, 2_000, 512)
@@ -981,6 +1005,7 @@ mod tests {
             ("--max-connections-per-ip", "0"),
             ("--max-errors", "0"),
             ("--shutdown-grace", "86400"),
+            ("--log-flush-ms", "10001"),
             ("--batch-messages-max", "0"),
             ("--batch-delay-us-max", "5000000"),
             ("--line-bytes-max", "100"),

@@ -5,8 +5,9 @@
 //! BENCHMARKS.md showed an unbuffered write per "message accepted" and "session end" line costing
 //! about 9% of the server's CPU; one write per loop turn still cost about 3% in shape (c), where
 //! a turn often carries a single line. So a turn writes its lines at once only if the thread's
-//! last write was at least `FLUSH_EVERY` ago (a quiet server's lines appear at the end of the
-//! turn that produced them), or once `FLUSH_AT` bytes are pending; otherwise they wait for a
+//! last write was at least `--log-flush-ms` ago (20 ms by default; a quiet server's lines appear
+//! at the end of the turn that produced them), or once `FLUSH_AT` bytes are pending; otherwise
+//! they wait for a
 //! later turn, which comes at the latest with the worker's timer tick (250 ms). Other threads
 //! (start-up, signals) write directly, and a worker writes everything left when it stops
 //! (`flush_now`, and again when the thread ends).
@@ -34,8 +35,9 @@ use tracing_subscriber::EnvFilter;
 
 /// A buffered thread writes early once this much is pending, keeping its buffer bounded.
 const FLUSH_AT: usize = 32 * 1024;
-/// A loop turn writes pending lines only if the thread's last write is at least this old.
-const FLUSH_EVERY: Duration = Duration::from_millis(20);
+/// The default of `--log-flush-ms`, used by the tests here.
+#[cfg(test)]
+const FLUSH_EVERY: Duration = Duration::from_millis(crate::config::DEFAULT_LOG_FLUSH_MS);
 
 thread_local! {
     static BUF: RefCell<Option<Pending>> = const { RefCell::new(None) };
@@ -46,12 +48,14 @@ struct Pending {
     buf: Vec<u8>,
     /// When this thread last wrote; `None` before its first write.
     written: Option<Instant>,
+    /// A loop turn writes pending lines only if the last write is at least this old.
+    every: Duration,
 }
 
 impl Pending {
-    /// Lines are pending and the thread's last write is at least `FLUSH_EVERY` old.
+    /// Lines are pending and the thread's last write is at least `every` old.
     fn due(&self) -> bool {
-        !self.buf.is_empty() && self.written.is_none_or(|t| t.elapsed() >= FLUSH_EVERY)
+        !self.buf.is_empty() && self.written.is_none_or(|t| t.elapsed() >= self.every)
     }
 
     fn write_out(&mut self) {
@@ -69,12 +73,14 @@ impl Drop for Pending {
     }
 }
 
-/// From now on this thread's log lines wait for `flush_thread`.
-pub fn buffer_this_thread() {
+/// From now on this thread's log lines wait for `flush_thread`, which writes them at most
+/// every `every` (`--log-flush-ms`; zero: at the end of every turn that has lines).
+pub fn buffer_this_thread(every: Duration) {
     BUF.with(|b| {
         *b.borrow_mut() = Some(Pending {
             buf: Vec::with_capacity(8 * 1024),
             written: None,
+            every,
         })
     });
 }
@@ -86,7 +92,7 @@ pub fn write_due() -> bool {
 }
 
 /// End of a loop turn: writes this thread's pending lines unless it wrote less than
-/// `FLUSH_EVERY` ago (see the module docs).
+/// its interval ago (see the module docs).
 pub fn flush_thread() {
     BUF.with(|b| {
         if let Some(p) = b.borrow_mut().as_mut() {
@@ -369,7 +375,7 @@ mod tests {
     #[test]
     fn a_buffered_thread_holds_lines_until_its_turn_ends() {
         std::thread::spawn(|| {
-            buffer_this_thread();
+            buffer_this_thread(FLUSH_EVERY);
             Line.write_all(b"logging test: a buffered line\n").unwrap();
             assert_eq!(pending_bytes(), 30);
             flush_thread();
@@ -382,7 +388,7 @@ mod tests {
     #[test]
     fn a_buffer_never_grows_past_its_bound() {
         std::thread::spawn(|| {
-            buffer_this_thread();
+            buffer_this_thread(FLUSH_EVERY);
             // Spaces, so the early write leaves no visible noise in the test output.
             let chunk = [b' '; 1000];
             for _ in 0..100 {
@@ -398,7 +404,7 @@ mod tests {
     #[test]
     fn a_busy_thread_writes_at_most_every_flush_interval() {
         std::thread::spawn(|| {
-            buffer_this_thread();
+            buffer_this_thread(FLUSH_EVERY);
             Line.write_all(b"logging test: first line\n").unwrap();
             flush_thread();
             assert_eq!(pending_bytes(), 0, "the first turn writes at once");

@@ -416,7 +416,7 @@ impl Worker {
             self.arm_accept(i);
         }
         self.arm_wake();
-        crate::logging::buffer_this_thread();
+        crate::logging::buffer_this_thread(self.cfg.log_flush);
         loop {
             let now = Instant::now();
             let timeout = self.next_deadline(now).saturating_duration_since(now);

@@ -1216,6 +1216,8 @@ fn help_mentions_every_flag() {
         "--max-connections-per-ip",
         "--max-errors",
         "--shutdown-grace",
+        "--batch-syncfs",
+        "--log-flush-ms",
         "--log-level",
     ];
     let dir = tempfile::tempdir().unwrap();
@@ -2101,6 +2103,9 @@ fn max_session_time_ends_even_a_busy_session() {
 /// replies of the round that logged: the worker hands them to the kernel before writing. Once
 /// the worker is stuck in the write, new sessions wait for their greeting; no session may stall
 /// waiting for the replies of its last command group, produced in the round that logged.
+/// `--log-flush-ms 0` makes every round that logs also write, so the rounds that write are known
+/// (with the default, a write falls on whichever round comes 20 ms after the last one, and a
+/// session could then rightly stall at any command).
 #[test]
 fn a_blocked_log_write_does_not_hold_back_produced_replies() {
     use std::process::{Command, Stdio};
@@ -2122,7 +2127,14 @@ fn a_blocked_log_write_does_not_hold_back_produced_replies() {
             "--hostname",
             HOSTNAME,
         ])
-        .args(["--workers", "1", "--store", "discard"])
+        .args([
+            "--workers",
+            "1",
+            "--store",
+            "discard",
+            "--log-flush-ms",
+            "0",
+        ])
         .env("RUST_LOG", "info")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
