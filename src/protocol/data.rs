@@ -536,8 +536,8 @@ mod tests {
 
     #[test]
     fn long_bodies_across_stretches_match_the_oracle() {
-        // Bodies of many blocks, with line lengths that put LFs, dots and bare bytes on and around
-        // block boundaries; fed whole and split at many offsets.
+        // Bodies longer than the 8 KiB stretch, with line lengths that put LFs, dots and bare
+        // bytes on and around the stretch boundaries; fed whole and split at many offsets.
         let mut x: u64 = 0xD1B5_4A32_D192_ED03;
         let mut next = || {
             x ^= x << 13;
@@ -560,7 +560,7 @@ mod tests {
                 let at = next() as usize % v.len();
                 v[at] = if round % 2 == 0 { b'\r' } else { b'\n' };
             }
-            // A dot line right on a block boundary (8192 is one, 128 blocks in).
+            // A dot line right on a stretch boundary.
             let mut tail_dot = b"\r\n..x\r\n".to_vec();
             let at = 8192 - 2 + round % 5;
             if at + tail_dot.len() < v.len() {
@@ -589,9 +589,9 @@ mod tests {
 
     #[test]
     fn dot_lines_and_bare_bytes_at_every_offset_match_the_oracle() {
-        // Inputs of a few 64-byte vector windows with a dot line, the end marker or a bare byte
-        // at every offset, so that each lands at the start, middle and end of a window, in the
-        // overlapping last window and across every split.
+        // A dot line, the end marker or a bare byte at every offset of a short input, so that
+        // each lands at the start, middle and end of the input and of every split (`check`
+        // feeds it whole and split at every offset).
         for v in [
             &b"\r\n..x\r\n"[..],
             b"\r\n.\r\n",
