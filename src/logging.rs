@@ -337,18 +337,10 @@ impl Visit for Fields<'_> {
 }
 
 /// Writes `v` in decimal.
-fn write_u64(w: &mut dyn fmt::Write, mut v: u64) -> fmt::Result {
-    let mut buf = [0u8; 20];
-    let mut i = buf.len();
-    loop {
-        i -= 1;
-        buf[i] = b'0' + (v % 10) as u8;
-        v /= 10;
-        if v == 0 {
-            break;
-        }
-    }
-    w.write_str(std::str::from_utf8(&buf[i..]).map_err(|_| fmt::Error)?)
+fn write_u64(w: &mut dyn fmt::Write, v: u64) -> fmt::Result {
+    let mut buf = [0; 20];
+    let digits = crate::protocol::reply::decimal(v, &mut buf);
+    w.write_str(std::str::from_utf8(digits).map_err(|_| fmt::Error)?)
 }
 
 /// Passes text through with every control character (C0, DEL, C1) written as an escape, so a

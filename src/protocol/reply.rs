@@ -103,9 +103,13 @@ fn line(out: &mut Vec<u8>, head: &[u8], middle: &str, tail: &[u8]) {
 }
 
 fn push_u64(out: &mut Vec<u8>, n: u64) {
-    let mut buf = [0u8; 20];
+    out.extend_from_slice(decimal(n, &mut [0; 20]));
+}
+
+/// `n` in decimal ASCII, written into the end of `buf` (20 bytes hold any u64), without `fmt`.
+/// Also used by the log line formatter.
+pub fn decimal(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
     let mut i = buf.len();
-    let mut n = n;
     loop {
         i -= 1;
         buf[i] = b'0' + (n % 10) as u8;
@@ -114,7 +118,7 @@ fn push_u64(out: &mut Vec<u8>, n: u64) {
             break;
         }
     }
-    out.extend_from_slice(&buf[i..]);
+    &buf[i..]
 }
 
 /// The three-digit code at the start of a reply, for tests and logs.
