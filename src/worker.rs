@@ -1559,7 +1559,7 @@ fn feed_from(
                             fd: -1,
                             step: Step::Open,
                             total,
-                            size: msg.body.len(),
+                            size: msg.size,
                             envelope: msg.envelope,
                             result: None,
                             staged: Some((prepared.header, msg.body)),
