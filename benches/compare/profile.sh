@@ -6,6 +6,7 @@
 #
 # Uses the release binaries compare.sh built (target/cmp/release; the release profile keeps
 # debug line info, so symbols resolve). Writes WORK/profile-STORE-SHAPE.{data,txt}.
+# EXTRA="--batch-syncfs" passes more flags to the server.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target/cmp}
@@ -43,7 +44,7 @@ cleanup() {
 }
 trap cleanup EXIT
 ulimit -n "$(ulimit -Hn)"
-taskset -c 0 "$BIN/ringmx" serve --listen "127.0.0.1:$PORT" --workers 1 --store "$SPEC" \
+taskset -c 0 "$BIN/ringmx" serve --listen "127.0.0.1:$PORT" --workers 1 --store "$SPEC" ${EXTRA:-} \
     --hostname bench.localdomain --max-connections-per-ip 15000 --shutdown-grace 2 \
     >"$OUTP.server.log" 2>&1 &
 SERVER=$!

@@ -77,6 +77,14 @@ pub struct Cli {
     /// bound in µs). Only with 2+ sessions in flight. 0: handle every completion at once.
     #[arg(long, value_name = "PCT", default_value_t = 5.0)]
     pub batch: f64,
+    /// Busy-poll the ring instead of sleeping until the next completion or scheduled start.
+    /// Each sleep and wake-up costs a trip through the kernel's scheduler (on a VM, exits to
+    /// the host), which delays the handling of replies and the start of due sessions; spinning
+    /// keeps those delays out of the latencies measured, mostly for --rate on a core of its
+    /// own. Each thread then keeps its core fully busy, so the generator CPU figure counts the
+    /// spinning too. Implies --batch 0.
+    #[arg(long)]
+    pub spin: bool,
     /// Write every figure as JSON to FILE (usable as a later --baseline).
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
@@ -122,6 +130,7 @@ pub struct Config {
     pub baseline: Option<(PathBuf, f64)>,
     pub open_slots: usize,
     pub batch_pct: f64,
+    pub spin: bool,
 }
 
 fn secs(flag: &str, v: f64, allow_zero: bool) -> Result<Duration> {
@@ -222,7 +231,9 @@ impl Config {
             plot: cli.plot,
             baseline: cli.baseline.map(|b| (b, cli.max_regression)),
             open_slots,
-            batch_pct: cli.batch,
+            // A spinning thread sees every completion at once: there is no wait to batch.
+            batch_pct: if cli.spin { 0.0 } else { cli.batch },
+            spin: cli.spin,
         })
     }
 }

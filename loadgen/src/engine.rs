@@ -51,6 +51,8 @@ pub struct RunConfig {
     pub open_slots: usize,
     /// Completions may wait for a batch up to this percentage of the recent reply time.
     pub batch_pct: f64,
+    /// Busy-poll the ring instead of sleeping (`--spin`).
+    pub spin: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -257,10 +259,23 @@ impl Engine {
             let wait = wake.saturating_duration_since(now);
             let batch_us = self.batch_wait_us();
             self.stats.batch_wait_us_max = self.stats.batch_wait_us_max.max(u64::from(batch_us));
-            self.ring
-                .submit_and_wait(Some(wait), self.active, batch_us)
-                .context("io_uring wait failed")?;
-            self.ring.reap(&mut cqes);
+            if self.cfg.spin {
+                // Submit and collect without sleeping, until something completes or the next
+                // timed event is due.
+                loop {
+                    self.ring.poll().context("io_uring poll failed")?;
+                    self.ring.reap(&mut cqes);
+                    if !cqes.is_empty() || Instant::now() >= wake {
+                        break;
+                    }
+                    std::hint::spin_loop();
+                }
+            } else {
+                self.ring
+                    .submit_and_wait(Some(wait), self.active, batch_us)
+                    .context("io_uring wait failed")?;
+                self.ring.reap(&mut cqes);
+            }
             let now = Instant::now();
             for c in cqes.drain(..) {
                 self.complete(c, now)?;

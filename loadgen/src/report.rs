@@ -86,6 +86,8 @@ pub struct Report {
     pub batch_pct: f64,
     /// The longest batch window actually used: no timestamp is later than this.
     pub batch_wait_us_max: u64,
+    /// --spin: the generator busy-polled instead of sleeping (its CPU figure counts that).
+    pub spin: bool,
     /// Measured time: from the end of the warmup to the end of the last measured session.
     pub elapsed_s: f64,
     pub throughput: Throughput,
@@ -170,6 +172,12 @@ impl Report {
             if self.server_offers_pipelining { "yes" } else { "no" }
         );
         let _ = writeln!(s, "latency: {}", self.latency_basis);
+        if self.spin {
+            let _ = writeln!(
+                s,
+                "timestamps: busy-polled (--spin): every completion seen at once; the generator kept its cores fully busy"
+            );
+        }
         if self.batch_pct > 0.0 {
             let _ = writeln!(
                 s,

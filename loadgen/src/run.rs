@@ -158,6 +158,7 @@ pub fn run(cfg: Config) -> Result<ExitCode> {
         intervals: intervals_wanted,
         open_slots: cfg.open_slots,
         batch_pct: cfg.batch_pct,
+        spin: cfg.spin,
     });
 
     let mut log_out = match &cfg.hdr_log {
@@ -301,6 +302,7 @@ pub fn run(cfg: Config) -> Result<ExitCode> {
         warmup_s: cfg.warmup.as_secs_f64(),
         batch_pct: cfg.batch_pct,
         batch_wait_us_max: total.batch_wait_us_max,
+        spin: cfg.spin,
         ..Default::default()
     };
     report.fill_figures(

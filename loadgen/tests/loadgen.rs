@@ -186,6 +186,50 @@ fn open_loop_p999_shows_a_one_second_stall_and_closed_loop_says_what_it_is() {
 }
 
 #[test]
+fn spinning_open_loop_keeps_the_schedule_and_counts_every_message() {
+    // --spin busy-polls instead of sleeping: every session must still start on its schedule
+    // (not early, not late) and every reply must still be seen, with both threads spinning.
+    let server = TestServer::start(Behaviour::default());
+    let addr = server.addr.to_string();
+    let started = Instant::now();
+    let (stdout, j) = run_report(
+        &addr,
+        &[
+            "--spin",
+            "--rate",
+            "300",
+            "--sessions",
+            "450",
+            "--threads",
+            "2",
+            "--messages-per-session",
+            "2",
+        ],
+    );
+    let took = started.elapsed();
+    assert_eq!(j["mode"], "open");
+    assert_eq!(j["spin"], true);
+    assert_eq!(
+        j["batch_pct"], 0.0,
+        "spinning sees completions at once: no batch window"
+    );
+    assert_eq!(j["errors_total"], 0, "{stdout}");
+    assert_eq!(j["counts"]["sessions_ok"], 450, "{stdout}");
+    assert_eq!(j["counts"]["messages_accepted"], 900, "{stdout}");
+    assert_eq!(
+        server.accepted.load(std::sync::atomic::Ordering::SeqCst),
+        900
+    );
+    // 450 sessions at 300/s are due over 1.5 s: a spinning loop that ignored the clock would
+    // be done far sooner.
+    assert!(
+        took >= Duration::from_millis(1400),
+        "took {took:?}\n{stdout}"
+    );
+    assert!(stdout.contains("busy-polled (--spin)"), "{stdout}");
+}
+
+#[test]
 fn a_server_that_closes_or_goes_silent_mid_session_shows_as_errors_by_kind() {
     let server = TestServer::start(Behaviour {
         close_on_mail: true,
