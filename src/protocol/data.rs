@@ -186,8 +186,14 @@ impl DataScanner {
                         // The whole fast path, hand-out closure included, is compiled for AVX2
                         // and inlined into one function that runs only on a CPU that has it.
                         #[cfg(target_arch = "x86_64")]
-                        Some(simd) => simd
-                            .vectorize(|| self.blocks(Avx2(simd), input, i, &mut from, &mut sink)),
+                        Some(simd) => simd.vectorize(|| {
+                            // Local copies, which the optimizer keeps in registers: through
+                            // `self` and `&mut from` every hand-out would be a memory round trip.
+                            let (mut me, mut at) = (self.clone(), from);
+                            let found = me.blocks(Avx2(simd), input, i, &mut at, &mut sink);
+                            (*self, from) = (me, at);
+                            found
+                        }),
                         _ => self.blocks(Portable, input, i, &mut from, &mut sink),
                     };
                     match found {
@@ -389,12 +395,15 @@ fn avx2_token() -> Option<Avx2Token> {
     return None;
 }
 
-/// The kernel for CPUs with AVX2: one fused pass over 64 pairs at a time, as two 32-byte halves
-/// each loaded at offsets 0 and 1 (`a` and `b`): `bare = (a == CR) ^ (b == LF)` and `dot = (a
-/// == LF) & (b == '.')`. A block without a dot line costs about 20 vector instructions and one
-/// branch; its bare lanes are only ORed into an accumulator. A block with a dot line turns its
-/// lanes into bit masks and walks the dot bits in order. pulp's token proves that the CPU has
-/// AVX2, which makes its intrinsics safe to call; they inline only inside `V3::vectorize`.
+/// The kernel for CPUs with AVX2: one fused pass over 64 pairs at a time, in two 32-byte halves.
+/// Each half is compared at three offsets: `c = (input[q - 1] == CR)`, `d = (input[q] == LF)`
+/// and `e = (input[q + 1] == '.')` for the 32 positions `q`, so that one LF comparison serves
+/// both questions: `c ^ d` marks a bare pair `(q - 1, q)`, and `d & e` an LF-dot pair `(q, q +
+/// 1)`. A block with neither (nearly every block of a normal body) costs 6 comparisons, 7 logic
+/// operations, one test and one branch, the loads folded into the comparisons. Only a block with
+/// a mark turns its lanes into bit masks and walks the dot bits in order. pulp's token proves
+/// that the CPU has AVX2, which makes its intrinsics safe to call; they inline only inside
+/// `V3::vectorize`.
 #[cfg(target_arch = "x86_64")]
 #[derive(Clone, Copy)]
 struct Avx2(pulp::x86::V3);
@@ -402,28 +411,68 @@ struct Avx2(pulp::x86::V3);
 #[cfg(target_arch = "x86_64")]
 use core::arch::x86_64::__m256i;
 
+/// The (bare, dot) lanes of a block.
+#[cfg(target_arch = "x86_64")]
+type Lanes = [(__m256i, __m256i); 2];
+
 #[cfg(target_arch = "x86_64")]
 impl Avx2 {
-    /// The (bare, dot) lanes of the 32 pairs starting at `w[at]` (`at + 33 <= 65`).
+    /// Lanes of the 64 positions `base..base + 64` from `w = input[base - 1..base + 65]`: bare
+    /// lane `k` is the pair `(base + k - 1, base + k)`, dot lane `k` the pair `(base + k, base + k
+    /// + 1)`.
     #[inline(always)]
-    fn half(self, w: &[u8; 65], at: usize) -> (__m256i, __m256i) {
-        use pulp::bytemuck::pod_read_unaligned;
+    fn shifted(self, w: &[u8; 66]) -> Lanes {
+        use pulp::bytemuck::pod_read_unaligned as load;
         let s = self.0;
-        let a: __m256i = pod_read_unaligned(&w[at..at + 32]);
-        let b: __m256i = pod_read_unaligned(&w[at + 1..at + 33]);
         let splat = |c: u8| s.avx._mm256_set1_epi8(c as i8);
-        let bare = s.avx2._mm256_xor_si256(
-            s.avx2._mm256_cmpeq_epi8(a, splat(b'\r')),
-            s.avx2._mm256_cmpeq_epi8(b, splat(b'\n')),
-        );
-        let dot = s.avx2._mm256_and_si256(
-            s.avx2._mm256_cmpeq_epi8(a, splat(b'\n')),
-            s.avx2._mm256_cmpeq_epi8(b, splat(b'.')),
-        );
-        (bare, dot)
+        let half = |at: usize| {
+            let c = s
+                .avx2
+                ._mm256_cmpeq_epi8(load(&w[at..at + 32]), splat(b'\r'));
+            let d = s
+                .avx2
+                ._mm256_cmpeq_epi8(load(&w[at + 1..at + 33]), splat(b'\n'));
+            let e = s
+                .avx2
+                ._mm256_cmpeq_epi8(load(&w[at + 2..at + 34]), splat(b'.'));
+            (s.avx2._mm256_xor_si256(c, d), s.avx2._mm256_and_si256(d, e))
+        };
+        [half(0), half(32)]
     }
 
-    /// One bit per pair of the two halves, pair 0 in bit 0.
+    /// Lanes of the 64 pairs from `w[0]`, both unshifted: bare lane `k` is the pair `(k, k +
+    /// 1)`, like dot lane `k`; for a block with no byte before it.
+    #[inline(always)]
+    fn exact(self, w: &[u8; 65]) -> Lanes {
+        use pulp::bytemuck::pod_read_unaligned as load;
+        let s = self.0;
+        let splat = |c: u8| s.avx._mm256_set1_epi8(c as i8);
+        let half = |at: usize| {
+            let a: __m256i = load(&w[at..at + 32]);
+            let b: __m256i = load(&w[at + 1..at + 33]);
+            let bare = s.avx2._mm256_xor_si256(
+                s.avx2._mm256_cmpeq_epi8(a, splat(b'\r')),
+                s.avx2._mm256_cmpeq_epi8(b, splat(b'\n')),
+            );
+            let dot = s.avx2._mm256_and_si256(
+                s.avx2._mm256_cmpeq_epi8(a, splat(b'\n')),
+                s.avx2._mm256_cmpeq_epi8(b, splat(b'.')),
+            );
+            (bare, dot)
+        };
+        [half(0), half(32)]
+    }
+
+    /// True when no lane of the block is marked.
+    #[inline(always)]
+    fn clean(self, l: &Lanes) -> bool {
+        let s = self.0;
+        let or = |x, y| s.avx2._mm256_or_si256(x, y);
+        let any = or(or(l[0].0, l[0].1), or(l[1].0, l[1].1));
+        s.avx._mm256_testz_si256(any, any) != 0
+    }
+
+    /// One bit per lane of the two halves, lane 0 in bit 0.
     #[inline(always)]
     fn bits(self, lo: __m256i, hi: __m256i) -> u64 {
         let s = self.0;
@@ -432,32 +481,21 @@ impl Avx2 {
         lo | hi << 32
     }
 
-    /// Walks the dot bits of a block `w` of the pairs from `base` (only the pairs in `keep`) in
-    /// order, `s.bare` first brought up to date with the pairs before each (the lanes folded
-    /// into `acc` belong to pairs before the block).
+    /// Walks a marked block in order: `dot_bits` and `bare_bits` have bit `k` for the pair
+    /// `base + k`, only for the pairs the caller judges here; each LF-dot goes to `dot_line`
+    /// once `s.bare` is up to date with the pairs before it.
     #[allow(clippy::too_many_arguments)]
     #[inline(always)]
-    fn slow(
-        self,
+    fn walk(
         s: &mut DataScanner,
         input: &[u8],
         start: usize,
-        acc: &mut __m256i,
-        w: &[u8; 65],
         base: usize,
-        keep: u64,
+        mut dot_bits: u64,
+        mut bare_bits: u64,
         body_from: &mut usize,
         sink: &mut impl FnMut(&[u8]),
     ) -> ControlFlow<Result<usize, usize>> {
-        let v = self.0;
-        let (bare0, dot0) = self.half(w, 0);
-        let (bare1, dot1) = self.half(w, 32);
-        if v.avx._mm256_testz_si256(*acc, *acc) == 0 {
-            s.bare = true;
-        }
-        *acc = v.avx._mm256_setzero_si256();
-        let mut dot_bits = self.bits(dot0, dot1) & keep;
-        let mut bare_bits = self.bits(bare0, bare1) & keep;
         while dot_bits != 0 {
             let p = dot_bits.trailing_zeros();
             // The pairs before this one; the LF-dot pair itself is never bare.
@@ -475,13 +513,45 @@ impl Avx2 {
         }
         ControlFlow::Continue(())
     }
+
+    /// A marked block of shifted lanes from `base`, only its positions in `keep` judged: its
+    /// bare lane 0 is the pair `base - 1`, before all of the block's pairs.
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    fn walk_shifted(
+        self,
+        s: &mut DataScanner,
+        input: &[u8],
+        start: usize,
+        l: &Lanes,
+        base: usize,
+        keep: u64,
+        body_from: &mut usize,
+        sink: &mut impl FnMut(&[u8]),
+    ) -> ControlFlow<Result<usize, usize>> {
+        let bare_lanes = self.bits(l[0].0, l[1].0) & keep;
+        let dot_bits = self.bits(l[0].1, l[1].1) & keep;
+        if bare_lanes & 1 != 0 {
+            s.bare = true;
+        }
+        Self::walk(
+            s,
+            input,
+            start,
+            base,
+            dot_bits,
+            bare_lanes >> 1,
+            body_from,
+            sink,
+        )
+    }
 }
 
-/// The 65 bytes from `hay[base]` (the caller checks that they are there).
+/// The `N` bytes from `input[at]` (the caller checks that they are there).
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-fn block65(hay: &[u8], base: usize) -> &[u8; 65] {
-    match hay.get(base..base + 65).map(<&[u8; 65]>::try_from) {
+fn window<const N: usize>(input: &[u8], at: usize) -> &[u8; N] {
+    match input.get(at..at + N).map(<&[u8; N]>::try_from) {
         Some(Ok(w)) => w,
         _ => unreachable!("the block lies inside the input"),
     }
@@ -501,62 +571,59 @@ impl Kernel for Avx2 {
         sink: &mut impl FnMut(&[u8]),
     ) -> ControlFlow<Result<usize, usize>> {
         const PAIRS: usize = 64;
-        let v = self.0;
-        // A block: 64 pairs from `base` read the 65 bytes `input[base..base + 65]`, all within
-        // the bytes of the pairs `..to`.
+        // Only the bytes of the pairs `..to`, so that a block's bounds check is the loop's test.
         let hay = &input[..=to];
-        let block = |base: usize| block65(hay, base);
-        // The bare lanes of the blocks without a dot line, not yet folded into `s.bare`.
-        let mut acc = v.avx._mm256_setzero_si256();
+        if to <= PAIRS {
+            // A short input: one block of unshifted lanes over a copy padded with NULs, the
+            // pairs outside `from..to` masked off.
+            let mut pad = [0u8; PAIRS + 1];
+            pad[..=to - from].copy_from_slice(&hay[from..]);
+            let l = self.exact(&pad);
+            let keep = u64::MAX >> (PAIRS - (to - from));
+            let (bare, dot) = (self.bits(l[0].0, l[1].0), self.bits(l[0].1, l[1].1));
+            return Self::walk(
+                s,
+                input,
+                start,
+                from,
+                dot & keep,
+                bare & keep,
+                body_from,
+                sink,
+            );
+        }
         let mut j = from;
+        if j == 0 {
+            // No byte before the first pair for the shifted lanes: one block of unshifted ones.
+            let l = self.exact(window(hay, 0));
+            if !self.clean(&l) {
+                let (bare, dot) = (self.bits(l[0].0, l[1].0), self.bits(l[0].1, l[1].1));
+                Self::walk(s, input, start, 0, dot, bare, body_from, sink)?;
+            }
+            j = PAIRS;
+        }
+        // Whole blocks: the positions `j..j + 64` read `input[j - 1..j + 65]`. Bare lane 0 is
+        // the pair `j - 1`, judged again (the previous block's, or the state machine's: `Mid`
+        // holds only after a byte whose pair is bare exactly when the entry check says so).
         while j + PAIRS <= to {
-            let w = block(j);
-            let (bare0, dot0) = self.half(w, 0);
-            let (bare1, dot1) = self.half(w, 32);
-            let dots = v.avx2._mm256_or_si256(dot0, dot1);
-            if v.avx._mm256_testz_si256(dots, dots) != 0 {
-                acc = v
-                    .avx2
-                    ._mm256_or_si256(acc, v.avx2._mm256_or_si256(bare0, bare1));
-            } else {
-                self.slow(s, input, start, &mut acc, w, j, u64::MAX, body_from, sink)?;
+            let l = self.shifted(window(hay, j - 1));
+            if !self.clean(&l) {
+                self.walk_shifted(s, input, start, &l, j, u64::MAX, body_from, sink)?;
             }
             j += PAIRS;
         }
-        // The last, partial block (fewer than 64 pairs, `j..to`): the one that ends at `to`
-        // when the input allows, overlapping pairs already judged, which are masked off; or
-        // else a copy padded with NULs, the pairs past `to` masked off.
+        // The last, partial block: the one that ends at `to`, overlapping positions already
+        // judged, which are masked off.
         if j < to {
-            if to >= PAIRS {
-                let base = to - PAIRS;
-                self.slow(
-                    s,
-                    input,
-                    start,
-                    &mut acc,
-                    block(base),
-                    base,
-                    u64::MAX << (j - base),
-                    body_from,
-                    sink,
-                )?;
-            } else {
-                let mut pad = [0u8; PAIRS + 1];
-                pad[..=to - j].copy_from_slice(&input[j..=to]);
-                self.slow(
-                    s,
-                    input,
-                    start,
-                    &mut acc,
-                    &pad,
-                    j,
-                    (1u64 << (to - j)) - 1,
-                    body_from,
-                    sink,
-                )?;
+            let base = to - PAIRS;
+            let l = self.shifted(window(hay, base - 1));
+            if !self.clean(&l) {
+                let keep = u64::MAX << (j - base);
+                self.walk_shifted(s, input, start, &l, base, keep, body_from, sink)?;
             }
         }
-        if v.avx._mm256_testz_si256(acc, acc) == 0 {
+        // The last pair, whose bare lane would be in the next block.
+        if (input[to - 1] == b'\r') != (input[to] == b'\n') {
             s.bare = true;
         }
         ControlFlow::Continue(())
