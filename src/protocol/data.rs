@@ -472,6 +472,18 @@ impl Avx2 {
         s.avx._mm256_testz_si256(any, any) != 0
     }
 
+    /// True when no lane of two blocks is marked.
+    #[inline(always)]
+    fn clean2(self, l: &Lanes, m: &Lanes) -> bool {
+        let s = self.0;
+        let or = |x, y| s.avx2._mm256_or_si256(x, y);
+        let any = or(
+            or(or(l[0].0, l[0].1), or(l[1].0, l[1].1)),
+            or(or(m[0].0, m[0].1), or(m[1].0, m[1].1)),
+        );
+        s.avx._mm256_testz_si256(any, any) != 0
+    }
+
     /// One bit per lane of the two halves, lane 0 in bit 0.
     #[inline(always)]
     fn bits(self, lo: __m256i, hi: __m256i) -> u64 {
@@ -604,14 +616,35 @@ impl Kernel for Avx2 {
         }
         // Whole blocks: the positions `j..j + 64` read `input[j - 1..j + 65]`. Bare lane 0 is
         // the pair `j - 1`, judged again (the previous block's, or the state machine's: `Mid`
-        // holds only after a byte whose pair is bare exactly when the entry check says so).
-        while j + PAIRS <= to {
-            let l = self.shifted(window(hay, j - 1));
+        // holds only after a byte whose pair is bare exactly when the entry check says so). The
+        // bytes left from `j - 1` are a slice, so that its length test is the only bounds check.
+        let mut rest = &hay[j - 1..];
+        // Two blocks per test and branch while there are two.
+        while let Some(w2) = rest.first_chunk::<{ 2 * PAIRS + 2 }>() {
+            let (Some(w), Some(v)) = (w2.first_chunk(), w2.last_chunk()) else {
+                unreachable!("two overlapping windows of a double one");
+            };
+            let (l, m) = (self.shifted(w), self.shifted(v));
+            if !self.clean2(&l, &m) {
+                let j = hay.len() - rest.len() + 1;
+                if !self.clean(&l) {
+                    self.walk_shifted(s, input, start, &l, j, u64::MAX, body_from, sink)?;
+                }
+                if !self.clean(&m) {
+                    self.walk_shifted(s, input, start, &m, j + PAIRS, u64::MAX, body_from, sink)?;
+                }
+            }
+            rest = &rest[2 * PAIRS..];
+        }
+        if let Some(w) = rest.first_chunk::<{ PAIRS + 2 }>() {
+            let l = self.shifted(w);
             if !self.clean(&l) {
+                let j = hay.len() - rest.len() + 1;
                 self.walk_shifted(s, input, start, &l, j, u64::MAX, body_from, sink)?;
             }
-            j += PAIRS;
+            rest = &rest[PAIRS..];
         }
+        let j = hay.len() - rest.len() + 1;
         // The last, partial block: the one that ends at `to`, overlapping positions already
         // judged, which are masked off.
         if j < to {
