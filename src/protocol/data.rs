@@ -281,11 +281,22 @@ impl DataScanner {
         from: &mut usize,
         sink: &mut impl FnMut(&[u8]),
     ) -> ControlFlow<Result<usize, usize>> {
-        let dot = lf + 1;
         if !(lf > start && input[lf - 1] == b'\r') {
             // A bare LF (already flagged): the dot does not start a line; it is content.
             return ControlFlow::Continue(());
         }
+        self.line_dot(input, lf + 1, from, sink)
+    }
+
+    /// A dot at `input[dot]` that starts a line (after a CRLF), the rest as for `dot_line`.
+    #[inline(always)]
+    fn line_dot(
+        &mut self,
+        input: &[u8],
+        dot: usize,
+        from: &mut usize,
+        sink: &mut impl FnMut(&[u8]),
+    ) -> ControlFlow<Result<usize, usize>> {
         self.emit(&input[*from..dot], sink);
         *from = dot;
         if dot + 2 >= input.len() {
@@ -499,7 +510,8 @@ impl Avx2 {
 
     /// Walks a marked block in order: `dot_bits` and `bare_bits` have bit `k` for the pair
     /// `base + k`, only for the pairs the caller judges here; each LF-dot goes to `dot_line`
-    /// once `s.bare` is up to date with the pairs before it.
+    /// once `s.bare` is up to date with the pairs before it. With `lf_bare` (bit `k`: the LF of
+    /// pair `base + k` is bare), the lanes have already told whether the dot starts a line.
     #[allow(clippy::too_many_arguments)]
     #[inline(always)]
     fn walk(
@@ -509,6 +521,7 @@ impl Avx2 {
         base: usize,
         mut dot_bits: u64,
         mut bare_bits: u64,
+        lf_bare: Option<u64>,
         body_from: &mut usize,
         sink: &mut impl FnMut(&[u8]),
     ) -> ControlFlow<Result<usize, usize>> {
@@ -519,7 +532,13 @@ impl Avx2 {
             if bare_bits & below != 0 {
                 s.bare = true;
             }
-            s.dot_line(input, start, base + p as usize, body_from, sink)?;
+            let lf = base + p as usize;
+            match lf_bare {
+                // A bare LF: the dot does not start a line; it is content.
+                Some(b) if b >> p & 1 != 0 => {}
+                Some(_) => s.line_dot(input, lf + 1, body_from, sink)?,
+                None => s.dot_line(input, start, lf, body_from, sink)?,
+            }
             // Go on with the pair after the LF-dot.
             dot_bits &= dot_bits - 1;
             bare_bits &= !below;
@@ -557,6 +576,8 @@ impl Avx2 {
             base,
             dot_bits,
             bare_lanes >> 1,
+            // Bare lane `k` is the pair that ends at the LF of dot lane `k`.
+            Some(bare_lanes),
             body_from,
             sink,
         )
@@ -604,6 +625,7 @@ impl Kernel for Avx2 {
                 from,
                 dot & keep,
                 bare & keep,
+                None,
                 body_from,
                 sink,
             );
@@ -614,7 +636,7 @@ impl Kernel for Avx2 {
             let l = self.exact(window(hay, 0));
             if !self.clean(&l) {
                 let (bare, dot) = (self.bits(l[0].0, l[1].0), self.bits(l[0].1, l[1].1));
-                Self::walk(s, input, start, 0, dot, bare, body_from, sink)?;
+                Self::walk(s, input, start, 0, dot, bare, None, body_from, sink)?;
             }
             j = PAIRS;
         }
