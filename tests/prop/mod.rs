@@ -393,6 +393,44 @@ proptest! {
     }
 }
 
+/// A long body for the DATA scanner: CRLF lines of 0 to 299 bytes (some dot-started), then a few
+/// marks (bare CR, bare LF, a stuffed-dot line, an end marker, a bare LF before a dot) written
+/// over it at arbitrary offsets, so that they land anywhere in the scanner's 64-pair vector
+/// blocks and 8 KiB stretches; ends with the end marker and a pipelined command.
+fn long_body() -> impl Strategy<Value = Vec<u8>> {
+    let lines = prop::collection::vec((0usize..300, any::<bool>()), 1..90);
+    let marks = prop::collection::vec((any::<prop::sample::Index>(), 0usize..5), 0..5);
+    (lines, marks).prop_map(|(lines, marks)| {
+        let mut v = Vec::new();
+        for (len, dot) in lines {
+            if dot {
+                v.push(b'.');
+            }
+            v.extend((0..len).map(|k| b'a' + (k % 26) as u8));
+            v.extend_from_slice(b"\r\n");
+        }
+        for (at, kind) in marks {
+            let mark: &[u8] = [&b"\r"[..], b"\n", b"\r\n..x\r\n", b"\r\n.\r\n", b"\n.a"][kind];
+            let at = at.index(v.len());
+            let end = (at + mark.len()).min(v.len());
+            v[at..end].copy_from_slice(&mark[..end - at]);
+        }
+        v.extend_from_slice(b"\r\n.\r\nNOOP\n");
+        v
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, failure_persistence: None, ..ProptestConfig::default() })]
+
+    /// Long bodies with rare marks: the scanner's end, body, length and flags match the
+    /// reference, whole, chunked and byte by byte.
+    #[test]
+    fn data_scanner_matches_reference_long(input in long_body(), seed in any::<u8>()) {
+        h::data_check(&input, seed);
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // The command parser against a reference for well-formed commands.
 
