@@ -69,6 +69,9 @@ LAST_DELETE = os.path.join(WORK, "last-delete")
 # Open-loop rates as fractions of each server's closed-loop session rate in shape (a). Issue 4
 # asks for 0.5; 0.25 shows how much of the tail is the single client core being busy.
 OPEN_FRACTIONS = [float(x) for x in env("OPEN_FRACTIONS", "0.5,0.25").split(",") if x]
+# The open-loop client busy-polls (`ringmx-loadgen --spin`) so that its own sleeps and wake-ups
+# stay out of the latencies; OPEN_SPIN=0 lets it sleep as in the closed loops.
+OPEN_SPIN = env("OPEN_SPIN", "1") == "1"
 # ringmx logs one line per session at its default level (info), as Postfix does; the default is
 # what is measured unless RINGMX_LOG (a --log-level filter) says otherwise.
 RINGMX_LOG = env("RINGMX_LOG", "")
@@ -191,6 +194,18 @@ def core_busy_s(core):
             if line.startswith(f"cpu{core} "):
                 v = [int(x) for x in line.split()[1:]]
                 return (sum(v[:8]) - v[3] - v[4]) / TCK
+    return 0.0
+
+
+def steal_s(core):
+    """Seconds the hypervisor ran something else while this (virtual) core wanted to run: the
+    steal column of /proc/stat. The guest cannot see or prevent it; a server or client whose
+    vCPU is descheduled for 100 ms shows a 100 ms stall in its latencies."""
+    with open("/proc/stat") as f:
+        for line in f:
+            if line.startswith(f"cpu{core} "):
+                v = [int(x) for x in line.split()[1:]]
+                return v[7] / TCK if len(v) > 7 else 0.0
     return 0.0
 
 
@@ -506,6 +521,8 @@ def client_argv(server, shape, jsonfile, rate=None):
         argv += ["--connections", str(sh["conns"]), "--duration", f"{DURATION:g}"]
     else:
         argv += ["--rate", f"{rate:.0f}", "--duration", f"{OPEN_DURATION:g}"]
+        if OPEN_SPIN:
+            argv.append("--spin")
     return argv, None
 
 
@@ -553,6 +570,13 @@ class FsyncCounter:
         return dict(ring_fsync=vals[0], ring_ops=vals[1], sys_fsync=vals[2] + vals[3] + vals[4])
 
 
+def steal_cell(r):
+    """One repetition's p99 next to the time the hypervisor took from each core meanwhile."""
+    s = r.get("steal_ms") or (0.0, 0.0)
+    p99 = r.get("p99_us")
+    return f"{p99 / 1000:.1f} ({s[0]:.0f} / {s[1]:.0f})" if p99 else f"- ({s[0]:.0f} / {s[1]:.0f})"
+
+
 def measure(server, shape, rep, rate=None):
     tag = f"{server.name}-{shape}{f'-open{rate:.0f}' if rate else ''}-r{rep}"
     jf = os.path.join(WORK, f"{tag}.json")
@@ -567,10 +591,12 @@ def measure(server, shape, rep, rate=None):
     c0 = children_cpu_s()
     s0 = tree_cpu_s(server.pid)
     k0 = core_busy_s(SERVER_CORE)
+    st0 = (steal_s(SERVER_CORE), steal_s(CLIENT_CORE))
     rc, wall, out, err = run_client(argv, timeout)
     time.sleep(0.3)  # let the server finish the last QUIT/close
     s1 = tree_cpu_s(server.pid)
     k1 = core_busy_s(SERVER_CORE)
+    st1 = (steal_s(SERVER_CORE), steal_s(CLIENT_CORE))
     c1 = children_cpu_s()
     fs = fc.result() if fc else None
     stored = server.stored()
@@ -581,6 +607,7 @@ def measure(server, shape, rep, rate=None):
              # Share of the server's core used by anything but the server (others' builds).
              foreign_core_pct=max(0.0, 100 * ((k1 - k0) - (s1 - s0)) / (wall + 0.3)),
              builders_after=busy_builders(), stored=stored, open_rate=rate,
+             steal_ms=(1000 * (st1[0] - st0[0]), 1000 * (st1[1] - st0[1])),
              cmd=" ".join(shlex.quote(a) for a in ["taskset", "-c", str(CLIENT_CORE)] + argv))
     if CLIENT == "smtp-source":
         r.update(accepted=n_fixed if rc == 0 else 0, elapsed=wall, p50_us=None, p99_us=None,
@@ -607,7 +634,7 @@ def measure(server, shape, rep, rate=None):
         f"{r['cpu_us_per_msg'] or 0:.1f} us, client {r['client_cpu_us_per_msg'] or 0:.1f} us, "
         f"p50 {r.get('p50_us')} p99 {r.get('p99_us')} us, stored {stored}, rc {rc}, "
         f"load {la:.1f}, builders {bb}, others on core {SERVER_CORE} "
-        f"{r['foreign_core_pct']:.0f}%"
+        f"{r['foreign_core_pct']:.0f}%, steal {r['steal_ms'][0]:.0f}/{r['steal_ms'][1]:.0f} ms"
         + (f", fsyncs/msg {r['fsyncs_per_msg']:.3f}" if r.get("fsyncs_per_msg") else "")
         + (f"  ERR {r.get('error')}" if r.get("error") else ""))
     return r
@@ -799,11 +826,16 @@ def report(results, idle, opens, started_at, commands, exit_lines):
     if opens:
         A(f"Open loop (`--rate` = a fraction of the server's closed-loop session rate in shape "
           f"(a); {OPEN_DURATION:g} s per run; latency from the scheduled start; shape (a) "
-          f"messages; client CPU shows how busy the one client core was):")
+          f"messages; " + ("the client busy-polls (`--spin`), so its CPU column is its whole core "
+                           "spread over the sessions, not its work)." if OPEN_SPIN else
+                           "client CPU shows how busy the one client core was).")
+          + " Steal is the time the hypervisor did not run that virtual core while it had work "
+          "(/proc/stat); a server or client descheduled for 100 ms stalls every session in flight "
+          "for that long:")
         A("")
         A("| server | fraction | rate (sessions/s) | achieved msg/s | p50 ms | p99 ms | p99/p50 | "
-          "server CPU us/msg | client CPU us/msg | errors |")
-        A("|---|---|---|---|---|---|---|---|---|---|")
+          "server CPU us/msg | client CPU us/msg | each repetition: p99 ms (steal ms on server / client core) | errors |")
+        A("|---|---|---|---|---|---|---|---|---|---|---|")
         for name, frac in [(n, f) for f in OPEN_FRACTIONS for n in SERVERS]:
             rows = [r for r in opens if r["server"] == name and r.get("open_fraction") == frac]
             if not rows:
@@ -816,6 +848,7 @@ def report(results, idle, opens, started_at, commands, exit_lines):
               f"{fmt(med_range([r['p99_us'] / 1000 for r in rows if r.get('p99_us')]), 2)} | "
               f"{fmt(q, 2)} | {fmt(med_range([r.get('cpu_us_per_msg') for r in rows]), 1)} | "
               f"{fmt(med_range([r.get('client_cpu_us_per_msg') for r in rows]), 1)} | "
+              f"{'; '.join(steal_cell(r) for r in rows)} | "
               f"{sum((r.get('errors') or 0) for r in rows)} |")
         A("")
     # Targets of issue 4.
