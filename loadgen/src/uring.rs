@@ -265,18 +265,7 @@ impl Ring {
                     .submit_with_args(if min_wait_us > 0 { want.max(1) } else { 1 }, &args)
             }
         };
-        match r {
-            Ok(_) => Ok(()),
-            Err(e)
-                if matches!(
-                    e.raw_os_error(),
-                    Some(libc::ETIME) | Some(libc::EINTR) | Some(libc::EBUSY)
-                ) =>
-            {
-                Ok(())
-            }
-            Err(e) => Err(e),
-        }
+        entered(r)
     }
 
     /// Submits what is queued and collects what has completed, without waiting. With deferred
@@ -284,18 +273,7 @@ impl Ring {
     /// events; the ring's task-run flag (set up in `new`) tells the submitter when to ask.
     pub fn poll(&mut self) -> io::Result<()> {
         let args = types::SubmitArgs::new();
-        match self.ring.submitter().submit_with_args(0, &args) {
-            Ok(_) => Ok(()),
-            Err(e)
-                if matches!(
-                    e.raw_os_error(),
-                    Some(libc::ETIME) | Some(libc::EINTR) | Some(libc::EBUSY)
-                ) =>
-            {
-                Ok(())
-            }
-            Err(e) => Err(e),
-        }
+        entered(self.ring.submitter().submit_with_args(0, &args))
     }
 
     /// Moves every available completion into `out` and releases the buffers they named.
@@ -319,6 +297,23 @@ impl Ring {
                 result: cqe.result(),
             });
         }
+    }
+}
+
+/// The outcome of an `io_uring_enter`: a timeout, a signal, or a full completion queue (reap,
+/// then enter again) are all normal returns for the loop.
+fn entered(r: io::Result<usize>) -> io::Result<()> {
+    match r {
+        Ok(_) => Ok(()),
+        Err(e)
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::ETIME) | Some(libc::EINTR) | Some(libc::EBUSY)
+            ) =>
+        {
+            Ok(())
+        }
+        Err(e) => Err(e),
     }
 }
 
