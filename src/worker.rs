@@ -874,7 +874,7 @@ impl Worker {
         };
         let Some(Op::Send {
             fd,
-            buf,
+            mut buf,
             off,
             then_close,
         }) = c.op
@@ -882,48 +882,47 @@ impl Worker {
             return;
         };
         conn.send_id = None;
-        match SendOutcome::from_result(c.res) {
+        // Where the rest of the buffer is to be sent from, if anything is left to send.
+        let resend = match SendOutcome::from_result(c.res) {
             SendOutcome::Sent(n) => {
                 self.report.metrics.bytes_sent += n as u64;
                 let off = off + n;
                 if off < buf.len() && n > 0 {
-                    // Short send: push the rest from where the kernel stopped.
-                    conn.send_id = Some(self.ring.push(
-                        c.token,
-                        Op::Send {
-                            fd,
-                            buf,
-                            off,
-                            then_close,
-                        },
-                    ));
-                    return;
-                }
-                let mut buf = buf;
-                buf.clear();
-                if buf.capacity() <= KEEP_BUF_BYTES {
-                    conn.spare = buf;
+                    Some(off)
+                } else {
+                    let mut done = std::mem::take(&mut buf);
+                    done.clear();
+                    if done.capacity() <= KEEP_BUF_BYTES {
+                        conn.spare = done;
+                    }
+                    None
                 }
             }
-            SendOutcome::Retry => {
-                conn.send_id = Some(self.ring.push(
-                    c.token,
-                    Op::Send {
-                        fd,
-                        buf,
-                        off,
-                        then_close,
-                    },
-                ));
-                return;
+            SendOutcome::Retry => Some(off),
+            SendOutcome::PeerClosed | SendOutcome::Canceled => {
+                conn.reset_by_peer();
+                None
             }
-            SendOutcome::PeerClosed | SendOutcome::Canceled => conn.reset_by_peer(),
             SendOutcome::Unexpected(e) => {
                 tracing::warn!(client = %conn.peer.ip(), "unexpected errno {e} from send");
                 conn.closing = true;
                 conn.reason = EndReason::Error;
                 conn.out.clear();
+                None
             }
+        };
+        if let Some(off) = resend {
+            // A short or interrupted send: push the rest from where the kernel stopped.
+            conn.send_id = Some(self.ring.push(
+                c.token,
+                Op::Send {
+                    fd,
+                    buf,
+                    off,
+                    then_close,
+                },
+            ));
+            return;
         }
         // Replies may have piled up behind the send, and input behind the replies.
         self.pump(slot, generation);
