@@ -482,32 +482,30 @@ mod tests {
         tracing::info!(note = "say \"hi\" \\ there", "quotes");
     }
 
+    /// What the events of `f` print through our `LineFormat` (`ours`) or through
+    /// tracing-subscriber's default format as the server used to configure it.
+    fn printed(ours: bool, f: impl Fn()) -> String {
+        let cap = Capture::default();
+        let fmt = tracing_subscriber::fmt().with_writer(cap.clone());
+        if ours {
+            tracing::subscriber::with_default(fmt.event_format(LineFormat).finish(), f);
+        } else {
+            let sub = fmt.with_ansi(false).with_target(false).finish();
+            tracing::subscriber::with_default(sub, f);
+        }
+        let out = cap.0.lock().unwrap().clone();
+        String::from_utf8(out).unwrap()
+    }
+
     /// Lines with their 27-character timestamps cut off.
-    fn without_time(out: &[u8]) -> Vec<String> {
-        String::from_utf8(out.to_vec())
-            .unwrap()
-            .lines()
-            .map(|l| l[27..].to_string())
-            .collect()
+    fn without_time(out: &str) -> Vec<String> {
+        out.lines().map(|l| l[27..].to_string()).collect()
     }
 
     #[test]
     fn lines_match_what_the_default_format_printed() {
-        let ours = Capture::default();
-        let sub = tracing_subscriber::fmt()
-            .with_writer(ours.clone())
-            .event_format(LineFormat)
-            .finish();
-        tracing::subscriber::with_default(sub, emit_samples);
-        let theirs = Capture::default();
-        let sub = tracing_subscriber::fmt()
-            .with_writer(theirs.clone())
-            .with_ansi(false)
-            .with_target(false)
-            .finish();
-        tracing::subscriber::with_default(sub, emit_samples);
-        let ours = without_time(&ours.0.lock().unwrap());
-        let theirs = without_time(&theirs.0.lock().unwrap());
+        let ours = without_time(&printed(true, emit_samples));
+        let theirs = without_time(&printed(false, emit_samples));
         assert_eq!(ours.len(), 5);
         assert_eq!(ours, theirs);
         assert_eq!(
@@ -520,15 +518,9 @@ mod tests {
 
     #[test]
     fn control_characters_in_values_are_escaped() {
-        let ours = Capture::default();
-        let sub = tracing_subscriber::fmt()
-            .with_writer(ours.clone())
-            .event_format(LineFormat)
-            .finish();
-        tracing::subscriber::with_default(sub, || {
+        let out = printed(true, || {
             tracing::info!(from = %"a\x1b[31mb\nINFO forged\u{9b}c", "msg\rx");
         });
-        let out = String::from_utf8(ours.0.lock().unwrap().clone()).unwrap();
         assert_eq!(out.lines().count(), 1, "{out:?}");
         assert!(
             out.ends_with("  INFO msg\\u{d}x from=a\\u{1b}[31mb\\u{a}INFO forged\\u{9b}c\n"),
