@@ -187,26 +187,28 @@ def busy_builders():
     return n
 
 
-def core_busy_s(core):
-    """Seconds the given core spent busy (not idle, not iowait) since boot, from /proc/stat."""
+def core_ticks(core):
+    """The given core's line of /proc/stat: user, nice, system, idle, iowait, irq, softirq,
+    steal, ... in clock ticks since boot (empty if there is no such core)."""
     with open("/proc/stat") as f:
         for line in f:
             if line.startswith(f"cpu{core} "):
-                v = [int(x) for x in line.split()[1:]]
-                return (sum(v[:8]) - v[3] - v[4]) / TCK
-    return 0.0
+                return [int(x) for x in line.split()[1:]]
+    return []
+
+
+def core_busy_s(core):
+    """Seconds the given core spent busy (not idle, not iowait) since boot."""
+    v = core_ticks(core)
+    return (sum(v[:8]) - v[3] - v[4]) / TCK if len(v) > 4 else 0.0
 
 
 def steal_s(core):
     """Seconds the hypervisor ran something else while this (virtual) core wanted to run: the
-    steal column of /proc/stat. The guest cannot see or prevent it; a server or client whose
-    vCPU is descheduled for 100 ms shows a 100 ms stall in its latencies."""
-    with open("/proc/stat") as f:
-        for line in f:
-            if line.startswith(f"cpu{core} "):
-                v = [int(x) for x in line.split()[1:]]
-                return v[7] / TCK if len(v) > 7 else 0.0
-    return 0.0
+    steal column. The guest cannot see or prevent it; a server or client whose vCPU is
+    descheduled for 100 ms shows a 100 ms stall in its latencies."""
+    v = core_ticks(core)
+    return v[7] / TCK if len(v) > 7 else 0.0
 
 
 def loadavg():
