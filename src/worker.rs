@@ -986,6 +986,13 @@ impl Worker {
             if conn.closing {
                 continue;
             }
+            if conn.send_id.is_none() && conn.session.stats().commands == 0 {
+                // Accepted in this very turn, before the wake-up was handled: its 220 is still
+                // only queued (`out` goes to the kernel at the end of the turn, and nothing
+                // else can be in it before the first command). The client must see the 421
+                // alone, as if the shutdown had come first, not a greeting then a 421.
+                conn.out.clear();
+            }
             if conn.session.on_shutdown(&mut conn.out, force) {
                 conn.end_session(EndReason::Shutdown);
             }
@@ -1877,6 +1884,43 @@ mod tests {
         drop(idle);
         // The listener is closed: nobody is accepting any more.
         assert!(TcpStream::connect(addr).is_err());
+    }
+
+    #[test]
+    fn a_connection_accepted_in_the_turn_of_the_shutdown_hears_only_the_421() {
+        // The accept and the wake-up can complete in the same turn, the accept first. Driven by
+        // hand here, so the order is certain: accept, then shutdown, then the turn's sends.
+        let args = ServeArgs {
+            listen: vec![free_addr()],
+            workers: Some(1),
+            hostname: Some("mx.test".into()),
+            store: Some(StoreSpec::Discard),
+            ..Default::default()
+        };
+        let cfg = Arc::new(Config::from_serve_args(args).unwrap());
+        let store = Store::open(&cfg.store, 0, "mx.test").unwrap();
+        let socks = crate::server::bind_all(&cfg.listen, 1)
+            .unwrap()
+            .pop()
+            .unwrap();
+        let wake = Arc::new(EventFd::new().unwrap());
+        let mut worker = Worker::new(0, Arc::new(Shared::new(cfg)), socks, store, wake).unwrap();
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let (_c, mut r) = connect(l.local_addr().unwrap());
+        let (server_side, _) = l.accept().unwrap();
+        worker.accepted(std::os::fd::IntoRawFd::into_raw_fd(server_side));
+        worker.on_wake(Completion {
+            token: Token::new(K_WAKE, 0, 0),
+            res: 8,
+            flags: 0,
+            op: None,
+            bid: None,
+        });
+        worker.flush_dirty();
+        worker.ring.submit();
+        let mut line = String::new();
+        r.read_line(&mut line).unwrap();
+        assert!(line.starts_with("421 "), "first reply {line:?}");
     }
 
     #[test]
