@@ -4,7 +4,9 @@
 //! Start-up order, so that every failure is one clear line before any worker runs: probe
 //! io_uring, recover and open the store, bind every listener (all workers' SO_REUSEPORT
 //! sockets), block SIGTERM/SIGINT, then spawn the workers. A signal thread waits for
-//! SIGTERM/SIGINT and wakes every worker through its eventfd (read through the worker's ring);
+//! SIGTERM/SIGINT, marks the shutdown in the workers' shared state (so that no worker greets a
+//! connection accepted after the signal) and wakes every worker through its eventfd (read through
+//! the worker's ring);
 //! each worker then closes its listeners, says 421 to idle sessions, lets sessions in DATA finish
 //! within --shutdown-grace, and exits once its last connection is closed. `run` returns when all
 //! workers have.
@@ -253,10 +255,13 @@ pub fn run(cfg: Config) -> Result<(), ServerError> {
 
     let started = std::time::Instant::now();
     let signal_wakes = wakes.clone();
+    let signal_shared = shared.clone();
     std::thread::Builder::new()
         .name("ringmx-signals".into())
         .spawn(move || {
-            if let Ok(sig) = signals.wait() {
+            let sig = signals.wait();
+            signal_shared.begin_shutdown();
+            if let Ok(sig) = sig {
                 tracing::info!("{sig:?} received: shutting down");
             }
             for w in &signal_wakes {

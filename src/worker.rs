@@ -45,7 +45,9 @@
 //! Shutdown (the server's eventfd, read through the ring): the listeners' accepts are cancelled
 //! and the sockets closed; sessions between commands get 421 4.3.2 and close; sessions in DATA
 //! or committing finish and get their answer, then 421; after --shutdown-grace everybody left
-//! gets 421. The worker returns once its last connection and commit are done.
+//! gets 421. The worker returns once its last connection and commit are done. The signal thread
+//! marks the shutdown in `Shared` before it wakes anyone, so a connection accepted before this
+//! worker's wake-up came through also hears the 421 alone (and starts the worker's shutdown).
 //!
 //! Logs: one line per message (queue id, client, sender, recipients, size, result) and one per
 //! session end (client, duration, messages, commands, errors, result).
@@ -53,7 +55,7 @@ use std::collections::HashMap;
 use std::ffi::CString;
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -107,6 +109,11 @@ pub struct Shared {
     /// Open connections across all workers.
     pub connections: AtomicUsize,
     pub per_ip: PerIpCounts,
+    /// Set by the signal thread before it wakes the workers: a worker that accepts a connection
+    /// before its own wake-up arrived (the signal thread may be slow to reach its eventfd, or
+    /// the wake-up may complete a turn after the accept) still turns the client away with the
+    /// 421 alone, instead of greeting it with a 220 and then saying 421.
+    shutdown: AtomicBool,
 }
 
 impl Shared {
@@ -115,7 +122,18 @@ impl Shared {
             cfg,
             connections: AtomicUsize::new(0),
             per_ip: PerIpCounts::new(16),
+            shutdown: AtomicBool::new(false),
         }
+    }
+
+    /// The server is shutting down: from now on every worker answers new connections with 421.
+    /// Call before waking the workers.
+    pub fn begin_shutdown(&self) {
+        self.shutdown.store(true, Ordering::Release);
+    }
+
+    fn shutdown_begun(&self) -> bool {
+        self.shutdown.load(Ordering::Acquire)
     }
 
     /// Takes a connection slot for `ip`, or says which limit is full.
@@ -588,6 +606,11 @@ impl Worker {
             crate::ring::close_now(fd);
             return;
         };
+        if !self.shutting_down && self.shared.shutdown_begun() {
+            // Our wake-up is still on its way: shut down now, so this client and every later
+            // one hears the 421 alone.
+            self.begin_shutdown();
+        }
         let now = Instant::now();
         let (slot, generation) = self.conns.vacant();
         let mut session = Session::new(self.cfg.session.clone(), peer);
@@ -962,6 +985,12 @@ impl Worker {
     // ---- shutdown and timers ------------------------------------------------------------
 
     fn on_wake(&mut self, _c: Completion) {
+        self.begin_shutdown();
+    }
+
+    /// Closes the listeners (once their accepts are cancelled), says 421 to idle sessions and
+    /// starts the grace period; at most once.
+    fn begin_shutdown(&mut self) {
         if self.shutting_down {
             return;
         }
@@ -1921,6 +1950,49 @@ mod tests {
         let mut line = String::new();
         r.read_line(&mut line).unwrap();
         assert!(line.starts_with("421 "), "first reply {line:?}");
+    }
+
+    #[test]
+    fn a_connection_accepted_before_the_wake_up_arrives_hears_only_the_421() {
+        // The signal thread marks the shutdown, then wakes the workers one after the other: a
+        // worker can accept (and, in an earlier turn than its wake-up, greet) a connection made
+        // after the signal. Driven by hand: the mark, then an accept, with no wake-up at all.
+        let args = ServeArgs {
+            listen: vec![free_addr()],
+            workers: Some(1),
+            hostname: Some("mx.test".into()),
+            store: Some(StoreSpec::Discard),
+            ..Default::default()
+        };
+        let cfg = Arc::new(Config::from_serve_args(args).unwrap());
+        let store = Store::open(&cfg.store, 0, "mx.test").unwrap();
+        let socks = crate::server::bind_all(&cfg.listen, 1)
+            .unwrap()
+            .pop()
+            .unwrap();
+        let wake = Arc::new(EventFd::new().unwrap());
+        let shared = Arc::new(Shared::new(cfg));
+        let mut worker = Worker::new(0, shared.clone(), socks, store, wake).unwrap();
+        shared.begin_shutdown();
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let (_c, mut r) = connect(l.local_addr().unwrap());
+        let (server_side, _) = l.accept().unwrap();
+        worker.accepted(std::os::fd::IntoRawFd::into_raw_fd(server_side));
+        assert!(
+            worker.shutting_down,
+            "the accept started the worker's own shutdown"
+        );
+        worker.flush_dirty();
+        worker.ring.submit();
+        let mut line = String::new();
+        r.read_line(&mut line).unwrap();
+        assert!(line.starts_with("421 4.3.2 "), "first reply {line:?}");
+        line.clear();
+        assert_eq!(
+            r.read_line(&mut line).unwrap_or(0),
+            0,
+            "then the close: {line:?}"
+        );
     }
 
     #[test]
