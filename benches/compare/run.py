@@ -75,6 +75,10 @@ OPEN_SPIN = env("OPEN_SPIN", "1") == "1"
 # ringmx logs one line per session at its default level (info), as Postfix does; the default is
 # what is measured unless RINGMX_LOG (a --log-level filter) says otherwise.
 RINGMX_LOG = env("RINGMX_LOG", "")
+# Before each open-loop run, a thread spins this long on each of the two cores
+# (benches/compare/stalls.py) and counts how often the machine stopped it: the floor under the
+# open-loop tail. 0 skips the probe.
+STALL_PROBE_S = float(env("STALL_PROBE_S", "2"))
 
 LOADGEN = os.path.join(BIN, "ringmx-loadgen")
 RINGMX = os.path.join(BIN, "ringmx")
@@ -573,10 +577,37 @@ class FsyncCounter:
 
 
 def steal_cell(r):
-    """One repetition's p99 next to the time the hypervisor took from each core meanwhile."""
+    """One repetition's p99 next to the time the hypervisor took from each core meanwhile, and
+    what the stall probe saw on each core just before."""
     s = r.get("steal_ms") or (0.0, 0.0)
     p99 = r.get("p99_us")
-    return f"{p99 / 1000:.1f} ({s[0]:.0f} / {s[1]:.0f})" if p99 else f"- ({s[0]:.0f} / {s[1]:.0f})"
+    cell = (f"{p99 / 1000:.1f}" if p99 else "-") + f" ({s[0]:.0f} / {s[1]:.0f}"
+    probe = r.get("stalls")
+    if probe and all(probe):
+        cell += (f"; {probe[0]['over_1ms']} / {probe[1]['over_1ms']} stalls, "
+                 f"{max(probe[0]['longest_ms'], probe[1]['longest_ms']):.1f} ms")
+    return cell + ")"
+
+
+def probe_stalls():
+    """Runs benches/compare/stalls.py on the server's and the client's core at once (with
+    nothing else of ours running); returns its figures for each core, or None for a failed one."""
+    if STALL_PROBE_S <= 0:
+        return None
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "stalls.py")
+    procs = [subprocess.Popen(["taskset", "-c", str(core), sys.executable, script,
+                               str(STALL_PROBE_S)], stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+             for core in (SERVER_CORE, CLIENT_CORE)]
+    out = []
+    for p in procs:
+        try:
+            text, _ = p.communicate(timeout=STALL_PROBE_S + 30)
+            out.append(json.loads(text))
+        except (subprocess.TimeoutExpired, ValueError):
+            kill_pid(p.pid, signal.SIGKILL)
+            out.append(None)
+    return tuple(out)
 
 
 def measure(server, shape, rep, rate=None):
@@ -588,6 +619,7 @@ def measure(server, shape, rep, rate=None):
     timeout = (OPEN_DURATION if rate else DURATION) + 90
     fc = FsyncCounter(server.pid, os.path.join(WORK, f"{tag}.perf")) \
         if server.name in MAILDIR_SERVERS else None
+    stalls = probe_stalls() if rate else None
     stored0 = server.stored()
     la, bb = loadavg(), busy_builders()
     c0 = children_cpu_s()
@@ -609,7 +641,7 @@ def measure(server, shape, rep, rate=None):
              # Share of the server's core used by anything but the server (others' builds).
              foreign_core_pct=max(0.0, 100 * ((k1 - k0) - (s1 - s0)) / (wall + 0.3)),
              builders_after=busy_builders(), stored=stored, open_rate=rate,
-             steal_ms=(1000 * (st1[0] - st0[0]), 1000 * (st1[1] - st0[1])),
+             steal_ms=(1000 * (st1[0] - st0[0]), 1000 * (st1[1] - st0[1])), stalls=stalls,
              cmd=" ".join(shlex.quote(a) for a in ["taskset", "-c", str(CLIENT_CORE)] + argv))
     if CLIENT == "smtp-source":
         r.update(accepted=n_fixed if rc == 0 else 0, elapsed=wall, p50_us=None, p99_us=None,
@@ -637,6 +669,9 @@ def measure(server, shape, rep, rate=None):
         f"p50 {r.get('p50_us')} p99 {r.get('p99_us')} us, stored {stored}, rc {rc}, "
         f"load {la:.1f}, builders {bb}, others on core {SERVER_CORE} "
         f"{r['foreign_core_pct']:.0f}%, steal {r['steal_ms'][0]:.0f}/{r['steal_ms'][1]:.0f} ms"
+        + (f", probe stalls >1 ms {stalls[0]['over_1ms']}/{stalls[1]['over_1ms']} "
+           f"(longest {stalls[0]['longest_ms']}/{stalls[1]['longest_ms']} ms)"
+           if stalls and all(stalls) else "")
         + (f", fsyncs/msg {r['fsyncs_per_msg']:.3f}" if r.get("fsyncs_per_msg") else "")
         + (f"  ERR {r.get('error')}" if r.get("error") else ""))
     return r
@@ -833,10 +868,17 @@ def report(results, idle, opens, started_at, commands, exit_lines):
                            "client CPU shows how busy the one client core was).")
           + " Steal is the time the hypervisor did not run that virtual core while it had work "
           "(/proc/stat); a server or client descheduled for 100 ms stalls every session in flight "
-          "for that long:")
+          "for that long."
+          + (f" Before each run a thread spun alone on each core for {STALL_PROBE_S:g} s "
+             "(`benches/compare/stalls.py`): the cell gives how often it was stopped for more "
+             "than 1 ms (server / client core) and its longest stop, the floor under any tail "
+             "measured here." if STALL_PROBE_S > 0 else "")
+          + ":")
         A("")
         A("| server | fraction | rate (sessions/s) | achieved msg/s | p50 ms | p99 ms | p99/p50 | "
-          "server CPU us/msg | client CPU us/msg | each repetition: p99 ms (steal ms on server / client core) | errors |")
+          "server CPU us/msg | client CPU us/msg | each repetition: p99 ms (steal ms on server / client core"
+          + ("; probe stalls > 1 ms on server / client core, longest" if STALL_PROBE_S > 0 else "")
+          + ") | errors |")
         A("|---|---|---|---|---|---|---|---|---|---|---|")
         for name, frac in [(n, f) for f in OPEN_FRACTIONS for n in SERVERS]:
             rows = [r for r in opens if r["server"] == name and r.get("open_fraction") == frac]
