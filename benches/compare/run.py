@@ -481,7 +481,10 @@ def loadgen_figures(j):
                 p999_us=sess.get("p999_us") if sess.get("count") else None,
                 errors=pick(j, "errors_total"),
                 error_kinds={e.get("kind"): e.get("count") for e in j.get("errors", [])},
-                generator_cpu_us=pick(j, "generator_cpu_us_per_message"))
+                generator_cpu_us=pick(j, "generator_cpu_us_per_message"),
+                # Only with --spin: how often the machine stopped the polling client.
+                client_stalls=(pick(j, "stalls_over_1ms"), pick(j, "stall_longest_ms"))
+                if j.get("spin") else None)
 
 
 def run_client(argv, timeout):
@@ -586,6 +589,9 @@ def steal_cell(r):
     if probe and all(probe):
         cell += (f"; {probe[0]['over_1ms']} / {probe[1]['over_1ms']} stalls, "
                  f"{max(probe[0]['longest_ms'], probe[1]['longest_ms']):.1f} ms")
+    during = r.get("client_stalls")
+    if during and None not in during:
+        cell += f"; client {during[0]} stalls, {during[1]:.1f} ms"
     return cell + ")"
 
 
@@ -672,6 +678,9 @@ def measure(server, shape, rep, rate=None):
         + (f", probe stalls >1 ms {stalls[0]['over_1ms']}/{stalls[1]['over_1ms']} "
            f"(longest {stalls[0]['longest_ms']}/{stalls[1]['longest_ms']} ms)"
            if stalls and all(stalls) else "")
+        + (f", client stalls during the run {r['client_stalls'][0]} "
+           f"(longest {r['client_stalls'][1]} ms)"
+           if r.get("client_stalls") and None not in r["client_stalls"] else "")
         + (f", fsyncs/msg {r['fsyncs_per_msg']:.3f}" if r.get("fsyncs_per_msg") else "")
         + (f"  ERR {r.get('error')}" if r.get("error") else ""))
     return r
@@ -873,11 +882,14 @@ def report(results, idle, opens, started_at, commands, exit_lines):
              "(`benches/compare/stalls.py`): the cell gives how often it was stopped for more "
              "than 1 ms (server / client core) and its longest stop, the floor under any tail "
              "measured here." if STALL_PROBE_S > 0 else "")
+          + (" During the run, the spinning client counts the same for itself (\"client N "
+             "stalls, longest\")." if OPEN_SPIN else "")
           + ":")
         A("")
         A("| server | fraction | rate (sessions/s) | achieved msg/s | p50 ms | p99 ms | p99/p50 | "
           "server CPU us/msg | client CPU us/msg | each repetition: p99 ms (steal ms on server / client core"
           + ("; probe stalls > 1 ms on server / client core, longest" if STALL_PROBE_S > 0 else "")
+          + ("; client stalls > 1 ms during the run, longest" if OPEN_SPIN else "")
           + ") | errors |")
         A("|---|---|---|---|---|---|---|---|---|---|---|")
         for name, frac in [(n, f) for f in OPEN_FRACTIONS for n in SERVERS]:

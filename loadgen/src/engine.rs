@@ -265,11 +265,15 @@ impl Engine {
                 loop {
                     self.ring.poll().context("io_uring poll failed")?;
                     self.ring.reap(&mut cqes);
-                    if !cqes.is_empty() || Instant::now() >= wake {
+                    let polled = Instant::now();
+                    self.stats.stalls.poll(polled);
+                    if !cqes.is_empty() || polled >= wake {
                         break;
                     }
                     std::hint::spin_loop();
                 }
+                // Handling what the poll found is work, not a stall.
+                self.stats.stalls.resume();
             } else {
                 self.ring
                     .submit_and_wait(Some(wait), self.active, batch_us)

@@ -88,6 +88,12 @@ pub struct Report {
     pub batch_wait_us_max: u64,
     /// --spin: the generator busy-polled instead of sleeping (its CPU figure counts that).
     pub spin: bool,
+    /// --spin: gaps of more than 1 ms between two polls of a generator thread (the machine
+    /// stopped it), their number, the longest and their sum; zero without --spin. The whole
+    /// run, warmup included.
+    pub stalls_over_1ms: u64,
+    pub stall_longest_ms: f64,
+    pub stalls_total_ms: f64,
     /// Measured time: from the end of the warmup to the end of the last measured session.
     pub elapsed_s: f64,
     pub throughput: Throughput,
@@ -176,6 +182,11 @@ impl Report {
             let _ = writeln!(
                 s,
                 "timestamps: busy-polled (--spin): every completion seen at once; the generator kept its cores fully busy"
+            );
+            let _ = writeln!(
+                s,
+                "stalls: the machine stopped a polling thread {} time(s) for more than 1 ms (longest {:.2} ms, {:.1} ms in all); every session in flight waited as long",
+                self.stalls_over_1ms, self.stall_longest_ms, self.stalls_total_ms
             );
         }
         if self.batch_pct > 0.0 {

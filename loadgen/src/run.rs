@@ -303,6 +303,9 @@ pub fn run(cfg: Config) -> Result<ExitCode> {
         batch_pct: cfg.batch_pct,
         batch_wait_us_max: total.batch_wait_us_max,
         spin: cfg.spin,
+        stalls_over_1ms: total.stalls.count,
+        stall_longest_ms: (total.stalls.longest.as_secs_f64() * 1e5).round() / 100.0,
+        stalls_total_ms: (total.stalls.total.as_secs_f64() * 1e4).round() / 10.0,
         ..Default::default()
     };
     report.fill_figures(

@@ -1,6 +1,8 @@
 //! Figures one thread collects, merged across threads at the end: a histogram per phase,
 //! counters and errors by kind. Each thread owns its own; nothing here is shared while running.
 
+use std::time::{Duration, Instant};
+
 use hdrhistogram::Histogram;
 
 use crate::errors::ErrorTable;
@@ -126,6 +128,8 @@ pub struct ThreadStats {
     /// Longest the kernel was allowed to hold completions for a batch (--batch), µs: no
     /// timestamp of the run is later than this.
     pub batch_wait_us_max: u64,
+    /// --spin: how often, and how long, the machine stopped this busy-polling thread.
+    pub stalls: Stalls,
 }
 
 impl ThreadStats {
@@ -135,6 +139,50 @@ impl ThreadStats {
         self.errors.merge(&o.errors);
         self.last_end_ns = self.last_end_ns.max(o.last_end_ns);
         self.batch_wait_us_max = self.batch_wait_us_max.max(o.batch_wait_us_max);
+        self.stalls.merge(&o.stalls);
+    }
+}
+
+/// Gaps between two consecutive polls of a busy-polling thread (--spin) longer than
+/// `Stalls::MIN`: time the thread was runnable but did not run (the hypervisor took the core,
+/// another task or an interrupt had it). Every session in flight, and every one due meanwhile,
+/// is late by as much, whatever the server does; so these bound how low the measured tail can
+/// be on this machine.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stalls {
+    last: Option<Instant>,
+    /// Gaps longer than `MIN`.
+    pub count: u64,
+    pub longest: Duration,
+    pub total: Duration,
+}
+
+impl Stalls {
+    /// Shorter gaps are a poll's own work (a system call, the completions it reaped).
+    pub const MIN: Duration = Duration::from_millis(1);
+
+    /// A poll at `now`, right after the previous one (if `resume` was not called since).
+    pub fn poll(&mut self, now: Instant) {
+        if let Some(last) = self.last {
+            let gap = now.saturating_duration_since(last);
+            if gap > Self::MIN {
+                self.count += 1;
+                self.longest = self.longest.max(gap);
+                self.total += gap;
+            }
+        }
+        self.last = Some(now);
+    }
+
+    /// The thread did its own work since the last poll: the next gap is not a stall.
+    pub fn resume(&mut self) {
+        self.last = None;
+    }
+
+    pub fn merge(&mut self, o: &Stalls) {
+        self.count += o.count;
+        self.longest = self.longest.max(o.longest);
+        self.total += o.total;
     }
 }
 
@@ -153,6 +201,37 @@ pub struct IntervalReport {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stalls_count_only_long_gaps_between_consecutive_polls() {
+        let t0 = Instant::now();
+        let at = |us: u64| t0 + Duration::from_micros(us);
+        let mut s = Stalls::default();
+        for us in [0, 50, 100, 3_100, 3_150] {
+            s.poll(at(us));
+        }
+        assert_eq!(
+            (s.count, s.longest, s.total),
+            (
+                1,
+                Duration::from_micros(3_000),
+                Duration::from_micros(3_000)
+            )
+        );
+        // Work between two polls (handling completions) is not a stall, however long.
+        s.resume();
+        s.poll(at(20_000));
+        s.poll(at(20_900)); // 0.9 ms: under the threshold
+        s.poll(at(22_000)); // 1.1 ms
+        assert_eq!(s.count, 2);
+        assert_eq!(s.total, Duration::from_micros(4_100));
+        let mut other = Stalls::default();
+        other.poll(at(0));
+        other.poll(at(8_000));
+        s.merge(&other);
+        assert_eq!((s.count, s.longest), (3, Duration::from_millis(8)));
+        assert_eq!(s.total, Duration::from_micros(12_100));
+    }
 
     #[test]
     fn merged_percentiles_equal_those_of_one_histogram() {

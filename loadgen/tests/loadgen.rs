@@ -227,6 +227,24 @@ fn spinning_open_loop_keeps_the_schedule_and_counts_every_message() {
         "took {took:?}\n{stdout}"
     );
     assert!(stdout.contains("busy-polled (--spin)"), "{stdout}");
+    // The stalls the polling threads saw are reported, consistently: as many as counted, each
+    // over 1 ms, none longer than the run.
+    let (count, longest, total) = (
+        j["stalls_over_1ms"].as_u64().expect("stalls_over_1ms"),
+        j["stall_longest_ms"].as_f64().expect("stall_longest_ms"),
+        j["stalls_total_ms"].as_f64().expect("stalls_total_ms"),
+    );
+    if count == 0 {
+        assert_eq!((longest, total), (0.0, 0.0), "{stdout}");
+    } else {
+        assert!(longest > 1.0 && total + 0.1 >= longest, "{stdout}");
+        assert!(total + 0.1 >= count as f64, "{stdout}");
+        assert!(total < took.as_secs_f64() * 2e3, "{stdout}");
+    }
+    assert!(
+        stdout.contains("stalls: the machine stopped a polling thread"),
+        "{stdout}"
+    );
 }
 
 #[test]
