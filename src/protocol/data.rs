@@ -557,9 +557,9 @@ impl Avx2 {
     /// Two marked blocks of shifted lanes, from `base` and `base + 64`. When neither has a bare
     /// lane (always, in a well-formed body), every LF of a dot lane is CR-preceded (bare lane `k`
     /// is the pair that ends at the LF of dot lane `k`), so each dot starts a line, and `s.bare`
-    /// stays as it is; the dots of both blocks are then walked as one 128-bit word, so that where
-    /// they fall costs no branch besides the loop's exit (a pair of blocks rarely has two dot
-    /// lines). Otherwise each block is walked as usual.
+    /// stays as it is; the dots of both blocks are then walked as one 128-bit word, so that which
+    /// block holds them costs no branch (only the loop's own, once per dot). Otherwise each
+    /// block is walked as usual.
     #[allow(clippy::too_many_arguments)]
     #[inline(always)]
     fn walk_two(
