@@ -416,9 +416,10 @@ fn avx2_token() -> Option<Avx2Token> {
 /// both questions: `c ^ d` marks a bare pair `(q - 1, q)`, and `d & e` an LF-dot pair `(q, q +
 /// 1)`. A block with neither (nearly every block of a normal body) costs 6 comparisons (the loads
 /// folded into them) and 7 logic operations; two blocks share one test and branch. Only a block
-/// with a mark turns its lanes into bit masks and walks the dot bits in order. pulp's token proves
-/// that the CPU has AVX2, which makes its intrinsics safe to call; they inline only inside
-/// `V3::vectorize`.
+/// with a mark turns its lanes into bit masks and walks the dot bits in order; when a marked
+/// pair of blocks has no bare lane, as in any well-formed body, its dots are walked as one 128-bit
+/// word with no test of which block holds them. pulp's token proves that the CPU has AVX2, which
+/// makes its intrinsics safe to call; they inline only inside `V3::vectorize`.
 #[cfg(target_arch = "x86_64")]
 #[derive(Clone, Copy)]
 struct Avx2(pulp::x86::V3);
@@ -429,6 +430,10 @@ use core::arch::x86_64::__m256i;
 /// The (bare, dot) lanes of a block.
 #[cfg(target_arch = "x86_64")]
 type Lanes = [(__m256i, __m256i); 2];
+
+/// Positions (and byte pairs) in one block of the AVX2 kernel.
+#[cfg(target_arch = "x86_64")]
+const PAIRS: usize = 64;
 
 #[cfg(target_arch = "x86_64")]
 impl Avx2 {
@@ -549,6 +554,47 @@ impl Avx2 {
         ControlFlow::Continue(())
     }
 
+    /// Two marked blocks of shifted lanes, from `base` and `base + 64`. When neither has a bare
+    /// lane (always, in a well-formed body), every LF of a dot lane is CR-preceded (bare lane `k`
+    /// is the pair that ends at the LF of dot lane `k`), so each dot starts a line, and `s.bare`
+    /// stays as it is; the dots of both blocks are then walked as one 128-bit word, so that which
+    /// block holds them costs no branch (only the loop's own, once per dot). Otherwise each
+    /// block is walked as usual.
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    fn walk_two(
+        self,
+        s: &mut DataScanner,
+        input: &[u8],
+        start: usize,
+        l: &Lanes,
+        m: &Lanes,
+        base: usize,
+        body_from: &mut usize,
+        sink: &mut impl FnMut(&[u8]),
+    ) -> ControlFlow<Result<usize, usize>> {
+        let v = self.0;
+        let or = |x, y| v.avx2._mm256_or_si256(x, y);
+        let bare = or(or(l[0].0, l[1].0), or(m[0].0, m[1].0));
+        if v.avx._mm256_testz_si256(bare, bare) == 0 {
+            if !self.clean(l) {
+                self.walk_shifted(s, input, start, l, base, u64::MAX, body_from, sink)?;
+            }
+            if !self.clean(m) {
+                self.walk_shifted(s, input, start, m, base + PAIRS, u64::MAX, body_from, sink)?;
+            }
+            return ControlFlow::Continue(());
+        }
+        let mut dots =
+            u128::from(self.bits(l[0].1, l[1].1)) | u128::from(self.bits(m[0].1, m[1].1)) << 64;
+        while dots != 0 {
+            let dot = base + dots.trailing_zeros() as usize + 1;
+            s.line_dot(input, dot, body_from, sink)?;
+            dots &= dots - 1;
+        }
+        ControlFlow::Continue(())
+    }
+
     /// A marked block of shifted lanes from `base`, only its positions in `keep` judged: its
     /// bare lane 0 is the pair `base - 1`, before all of the block's pairs.
     #[allow(clippy::too_many_arguments)]
@@ -565,7 +611,16 @@ impl Avx2 {
         sink: &mut impl FnMut(&[u8]),
     ) -> ControlFlow<Result<usize, usize>> {
         let bare_lanes = self.bits(l[0].0, l[1].0) & keep;
-        let dot_bits = self.bits(l[0].1, l[1].1) & keep;
+        let mut dot_bits = self.bits(l[0].1, l[1].1) & keep;
+        if bare_lanes == 0 {
+            // As in `walk_two`: without a bare lane, each dot starts a line.
+            while dot_bits != 0 {
+                let dot = base + dot_bits.trailing_zeros() as usize + 1;
+                s.line_dot(input, dot, body_from, sink)?;
+                dot_bits &= dot_bits - 1;
+            }
+            return ControlFlow::Continue(());
+        }
         if bare_lanes & 1 != 0 {
             s.bare = true;
         }
@@ -607,7 +662,6 @@ impl Kernel for Avx2 {
         body_from: &mut usize,
         sink: &mut impl FnMut(&[u8]),
     ) -> ControlFlow<Result<usize, usize>> {
-        const PAIRS: usize = 64;
         // Only the bytes of the pairs `..to`, so that a block's bounds check is the loop's test.
         let hay = &input[..=to];
         if to <= PAIRS {
@@ -653,12 +707,7 @@ impl Kernel for Avx2 {
             let (l, m) = (self.shifted(w), self.shifted(v));
             if !self.clean2(&l, &m) {
                 let j = hay.len() - rest.len() + 1;
-                if !self.clean(&l) {
-                    self.walk_shifted(s, input, start, &l, j, u64::MAX, body_from, sink)?;
-                }
-                if !self.clean(&m) {
-                    self.walk_shifted(s, input, start, &m, j + PAIRS, u64::MAX, body_from, sink)?;
-                }
+                self.walk_two(s, input, start, &l, &m, j, body_from, sink)?;
             }
             rest = &rest[2 * PAIRS..];
         }
@@ -1067,6 +1116,39 @@ mod tests {
                 input[pos..pos + v.len()].copy_from_slice(v);
                 input.extend_from_slice(b"\r\n.\r\nNOOP\n");
                 check(&input);
+            }
+        }
+    }
+
+    #[test]
+    fn patterns_at_every_offset_of_two_block_steps_match_the_oracle() {
+        // The AVX2 kernel tests two blocks at a time and walks the dots of a marked pair in one
+        // go when it has no bare lane: clean CRLF lines with a dot line every few dozen bytes
+        // (so a pair holds several, on both sides of its middle), long enough for two such
+        // steps after the first block, with each pattern at every offset; fed whole and split
+        // around the pattern and the block boundaries.
+        let mut line = Vec::new();
+        for k in 0..5 {
+            line.extend(std::iter::repeat_n(b'a', 7 + 5 * k));
+            line.extend_from_slice(if k % 2 == 0 { b"\r\n." } else { b"\r\n" });
+        }
+        let norm = |r: Option<(usize, Vec<u8>, bool)>| {
+            r.map(|(c, b, bare)| (c, if bare { Vec::new() } else { b }, bare))
+        };
+        for v in PATTERNS {
+            for pos in 0..=330 - v.len() {
+                let mut input: Vec<u8> = line.iter().copied().cycle().take(330).collect();
+                input[pos..pos + v.len()].copy_from_slice(v);
+                input.extend_from_slice(b"\r\n.\r\nNOOP\n");
+                let want = norm(naive(&input));
+                assert_eq!(norm(chunked(&input, &[])), want, "pos {pos} {v:?} whole");
+                for cut in [pos, pos + 1, pos + v.len(), 63, 64, 65, 192, 193, 320] {
+                    assert_eq!(
+                        norm(chunked(&input, &[cut])),
+                        want,
+                        "pos {pos} {v:?} cut {cut}"
+                    );
+                }
             }
         }
     }
