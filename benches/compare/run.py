@@ -933,7 +933,7 @@ def report(results, idle, opens, started_at, commands, exit_lines):
         per = med_range([r["kib_per_conn"] for r in idle if r["server"] == name])
         val, ver = verdict(per[0] if per else None, 2.0)
         A(f"| RSS per idle connection, {LABEL[name]} | <= 2 KiB | {val} KiB | {ver} |")
-    for name in ("ringmx-discard", "ringmx-maildir"):
+    for name in ("ringmx-discard", *MAILDIR_SERVERS):
         q = med_range([r["p99_us"] / r["p50_us"] for r in opens
                        if r["server"] == name and r.get("p50_us") and r.get("p99_us")
                        and r.get("open_fraction") == 0.5])
