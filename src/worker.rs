@@ -1915,10 +1915,9 @@ mod tests {
         assert!(TcpStream::connect(addr).is_err());
     }
 
-    #[test]
-    fn a_connection_accepted_in_the_turn_of_the_shutdown_hears_only_the_421() {
-        // The accept and the wake-up can complete in the same turn, the accept first. Driven by
-        // hand here, so the order is certain: accept, then shutdown, then the turn's sends.
+    /// A discard worker that no thread runs: a test calls its handlers itself, in the order
+    /// it wants to pin down.
+    fn hand_driven_worker() -> (Worker, Arc<Shared>, Arc<EventFd>) {
         let args = ServeArgs {
             listen: vec![free_addr()],
             workers: Some(1),
@@ -1933,11 +1932,27 @@ mod tests {
             .pop()
             .unwrap();
         let wake = Arc::new(EventFd::new().unwrap());
-        let mut worker = Worker::new(0, Arc::new(Shared::new(cfg)), socks, store, wake).unwrap();
+        let shared = Arc::new(Shared::new(cfg));
+        let worker = Worker::new(0, shared.clone(), socks, store, wake.clone()).unwrap();
+        (worker, shared, wake)
+    }
+
+    /// A client connection handed to `worker` as its accept would: the client's socket and a
+    /// reader of its replies.
+    fn hand_accepted(worker: &mut Worker) -> (TcpStream, BufReader<TcpStream>) {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let (_c, mut r) = connect(l.local_addr().unwrap());
+        let client = connect(l.local_addr().unwrap());
         let (server_side, _) = l.accept().unwrap();
         worker.accepted(std::os::fd::IntoRawFd::into_raw_fd(server_side));
+        client
+    }
+
+    #[test]
+    fn a_connection_accepted_in_the_turn_of_the_shutdown_hears_only_the_421() {
+        // The accept and the wake-up can complete in the same turn, the accept first. Driven by
+        // hand here, so the order is certain: accept, then shutdown, then the turn's sends.
+        let (mut worker, _, _) = hand_driven_worker();
+        let (_c, mut r) = hand_accepted(&mut worker);
         worker.on_wake(Completion {
             token: Token::new(K_WAKE, 0, 0),
             res: 8,
@@ -1956,40 +1971,25 @@ mod tests {
     fn a_connection_accepted_before_the_wake_up_arrives_hears_only_the_421() {
         // The signal thread marks the shutdown, then wakes the workers one after the other: a
         // worker can accept (and, in an earlier turn than its wake-up, greet) a connection made
-        // after the signal. Driven by hand: the mark, then an accept, with no wake-up at all.
-        let args = ServeArgs {
-            listen: vec![free_addr()],
-            workers: Some(1),
-            hostname: Some("mx.test".into()),
-            store: Some(StoreSpec::Discard),
-            ..Default::default()
-        };
-        let cfg = Arc::new(Config::from_serve_args(args).unwrap());
-        let store = Store::open(&cfg.store, 0, "mx.test").unwrap();
-        let socks = crate::server::bind_all(&cfg.listen, 1)
-            .unwrap()
-            .pop()
-            .unwrap();
-        let wake = Arc::new(EventFd::new().unwrap());
-        let shared = Arc::new(Shared::new(cfg));
-        let mut worker = Worker::new(0, shared.clone(), socks, store, wake).unwrap();
+        // after the signal. Driven by hand: the mark, then an accept, before any wake-up.
+        let (mut worker, shared, wake) = hand_driven_worker();
         shared.begin_shutdown();
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let (_c, mut r) = connect(l.local_addr().unwrap());
-        let (server_side, _) = l.accept().unwrap();
-        worker.accepted(std::os::fd::IntoRawFd::into_raw_fd(server_side));
+        let (_c, mut r) = hand_accepted(&mut worker);
         assert!(
             worker.shutting_down,
             "the accept started the worker's own shutdown"
         );
-        worker.flush_dirty();
-        worker.ring.submit();
+        // The wake-up the signal thread sends next; the worker then finishes its shutdown: the
+        // 421, the close, and it returns.
+        wake.notify();
+        worker.run();
         let mut line = String::new();
         r.read_line(&mut line).unwrap();
         assert!(line.starts_with("421 4.3.2 "), "first reply {line:?}");
         line.clear();
         assert_eq!(
-            r.read_line(&mut line).unwrap_or(0),
+            r.read_line(&mut line)
+                .expect("the close, not a read timeout"),
             0,
             "then the close: {line:?}"
         );
