@@ -36,6 +36,9 @@ pub struct Metrics {
     pub batch_messages_max: u64,
     /// Store operations that failed (each message of such a batch gets 451/452).
     pub store_errors: u64,
+    /// Receives that found every provided receive buffer in use (ENOBUFS) and waited for one:
+    /// a worker receiving faster than it can work through its input.
+    pub recv_starved: u64,
 }
 
 impl Metrics {
@@ -62,6 +65,7 @@ impl Metrics {
         self.batches += other.batches;
         self.batch_messages_max = self.batch_messages_max.max(other.batch_messages_max);
         self.store_errors += other.store_errors;
+        self.recv_starved += other.recv_starved;
     }
 
     /// Merges a set of per-worker metrics.
@@ -94,7 +98,7 @@ impl Metrics {
             "connections {} accepted, {} refused; sessions {} ended ({} timed out); commands {}, \
              client errors {}; messages {} accepted ({} bytes, {rate:.1}/s over {secs:.1}s), {} rejected; \
              store: {} batches (mean {:.1}, max {} messages), {} fsyncs, {} errors; \
-             bytes {} in, {} out",
+             bytes {} in, {} out; receives that waited for a buffer {}",
             self.connections_accepted,
             self.connections_refused,
             self.sessions_ended,
@@ -111,6 +115,7 @@ impl Metrics {
             self.store_errors,
             self.bytes_received,
             self.bytes_sent,
+            self.recv_starved,
         )
     }
 
