@@ -41,10 +41,13 @@ cleanup() {
         kill "$RUNNER_PID" 2>/dev/null || true
         wait "$RUNNER_PID" 2>/dev/null || true
     fi
-    # The private Postfix is stopped through its own command (master is not our child).
-    if [[ -f $WORK/postfix/main.cf ]]; then
-        postfix -c "$WORK/postfix" stop >/dev/null 2>&1 || true
-    fi
+    # The private Postfix instances (the first one, and one per run, each with its own queue)
+    # are stopped through their own command (master is not our child).
+    for pdir in "$WORK"/postfix "$WORK"/postfix-*; do
+        if [[ -f $pdir/main.cf ]]; then
+            postfix -c "$pdir" stop >/dev/null 2>&1 || true
+        fi
+    done
     # Anything run.py started and left behind: only if the PID still runs the program we started
     # (a PID may have been reused by someone else's process since).
     if [[ -s $PIDFILE ]]; then

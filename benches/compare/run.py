@@ -7,6 +7,13 @@ compare.sh installs and builds; this file runs the servers and the client, reads
 
 What is measured, and how:
 - Every server runs pinned to core 0, every client (and this script) to core 1.
+- Every run of a durable server (the two ringmx maildir stores, the private Postfix) starts on
+  a freshly started server with an empty store of its own (a new directory; none is deleted
+  while measuring, see delete_stores), then WARMUP_S seconds of the run's own load that
+  nothing measures (Postfix forks its smtpd processes then). Otherwise each run would start on
+  the files of every earlier one, and the faster server, having written more, would pay more
+  for its bigger directories: ringmx's new/ held 176,000 files at its third (b) run, the
+  Postfix queue a tenth of that.
 - messages/s: messages the client saw accepted (250 after the final dot) / the client's run time.
 - server CPU us/msg: utime+stime (+cutime+cstime, so exited children such as Postfix's smtpd
   count) summed over the server's whole process tree, from /proc, taken just before the client
@@ -21,6 +28,7 @@ What is measured, and how:
 Every figure is taken REPS times; the table shows the median and the range, and the ratio to
 smtp-sink's figure in the same repetition (median of the per-repetition ratios).
 """
+import glob
 import json
 import os
 import re
@@ -47,6 +55,7 @@ QUICK = env("QUICK", "0") == "1"
 REPS = int(env("REPS", "1" if QUICK else "3"))
 DURATION = float(env("DURATION", "2" if QUICK else "6"))
 OPEN_DURATION = float(env("OPEN_DURATION", "3" if QUICK else "8"))
+WARMUP_S = float(env("WARMUP_S", "0.5" if QUICK else "1"))
 # 10,000 even in QUICK mode: the per-connection figure at 2,000 still carries the allocator's
 # fixed steps (2.8 KiB against 0.77 KiB at 10,000), and holding 10,000 takes seconds.
 IDLE_CONNS = int(env("IDLE_CONNS", "10000"))
@@ -305,6 +314,7 @@ class Ringmx(Server):
     def __init__(self, store, maildir="maildir", name=None, extra=()):
         super().__init__()
         self.store = store
+        self.base = maildir
         self.maildir = os.path.join(WORK, maildir) if store == "maildir" else None
         self.name = name or "ringmx-" + store
         self.extra = list(extra)
@@ -346,6 +356,14 @@ class Ringmx(Server):
         if self.maildir:
             return len(os.listdir(os.path.join(self.maildir, "new")))
         return None
+
+    def fresh_store(self, tag):
+        """Restart on an empty store of its own (see the module docs); discard: nothing."""
+        if not self.maildir:
+            return
+        self.stop()
+        self.maildir = os.path.join(WORK, f"{self.base}-{tag}")
+        self.start()
 
 
 class SmtpSink(Server):
@@ -419,6 +437,12 @@ class Postfix(Server):
         for _, _, files in os.walk(os.path.join(self.dir, "queue", "hold")):
             n += len(files)
         return n
+
+    def fresh_store(self, tag):
+        """Restart with an empty queue of its own (see the module docs)."""
+        self.stop()
+        self.dir = os.path.join(WORK, f"postfix-{tag}")
+        self.start()
 
     def stop(self):
         if self.pid is None:
@@ -514,7 +538,7 @@ SOURCE_COUNTS = {"a": 20000, "b": 50000, "c": 4000}
 SOURCE_SLOW = {"postfix": 0.1, "ringmx-maildir": 0.5, "ringmx-syncfs": 0.5}
 
 
-def client_argv(server, shape, jsonfile, rate=None):
+def client_argv(server, shape, jsonfile, rate=None, duration=None):
     sh = SHAPES[shape]
     if CLIENT == "smtp-source":
         n = int(SOURCE_COUNTS[shape] * SOURCE_SLOW.get(server.name, 1.0) * (0.2 if QUICK else 1))
@@ -527,9 +551,9 @@ def client_argv(server, shape, jsonfile, rate=None):
             "--size", str(sh["size"]), "--threads", "1", "--timeout", "30",
             "--from", "sender@example.com", "--to", "rcpt@example.net", "--json", jsonfile]
     if rate is None:
-        argv += ["--connections", str(sh["conns"]), "--duration", f"{DURATION:g}"]
+        argv += ["--connections", str(sh["conns"]), "--duration", f"{duration or DURATION:g}"]
     else:
-        argv += ["--rate", f"{rate:.0f}", "--duration", f"{OPEN_DURATION:g}"]
+        argv += ["--rate", f"{rate:.0f}", "--duration", f"{duration or OPEN_DURATION:g}"]
         if OPEN_SPIN:
             argv.append("--spin")
     return argv, None
@@ -614,6 +638,25 @@ def probe_stalls():
             kill_pid(p.pid, signal.SIGKILL)
             out.append(None)
     return tuple(out)
+
+
+def fresh_store(server, tag, shape, rate=None):
+    """A durable server gets an empty store before each run, then WARMUP_S seconds of the run's
+    own load that nothing measures (see the module docs). False if it could not be restarted."""
+    if not hasattr(server, "fresh_store") or (isinstance(server, Ringmx) and not server.maildir):
+        return True
+    try:
+        server.fresh_store(tag)
+    except (RuntimeError, OSError) as e:
+        log(f"SKIP {server.name} run {tag}: restart on a fresh store failed: {e}")
+        return False
+    if WARMUP_S > 0 and CLIENT == "loadgen":
+        jf = os.path.join(WORK, f"{server.name}-{tag}-warmup.json")
+        argv, _ = client_argv(server, shape, jf, rate, duration=WARMUP_S)
+        rc, _, _, err = run_client(argv, WARMUP_S + 90)
+        if rc != 0:
+            log(f"{server.name} {tag}: warm-up client exited {rc}: {err[-300:]}")
+    return True
 
 
 def measure(server, shape, rep, rate=None):
@@ -940,8 +983,11 @@ def report(results, idle, opens, started_at, commands, exit_lines):
         val, ver = verdict(q[0] if q else None, 3.0)
         A(f"| open loop p99/p50, {LABEL[name]} | <= 3x | {val}x | {ver} |")
     A("")
-    A("Commands (each server alone on core 0 while measured; all started once, idle when not "
-      "measured; shape (d) uses a freshly started server and `benches/compare/hold.py`):")
+    A("Commands (each server alone on core 0 while measured, idle when not measured; the "
+      "durable servers are started again before each run with an empty store of their own "
+      f"(STORE-SHAPE-rREP) and given {WARMUP_S:g} s of the run's load unmeasured, the others "
+      "are started once; shape (d) uses a freshly started server and "
+      "`benches/compare/hold.py`):")
     A("")
     A("```")
     for c in commands:
@@ -962,15 +1008,23 @@ def report(results, idle, opens, started_at, commands, exit_lines):
 
 # ---------------------------------------------------------------- main
 
+def postfix_dirs():
+    """The private Postfix's configuration directories: the first one and one per run."""
+    return sorted(d for d in glob.glob(os.path.join(WORK, "postfix")) +
+                  glob.glob(os.path.join(WORK, "postfix-*")) if os.path.isdir(d))
+
+
 def store_dirs():
     out = []
     if "ringmx-maildir" in SERVERS:
-        out += [os.path.join(WORK, d) for d in ("maildir", "maildir-idle")]
+        out += [d for d in glob.glob(os.path.join(WORK, "maildir*"))
+                if not os.path.basename(d).startswith("maildir-syncfs")]
     if "ringmx-syncfs" in SERVERS:
-        out.append(os.path.join(WORK, "maildir-syncfs"))
+        out += glob.glob(os.path.join(WORK, "maildir-syncfs*"))
     if "postfix" in SERVERS:
-        out.append(os.path.join(WORK, "postfix", "queue"))
-    return [d for d in out if os.path.exists(d)]
+        out += [os.path.join(d, "queue") for d in postfix_dirs()]
+        out += [d for d in postfix_dirs() if os.path.basename(d) != "postfix"]
+    return sorted({d for d in out if os.path.exists(d)})
 
 
 def delete_stores():
@@ -986,7 +1040,8 @@ def delete_stores():
     victims = store_dirs()
     if not victims:
         return
-    subprocess.run(["postfix", "-c", os.path.join(WORK, "postfix"), "stop"], capture_output=True)
+    for d in postfix_dirs():
+        subprocess.run(["postfix", "-c", d, "stop"], capture_output=True)
     log("deleting stores: " + ", ".join(victims))
     for v in victims:
         shutil.rmtree(v, ignore_errors=True)
@@ -1054,6 +1109,8 @@ def main():
                         if not s.alive():
                             log(f"{s.name} is not running any more; skipped")
                             continue
+                        if not fresh_store(s, f"{shape}-r{rep}", shape):
+                            continue
                         r = measure(s, shape, rep)
                         results.append(r)
                         if rep == 0 and s is servers[0]:
@@ -1069,6 +1126,9 @@ def main():
                         continue
                     for frac in OPEN_FRACTIONS:
                         for rep in range(REPS):
+                            if not fresh_store(s, f"open{frac:g}-r{rep}", "a",
+                                               rate=mx[0] * frac):
+                                continue
                             r = measure(s, "a", rep, rate=mx[0] * frac)
                             r["open_fraction"] = frac
                             opens.append(r)
