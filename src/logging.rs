@@ -361,7 +361,7 @@ impl fmt::Write for Escaped<'_> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[test]
@@ -432,7 +432,20 @@ mod tests {
 
     /// Collects what a subscriber writes, for comparing formats.
     #[derive(Clone, Default)]
-    struct Capture(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+    pub(crate) struct Capture(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+    /// What the events `f` logs on this thread print in the server's format (other modules'
+    /// tests use it to check their log lines).
+    pub(crate) fn captured(f: impl FnOnce()) -> String {
+        let cap = Capture::default();
+        let sub = tracing_subscriber::fmt()
+            .with_writer(cap.clone())
+            .event_format(LineFormat)
+            .finish();
+        tracing::subscriber::with_default(sub, f);
+        let out = cap.0.lock().unwrap().clone();
+        String::from_utf8(out).unwrap()
+    }
 
     impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Capture {
         type Writer = Capture;

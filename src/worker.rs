@@ -91,6 +91,8 @@ const RECV_BUFS: u16 = 128;
 const RECV_BUF_LEN: u32 = 64 * 1024;
 /// Receives that ended on ENOBUFS re-armed per loop round (see `Worker::rearm_starved`).
 const STARVED_REARM: usize = RECV_BUFS as usize / 2;
+/// At most one "receive buffers ran out" warning per worker in this time.
+const STARVED_WARN_EVERY: Duration = Duration::from_secs(60);
 /// How often idle timers and deadlines are checked.
 const TICK: Duration = Duration::from_millis(250);
 /// A closing connection whose last send does not finish in this time is cut.
@@ -376,6 +378,8 @@ pub struct Worker {
     /// Listeners whose accept stopped on EMFILE/ENOMEM, re-armed at the next tick.
     accept_retry: Vec<usize>,
     accept_warned: Option<Instant>,
+    /// When the last "receive buffers ran out" warning went out, and `recv_starved` then.
+    starved_warned: Option<(Instant, u64)>,
     wake: Arc<EventFd>,
     store: Store,
     conns: Slab<Conn>,
@@ -416,6 +420,7 @@ impl Worker {
             accept_ids: vec![None; n],
             accept_retry: Vec::new(),
             accept_warned: None,
+            starved_warned: None,
             wake,
             store,
             conns: Slab::new(Token::GEN_MASK),
@@ -805,6 +810,27 @@ impl Worker {
         }
     }
 
+    /// At most once a minute: receives had to wait for a buffer since the last warning. The
+    /// worker is getting input faster than it works through it (overload).
+    fn warn_if_starved(&mut self, now: Instant) {
+        let total = self.report.metrics.recv_starved;
+        let before = match self.starved_warned {
+            Some((last, _)) if now.duration_since(last) < STARVED_WARN_EVERY => return,
+            Some((_, before)) => before,
+            None => 0,
+        };
+        if total > before {
+            self.starved_warned = Some((now, total));
+            tracing::warn!(
+                worker = self.index,
+                waited = total - before,
+                connections = self.conns.len(),
+                "all {RECV_BUFS} receive buffers were in use: receives waited for one; this worker \
+                 gets input faster than it can answer it (overloaded: add cores or shed load)"
+            );
+        }
+    }
+
     fn rearm(ring: &mut Ring, conn: &mut Conn, slot: u32) {
         if conn.recv_id.is_none() {
             conn.recv_cancelled = false;
@@ -1080,6 +1106,7 @@ impl Worker {
         for i in std::mem::take(&mut self.accept_retry) {
             self.arm_accept(i);
         }
+        self.warn_if_starved(now);
         if let Some(g) = self.grace_deadline {
             if now >= g && !self.forced {
                 self.forced = true;
@@ -2102,6 +2129,31 @@ mod tests {
             "receives that waited for a buffer: {starved}"
         );
         assert_eq!(report.bufs_held, 0);
+    }
+
+    #[test]
+    fn running_out_of_receive_buffers_is_logged_at_most_once_a_minute() {
+        let (mut worker, _, _) = hand_driven_worker();
+        let now = Instant::now();
+        let quiet = crate::logging::tests::captured(|| worker.warn_if_starved(now));
+        assert_eq!(quiet, "", "nothing waited, nothing to say");
+        worker.report.metrics.recv_starved = 5;
+        let first = crate::logging::tests::captured(|| worker.warn_if_starved(now));
+        assert!(first.contains("WARN"), "{first}");
+        assert!(first.contains("receive buffers were in use"), "{first}");
+        assert!(first.contains("waited=5"), "{first}");
+        worker.report.metrics.recv_starved = 9;
+        let soon = crate::logging::tests::captured(|| {
+            worker.warn_if_starved(now + Duration::from_secs(30))
+        });
+        assert_eq!(soon, "", "not again within the minute");
+        let later = crate::logging::tests::captured(|| {
+            worker.warn_if_starved(now + Duration::from_secs(61))
+        });
+        assert!(
+            later.contains("waited=4"),
+            "the ones since the last warning: {later}"
+        );
     }
 
     #[test]
