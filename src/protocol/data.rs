@@ -1238,6 +1238,44 @@ mod tests {
         assert_eq!(s.len(), 15 + 100_000 + 2);
     }
 
+    /// The segments a scanner hands out for `input` fed whole, its answer and its length.
+    fn segments(input: &[u8], mut s: DataScanner) -> (Vec<Vec<u8>>, Option<usize>, u64, bool) {
+        let mut segs = Vec::new();
+        let end = s.scan(input, |seg| segs.push(seg.to_vec()));
+        (segs, end, s.len(), s.too_big())
+    }
+
+    #[test]
+    fn size_limit_inside_a_run_of_dot_lines_matches_the_portable_kernel() {
+        // Dot lines every few dozen bytes, well-formed, so that the AVX2 kernel drops their
+        // dots in its fast loop, which hands out without `emit`'s tests as long as the body
+        // cannot cross the limit in the blocks at hand. With every limit around the body's
+        // length (so that it is crossed in every block, at and around every dot), both kernels
+        // must hand out exactly the same segments, stop at the same one, and count the same.
+        let mut input = Vec::new();
+        let mut k = 0;
+        while input.len() < 600 {
+            input.extend_from_slice(if k % 2 == 0 { b".." } else { b"." });
+            input.extend(std::iter::repeat_n(b'a', 5 + k % 23));
+            input.extend_from_slice(b"\r\n");
+            k += 1;
+        }
+        input.extend_from_slice(b".\r\nNOOP\r\n");
+        let (all, end, len, _) = segments(&input, portable_scanner(u64::MAX));
+        assert!(all.len() > 30, "a segment per dot line");
+        for max in 0..len + 3 {
+            let picked = segments(&input, DataScanner::new(max));
+            assert_eq!(picked, segments(&input, portable_scanner(max)), "max {max}");
+            assert_eq!(
+                (picked.1, picked.2, picked.3),
+                (end, len, len > max),
+                "max {max}"
+            );
+            let kept: u64 = picked.0.iter().map(|seg| seg.len() as u64).sum();
+            assert!(kept <= max, "max {max}: {kept} bytes handed out");
+        }
+    }
+
     #[test]
     fn exactly_max_is_accepted() {
         let mut s = DataScanner::new(5);
