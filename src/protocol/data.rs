@@ -194,7 +194,11 @@ impl DataScanner {
                             // Local copies, which the optimizer keeps in registers: through
                             // `self` and `&mut from` every hand-out would be a memory round trip.
                             let (mut me, mut at) = (self.clone(), from);
-                            let found = me.blocks(Avx2(simd), input, i, &mut at, &mut sink);
+                            // Every byte this call hands out is in `input[at..]`.
+                            let pending = (input.len() - at) as u64;
+                            let roomy = me.len.checked_add(pending).is_some_and(|l| l <= me.max);
+                            let k = Avx2 { simd, roomy };
+                            let found = me.blocks(k, input, i, &mut at, &mut sink);
                             (*self, from) = (me, at);
                             found
                         }),
@@ -422,7 +426,13 @@ fn avx2_token() -> Option<Avx2Token> {
 /// makes its intrinsics safe to call; they inline only inside `V3::vectorize`.
 #[cfg(target_arch = "x86_64")]
 #[derive(Clone, Copy)]
-struct Avx2(pulp::x86::V3);
+struct Avx2 {
+    simd: pulp::x86::V3,
+    /// The body cannot outgrow its limit in this input: the scanner's length plus every input
+    /// byte from the first one not handed out is within it. Then no segment handed out in this
+    /// call makes the body too big, which spares `line_dots` the test.
+    roomy: bool,
+}
 
 #[cfg(target_arch = "x86_64")]
 use core::arch::x86_64::__m256i;
@@ -443,7 +453,7 @@ impl Avx2 {
     #[inline(always)]
     fn shifted(self, w: &[u8; 66]) -> Lanes {
         use pulp::bytemuck::pod_read_unaligned as load;
-        let s = self.0;
+        let s = self.simd;
         let splat = |c: u8| s.avx._mm256_set1_epi8(c as i8);
         let half = |at: usize| {
             let c = s
@@ -465,7 +475,7 @@ impl Avx2 {
     #[inline(always)]
     fn exact(self, w: &[u8; 65]) -> Lanes {
         use pulp::bytemuck::pod_read_unaligned as load;
-        let s = self.0;
+        let s = self.simd;
         let splat = |c: u8| s.avx._mm256_set1_epi8(c as i8);
         let half = |at: usize| {
             let a: __m256i = load(&w[at..at + 32]);
@@ -486,7 +496,7 @@ impl Avx2 {
     /// True when no lane of the block is marked.
     #[inline(always)]
     fn clean(self, l: &Lanes) -> bool {
-        let s = self.0;
+        let s = self.simd;
         let or = |x, y| s.avx2._mm256_or_si256(x, y);
         let any = or(or(l[0].0, l[0].1), or(l[1].0, l[1].1));
         s.avx._mm256_testz_si256(any, any) != 0
@@ -495,7 +505,7 @@ impl Avx2 {
     /// True when no lane of two blocks is marked.
     #[inline(always)]
     fn clean2(self, l: &Lanes, m: &Lanes) -> bool {
-        let s = self.0;
+        let s = self.simd;
         let or = |x, y| s.avx2._mm256_or_si256(x, y);
         let any = or(
             or(or(l[0].0, l[0].1), or(l[1].0, l[1].1)),
@@ -507,7 +517,7 @@ impl Avx2 {
     /// One bit per lane of the two halves, lane 0 in bit 0.
     #[inline(always)]
     fn bits(self, lo: __m256i, hi: __m256i) -> u64 {
-        let s = self.0;
+        let s = self.simd;
         let lo = s.avx2._mm256_movemask_epi8(lo) as u32 as u64;
         let hi = s.avx2._mm256_movemask_epi8(hi) as u32 as u64;
         lo | hi << 32
@@ -573,7 +583,7 @@ impl Avx2 {
         body_from: &mut usize,
         sink: &mut impl FnMut(&[u8]),
     ) -> ControlFlow<Result<usize, usize>> {
-        let v = self.0;
+        let v = self.simd;
         let or = |x, y| v.avx2._mm256_or_si256(x, y);
         let bare = or(or(l[0].0, l[1].0), or(m[0].0, m[1].0));
         if v.avx._mm256_testz_si256(bare, bare) == 0 {
@@ -585,8 +595,46 @@ impl Avx2 {
             }
             return ControlFlow::Continue(());
         }
-        let mut dots =
+        let dots =
             u128::from(self.bits(l[0].1, l[1].1)) | u128::from(self.bits(m[0].1, m[1].1)) << 64;
+        self.line_dots(s, input, base, dots, body_from, sink)
+    }
+
+    /// Dots that all start a line (two marked blocks with no bare lane): bit `k` of `dots` is the
+    /// dot at `base + k + 1`, walked as one word (no test of which block holds it). Nearly all
+    /// are stuffed dots, which need only their segment handed out. While the body cannot
+    /// outgrow its limit in this input (the kernel's `roomy`) and is not rejected, a dot whose
+    /// next byte is not a CR (with one more byte after it, as `line_dot` wants, so the two
+    /// agree) is dropped in a loop of its own, with the length and the start of the pending
+    /// bytes in registers: its segment is handed out and counted without `emit`'s tests. The
+    /// first other dot (maybe the end marker) and all after it go to `line_dot`.
+    #[inline(always)]
+    fn line_dots(
+        self,
+        s: &mut DataScanner,
+        input: &[u8],
+        base: usize,
+        mut dots: u128,
+        body_from: &mut usize,
+        sink: &mut impl FnMut(&[u8]),
+    ) -> ControlFlow<Result<usize, usize>> {
+        if self.roomy && !s.bare {
+            // Local copies, so that the loop keeps them in registers.
+            let (mut from, mut len) = (*body_from, s.len);
+            while dots != 0 {
+                let dot = base + dots.trailing_zeros() as usize + 1;
+                if !(dot + 2 < input.len() && input[dot + 1] != b'\r') {
+                    break;
+                }
+                // Never empty: `from` is at most the LF before the dot.
+                debug_assert!(from < dot);
+                sink(&input[from..dot]);
+                len += (dot - from) as u64;
+                from = dot + 1;
+                dots &= dots - 1;
+            }
+            (*body_from, s.len) = (from, len);
+        }
         while dots != 0 {
             let dot = base + dots.trailing_zeros() as usize + 1;
             s.line_dot(input, dot, body_from, sink)?;
@@ -611,9 +659,10 @@ impl Avx2 {
         sink: &mut impl FnMut(&[u8]),
     ) -> ControlFlow<Result<usize, usize>> {
         let bare_lanes = self.bits(l[0].0, l[1].0) & keep;
-        let mut dot_bits = self.bits(l[0].1, l[1].1) & keep;
+        let dot_bits = self.bits(l[0].1, l[1].1) & keep;
         if bare_lanes == 0 {
             // As in `walk_two`: without a bare lane, each dot starts a line.
+            let mut dot_bits = dot_bits;
             while dot_bits != 0 {
                 let dot = base + dot_bits.trailing_zeros() as usize + 1;
                 s.line_dot(input, dot, body_from, sink)?;
@@ -699,16 +748,28 @@ impl Kernel for Avx2 {
         // holds only after a byte whose pair is bare exactly when the entry check says so). The
         // bytes left from `j - 1` are a slice, so that its length test is the only bounds check.
         let mut rest = &hay[j - 1..];
-        // Two blocks per test and branch while there are two.
-        while let Some(w2) = rest.first_chunk::<{ 2 * PAIRS + 2 }>() {
-            let (Some(w), Some(v)) = (w2.first_chunk(), w2.last_chunk()) else {
-                unreachable!("two overlapping windows of a double one");
+        // Two blocks per test and branch while there are two. The clean ones are skipped in a
+        // loop of their own, in which only `rest` is live, so that the registers the walk needs
+        // are not spilled and reloaded around every clean pair.
+        loop {
+            let marked = loop {
+                let Some(w2) = rest.first_chunk::<{ 2 * PAIRS + 2 }>() else {
+                    break None;
+                };
+                let (Some(w), Some(v)) = (w2.first_chunk(), w2.last_chunk()) else {
+                    unreachable!("two overlapping windows of a double one");
+                };
+                let (l, m) = (self.shifted(w), self.shifted(v));
+                if !self.clean2(&l, &m) {
+                    break Some((l, m));
+                }
+                rest = &rest[2 * PAIRS..];
             };
-            let (l, m) = (self.shifted(w), self.shifted(v));
-            if !self.clean2(&l, &m) {
-                let j = hay.len() - rest.len() + 1;
-                self.walk_two(s, input, start, &l, &m, j, body_from, sink)?;
-            }
+            let Some((l, m)) = marked else {
+                break;
+            };
+            let j = hay.len() - rest.len() + 1;
+            self.walk_two(s, input, start, &l, &m, j, body_from, sink)?;
             rest = &rest[2 * PAIRS..];
         }
         if let Some(w) = rest.first_chunk::<{ PAIRS + 2 }>() {
