@@ -421,9 +421,11 @@ fn avx2_token() -> Option<Avx2Token> {
 /// 1)`. A block with neither (nearly every block of a normal body) costs 6 comparisons (the loads
 /// folded into them) and 7 logic operations; two blocks share one test and branch. Only a block
 /// with a mark turns its lanes into bit masks and walks the dot bits in order; when a marked
-/// pair of blocks has no bare lane, as in any well-formed body, its dots are walked as one 128-bit
-/// word with no test of which block holds them. pulp's token proves that the CPU has AVX2, which
-/// makes its intrinsics safe to call; they inline only inside `V3::vectorize`.
+/// pair of blocks has no bare lane, as in any well-formed body, each of its dots starts a line and
+/// `line_dots` drops the stuffed ones in a loop of a few instructions. pulp's token proves that
+/// the CPU has AVX2, which makes its intrinsics safe to call; they inline only inside
+/// `V3::vectorize` (so the closure given to it must stay small enough for LLVM to inline: when it
+/// did not, in a trial, every intrinsic became a call and the scanner some 100 times slower).
 #[cfg(target_arch = "x86_64")]
 #[derive(Clone, Copy)]
 struct Avx2 {
@@ -567,9 +569,8 @@ impl Avx2 {
     /// Two marked blocks of shifted lanes, from `base` and `base + 64`. When neither has a bare
     /// lane (always, in a well-formed body), every LF of a dot lane is CR-preceded (bare lane `k`
     /// is the pair that ends at the LF of dot lane `k`), so each dot starts a line, and `s.bare`
-    /// stays as it is; the dots of both blocks are then walked as one 128-bit word, so that which
-    /// block holds them costs no branch (only the loop's own, once per dot). Otherwise each
-    /// block is walked as usual.
+    /// stays as it is; the dots of both blocks then go to `line_dots`. Otherwise each block is
+    /// walked as usual.
     #[allow(clippy::too_many_arguments)]
     #[inline(always)]
     fn walk_two(
