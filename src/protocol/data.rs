@@ -194,7 +194,11 @@ impl DataScanner {
                             // Local copies, which the optimizer keeps in registers: through
                             // `self` and `&mut from` every hand-out would be a memory round trip.
                             let (mut me, mut at) = (self.clone(), from);
-                            let found = me.blocks(Avx2(simd), input, i, &mut at, &mut sink);
+                            // Every byte this call hands out is in `input[at..]`.
+                            let pending = (input.len() - at) as u64;
+                            let roomy = me.len.checked_add(pending).is_some_and(|l| l <= me.max);
+                            let k = Avx2 { simd, roomy };
+                            let found = me.blocks(k, input, i, &mut at, &mut sink);
                             (*self, from) = (me, at);
                             found
                         }),
@@ -417,12 +421,20 @@ fn avx2_token() -> Option<Avx2Token> {
 /// 1)`. A block with neither (nearly every block of a normal body) costs 6 comparisons (the loads
 /// folded into them) and 7 logic operations; two blocks share one test and branch. Only a block
 /// with a mark turns its lanes into bit masks and walks the dot bits in order; when a marked
-/// pair of blocks has no bare lane, as in any well-formed body, its dots are walked as one 128-bit
-/// word with no test of which block holds them. pulp's token proves that the CPU has AVX2, which
-/// makes its intrinsics safe to call; they inline only inside `V3::vectorize`.
+/// pair of blocks has no bare lane, as in any well-formed body, each of its dots starts a line and
+/// `line_dots` drops the stuffed ones in a loop of a few instructions. pulp's token proves that
+/// the CPU has AVX2, which makes its intrinsics safe to call; they inline only inside
+/// `V3::vectorize` (so the closure given to it must stay small enough for LLVM to inline: when it
+/// did not, in a trial, every intrinsic became a call and the scanner some 100 times slower).
 #[cfg(target_arch = "x86_64")]
 #[derive(Clone, Copy)]
-struct Avx2(pulp::x86::V3);
+struct Avx2 {
+    simd: pulp::x86::V3,
+    /// The body cannot outgrow its limit in this input: the scanner's length plus every input
+    /// byte from the first one not handed out is within it. Then no segment handed out in this
+    /// call makes the body too big, which spares `line_dots` the test.
+    roomy: bool,
+}
 
 #[cfg(target_arch = "x86_64")]
 use core::arch::x86_64::__m256i;
@@ -443,7 +455,7 @@ impl Avx2 {
     #[inline(always)]
     fn shifted(self, w: &[u8; 66]) -> Lanes {
         use pulp::bytemuck::pod_read_unaligned as load;
-        let s = self.0;
+        let s = self.simd;
         let splat = |c: u8| s.avx._mm256_set1_epi8(c as i8);
         let half = |at: usize| {
             let c = s
@@ -465,7 +477,7 @@ impl Avx2 {
     #[inline(always)]
     fn exact(self, w: &[u8; 65]) -> Lanes {
         use pulp::bytemuck::pod_read_unaligned as load;
-        let s = self.0;
+        let s = self.simd;
         let splat = |c: u8| s.avx._mm256_set1_epi8(c as i8);
         let half = |at: usize| {
             let a: __m256i = load(&w[at..at + 32]);
@@ -486,7 +498,7 @@ impl Avx2 {
     /// True when no lane of the block is marked.
     #[inline(always)]
     fn clean(self, l: &Lanes) -> bool {
-        let s = self.0;
+        let s = self.simd;
         let or = |x, y| s.avx2._mm256_or_si256(x, y);
         let any = or(or(l[0].0, l[0].1), or(l[1].0, l[1].1));
         s.avx._mm256_testz_si256(any, any) != 0
@@ -495,7 +507,7 @@ impl Avx2 {
     /// True when no lane of two blocks is marked.
     #[inline(always)]
     fn clean2(self, l: &Lanes, m: &Lanes) -> bool {
-        let s = self.0;
+        let s = self.simd;
         let or = |x, y| s.avx2._mm256_or_si256(x, y);
         let any = or(
             or(or(l[0].0, l[0].1), or(l[1].0, l[1].1)),
@@ -507,7 +519,7 @@ impl Avx2 {
     /// One bit per lane of the two halves, lane 0 in bit 0.
     #[inline(always)]
     fn bits(self, lo: __m256i, hi: __m256i) -> u64 {
-        let s = self.0;
+        let s = self.simd;
         let lo = s.avx2._mm256_movemask_epi8(lo) as u32 as u64;
         let hi = s.avx2._mm256_movemask_epi8(hi) as u32 as u64;
         lo | hi << 32
@@ -557,9 +569,8 @@ impl Avx2 {
     /// Two marked blocks of shifted lanes, from `base` and `base + 64`. When neither has a bare
     /// lane (always, in a well-formed body), every LF of a dot lane is CR-preceded (bare lane `k`
     /// is the pair that ends at the LF of dot lane `k`), so each dot starts a line, and `s.bare`
-    /// stays as it is; the dots of both blocks are then walked as one 128-bit word, so that which
-    /// block holds them costs no branch (only the loop's own, once per dot). Otherwise each
-    /// block is walked as usual.
+    /// stays as it is; the dots of both blocks then go to `line_dots`. Otherwise each block is
+    /// walked as usual.
     #[allow(clippy::too_many_arguments)]
     #[inline(always)]
     fn walk_two(
@@ -573,7 +584,7 @@ impl Avx2 {
         body_from: &mut usize,
         sink: &mut impl FnMut(&[u8]),
     ) -> ControlFlow<Result<usize, usize>> {
-        let v = self.0;
+        let v = self.simd;
         let or = |x, y| v.avx2._mm256_or_si256(x, y);
         let bare = or(or(l[0].0, l[1].0), or(m[0].0, m[1].0));
         if v.avx._mm256_testz_si256(bare, bare) == 0 {
@@ -585,8 +596,55 @@ impl Avx2 {
             }
             return ControlFlow::Continue(());
         }
-        let mut dots =
+        let dots =
             u128::from(self.bits(l[0].1, l[1].1)) | u128::from(self.bits(m[0].1, m[1].1)) << 64;
+        self.line_dots(s, input, base, dots, body_from, sink)
+    }
+
+    /// Dots that all start a line (two marked blocks with no bare lane): bit `k` of `dots` is the
+    /// dot at `base + k + 1`. Nearly all are stuffed dots, which need only their segment handed
+    /// out. While the body cannot outgrow its limit in this input (the kernel's `roomy`) and is
+    /// not rejected, a dot whose next byte is not a CR (with one more byte after it, as
+    /// `line_dot` wants, so the two agree) is dropped in a loop of its own, with the length and
+    /// the start of the pending bytes in registers: its segment is handed out and counted
+    /// without `emit`'s tests. That loop takes one block's word after the other, whose bit
+    /// steps cost a third of the 128-bit word's. The first other dot (maybe the end marker) and
+    /// all after it go to `line_dot`, walked as one 128-bit word.
+    #[inline(always)]
+    fn line_dots(
+        self,
+        s: &mut DataScanner,
+        input: &[u8],
+        base: usize,
+        mut dots: u128,
+        body_from: &mut usize,
+        sink: &mut impl FnMut(&[u8]),
+    ) -> ControlFlow<Result<usize, usize>> {
+        if self.roomy && !s.bare {
+            // Local copies, so that the loops keep them in registers.
+            let (mut from, mut len) = (*body_from, s.len);
+            // The last dot with two bytes after it, as `line_dot` wants.
+            let last = input.len().saturating_sub(3);
+            let (mut lo, mut hi) = (dots as u64, (dots >> 64) as u64);
+            'fast: {
+                for (word, at) in [(&mut lo, base + 1), (&mut hi, base + 1 + PAIRS)] {
+                    while *word != 0 {
+                        let dot = at + word.trailing_zeros() as usize;
+                        if dot > last || input[dot + 1] == b'\r' {
+                            break 'fast;
+                        }
+                        // Never empty: `from` is at most the LF before the dot.
+                        debug_assert!(from < dot);
+                        sink(&input[from..dot]);
+                        len += (dot - from) as u64;
+                        from = dot + 1;
+                        *word &= *word - 1;
+                    }
+                }
+            }
+            dots = u128::from(lo) | u128::from(hi) << 64;
+            (*body_from, s.len) = (from, len);
+        }
         while dots != 0 {
             let dot = base + dots.trailing_zeros() as usize + 1;
             s.line_dot(input, dot, body_from, sink)?;
@@ -611,9 +669,10 @@ impl Avx2 {
         sink: &mut impl FnMut(&[u8]),
     ) -> ControlFlow<Result<usize, usize>> {
         let bare_lanes = self.bits(l[0].0, l[1].0) & keep;
-        let mut dot_bits = self.bits(l[0].1, l[1].1) & keep;
+        let dot_bits = self.bits(l[0].1, l[1].1) & keep;
         if bare_lanes == 0 {
             // As in `walk_two`: without a bare lane, each dot starts a line.
+            let mut dot_bits = dot_bits;
             while dot_bits != 0 {
                 let dot = base + dot_bits.trailing_zeros() as usize + 1;
                 s.line_dot(input, dot, body_from, sink)?;
@@ -699,16 +758,28 @@ impl Kernel for Avx2 {
         // holds only after a byte whose pair is bare exactly when the entry check says so). The
         // bytes left from `j - 1` are a slice, so that its length test is the only bounds check.
         let mut rest = &hay[j - 1..];
-        // Two blocks per test and branch while there are two.
-        while let Some(w2) = rest.first_chunk::<{ 2 * PAIRS + 2 }>() {
-            let (Some(w), Some(v)) = (w2.first_chunk(), w2.last_chunk()) else {
-                unreachable!("two overlapping windows of a double one");
+        // Two blocks per test and branch while there are two. The clean ones are skipped in a
+        // loop of their own, in which only `rest` is live, so that the registers the walk needs
+        // are not spilled and reloaded around every clean pair.
+        loop {
+            let marked = loop {
+                let Some(w2) = rest.first_chunk::<{ 2 * PAIRS + 2 }>() else {
+                    break None;
+                };
+                let (Some(w), Some(v)) = (w2.first_chunk(), w2.last_chunk()) else {
+                    unreachable!("two overlapping windows of a double one");
+                };
+                let (l, m) = (self.shifted(w), self.shifted(v));
+                if !self.clean2(&l, &m) {
+                    break Some((l, m));
+                }
+                rest = &rest[2 * PAIRS..];
             };
-            let (l, m) = (self.shifted(w), self.shifted(v));
-            if !self.clean2(&l, &m) {
-                let j = hay.len() - rest.len() + 1;
-                self.walk_two(s, input, start, &l, &m, j, body_from, sink)?;
-            }
+            let Some((l, m)) = marked else {
+                break;
+            };
+            let j = hay.len() - rest.len() + 1;
+            self.walk_two(s, input, start, &l, &m, j, body_from, sink)?;
             rest = &rest[2 * PAIRS..];
         }
         if let Some(w) = rest.first_chunk::<{ PAIRS + 2 }>() {
@@ -1236,6 +1307,44 @@ mod tests {
         }
         assert_eq!(s.scan(b"\r\n.\r\nNEXT", |_| panic!("handed out")), Some(5));
         assert_eq!(s.len(), 15 + 100_000 + 2);
+    }
+
+    /// The segments a scanner hands out for `input` fed whole, its answer and its length.
+    fn segments(input: &[u8], mut s: DataScanner) -> (Vec<Vec<u8>>, Option<usize>, u64, bool) {
+        let mut segs = Vec::new();
+        let end = s.scan(input, |seg| segs.push(seg.to_vec()));
+        (segs, end, s.len(), s.too_big())
+    }
+
+    #[test]
+    fn size_limit_inside_a_run_of_dot_lines_matches_the_portable_kernel() {
+        // Dot lines every few dozen bytes, well-formed, so that the AVX2 kernel drops their
+        // dots in its fast loop, which hands out without `emit`'s tests as long as the body
+        // cannot cross the limit in the blocks at hand. With every limit around the body's
+        // length (so that it is crossed in every block, at and around every dot), both kernels
+        // must hand out exactly the same segments, stop at the same one, and count the same.
+        let mut input = Vec::new();
+        let mut k = 0;
+        while input.len() < 600 {
+            input.extend_from_slice(if k % 2 == 0 { b".." } else { b"." });
+            input.extend(std::iter::repeat_n(b'a', 5 + k % 23));
+            input.extend_from_slice(b"\r\n");
+            k += 1;
+        }
+        input.extend_from_slice(b".\r\nNOOP\r\n");
+        let (all, end, len, _) = segments(&input, portable_scanner(u64::MAX));
+        assert!(all.len() > 30, "a segment per dot line");
+        for max in 0..len + 3 {
+            let picked = segments(&input, DataScanner::new(max));
+            assert_eq!(picked, segments(&input, portable_scanner(max)), "max {max}");
+            assert_eq!(
+                (picked.1, picked.2, picked.3),
+                (end, len, len > max),
+                "max {max}"
+            );
+            let kept: u64 = picked.0.iter().map(|seg| seg.len() as u64).sum();
+            assert!(kept <= max, "max {max}: {kept} bytes handed out");
+        }
     }
 
     #[test]
