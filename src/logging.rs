@@ -432,19 +432,12 @@ pub(crate) mod tests {
 
     /// Collects what a subscriber writes, for comparing formats.
     #[derive(Clone, Default)]
-    pub(crate) struct Capture(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+    struct Capture(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
 
     /// What the events `f` logs on this thread print in the server's format (other modules'
     /// tests use it to check their log lines).
     pub(crate) fn captured(f: impl FnOnce()) -> String {
-        let cap = Capture::default();
-        let sub = tracing_subscriber::fmt()
-            .with_writer(cap.clone())
-            .event_format(LineFormat)
-            .finish();
-        tracing::subscriber::with_default(sub, f);
-        let out = cap.0.lock().unwrap().clone();
-        String::from_utf8(out).unwrap()
+        printed(true, f)
     }
 
     impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Capture {
@@ -497,7 +490,7 @@ pub(crate) mod tests {
 
     /// What the events of `f` print through our `LineFormat` (`ours`) or through
     /// tracing-subscriber's default format as the server used to configure it.
-    fn printed(ours: bool, f: impl Fn()) -> String {
+    fn printed(ours: bool, f: impl FnOnce()) -> String {
         let cap = Capture::default();
         let fmt = tracing_subscriber::fmt().with_writer(cap.clone());
         if ours {

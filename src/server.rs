@@ -123,7 +123,7 @@ pub(crate) fn bind_all(
 
 /// Raises the soft limit on open files to the hard limit: every connection is a descriptor,
 /// and --max-connections should be what limits them, not a default `ulimit -n` of 1024.
-fn raise_fd_limit(wanted: usize) {
+pub(crate) fn raise_fd_limit(wanted: usize) {
     use nix::sys::resource::{getrlimit, setrlimit, Resource};
     let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
         return;

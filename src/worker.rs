@@ -2083,12 +2083,10 @@ mod tests {
         // again for all but RECV_BUFS per round (about N^2 / 256 failures, 1,100 for 600
         // connections), and under a steady load that busy loop is what the worker spends itself on.
         const N: usize = 600;
-        use nix::sys::resource::{getrlimit, setrlimit, Resource};
-        let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
-        if soft < hard {
-            setrlimit(Resource::RLIMIT_NOFILE, hard, hard).unwrap();
-        }
-        assert!(hard >= 3 * N as u64, "this test needs {} open files", 3 * N);
+        crate::server::raise_fd_limit(3 * N);
+        let (soft, _) =
+            nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).unwrap();
+        assert!(soft >= 3 * N as u64, "this test needs {} open files", 3 * N);
         let (mut worker, shared, wake) = hand_driven_worker_with(|a| {
             a.max_connections_per_ip = Some(N + 1);
         });

@@ -358,12 +358,14 @@ class Ringmx(Server):
         return None
 
     def fresh_store(self, tag):
-        """Restart on an empty store of its own (see the module docs); discard: nothing."""
+        """Restart on an empty store of its own (see the module docs). False for discard,
+        which has no store and is not restarted."""
         if not self.maildir:
-            return
+            return False
         self.stop()
         self.maildir = os.path.join(WORK, f"{self.base}-{tag}")
         self.start()
+        return True
 
 
 class SmtpSink(Server):
@@ -443,6 +445,7 @@ class Postfix(Server):
         self.stop()
         self.dir = os.path.join(WORK, f"postfix-{tag}")
         self.start()
+        return True
 
     def stop(self):
         if self.pid is None:
@@ -643,10 +646,11 @@ def probe_stalls():
 def fresh_store(server, tag, shape, rate=None):
     """A durable server gets an empty store before each run, then WARMUP_S seconds of the run's
     own load that nothing measures (see the module docs). False if it could not be restarted."""
-    if not hasattr(server, "fresh_store") or (isinstance(server, Ringmx) and not server.maildir):
+    if not hasattr(server, "fresh_store"):
         return True
     try:
-        server.fresh_store(tag)
+        if not server.fresh_store(tag):
+            return True
     except (RuntimeError, OSError) as e:
         log(f"SKIP {server.name} run {tag}: restart on a fresh store failed: {e}")
         return False
@@ -1022,9 +1026,10 @@ def store_dirs():
     if "ringmx-syncfs" in SERVERS:
         out += glob.glob(os.path.join(WORK, "maildir-syncfs*"))
     if "postfix" in SERVERS:
-        out += [os.path.join(d, "queue") for d in postfix_dirs()]
-        out += [d for d in postfix_dirs() if os.path.basename(d) != "postfix"]
-    return sorted({d for d in out if os.path.exists(d)})
+        # The first instance's directory keeps its configuration; the per-run ones go whole.
+        out += [os.path.join(d, "queue") if os.path.basename(d) == "postfix" else d
+                for d in postfix_dirs()]
+    return sorted(d for d in out if os.path.exists(d))
 
 
 def delete_stores():
