@@ -19,7 +19,10 @@
 //! only files that are ours and orphaned are deleted: names in our convention whose process is
 //! gone (or is this very process, which has not written anything yet, e.g. pid 1 in a
 //! container), plus anything older than 36 hours, the age after which the Maildir convention lets
-//! any program clean tmp/.
+//! any program clean tmp/. One exception: a tmp/ entry that is the very file delivered under the
+//! same name in new/ or cur/ with a link count of one (a crash on ext4 without a journal can
+//! leave the rename's new entry on disk and not the removal of the old one) is left alone with a
+//! warning, since unlinking it would free the delivered message.
 use std::ffi::{CStr, CString, OsStr};
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -126,6 +129,37 @@ fn process_alive(pid: u32) -> bool {
     }
 }
 
+/// Every name delivered to new/ or cur/ (there without the `:2,FLAGS` a reader appends), with
+/// its path.
+fn delivered_names(
+    dir: &Path,
+) -> std::io::Result<std::collections::HashMap<std::ffi::OsString, PathBuf>> {
+    let mut names = std::collections::HashMap::new();
+    for sub in ["new", "cur"] {
+        for entry in std::fs::read_dir(dir.join(sub))? {
+            let entry = entry?;
+            let name = entry.file_name();
+            let base = match name.as_bytes().iter().position(|&b| b == b':') {
+                Some(i) => OsStr::from_bytes(&name.as_bytes()[..i]).to_os_string(),
+                None => name,
+            };
+            names.insert(base, entry.path());
+        }
+    }
+    Ok(names)
+}
+
+/// Whether unlinking an orphaned tmp/ file leaves the message delivered under the same name
+/// (`delivered`, if any) intact. A message is renamed from tmp/ to new/; after a crash, ext4
+/// without a journal can come back with both directory entries on disk but the inode's link
+/// count still one (the new/ entry was synced, the removal from tmp/ was not). Unlinking the
+/// tmp/ entry would then free the inode under the delivered message, which may have been
+/// acknowledged. A separate file, or a real second link, is safe to unlink.
+fn orphan_safe_to_unlink(tmp: &std::fs::Metadata, delivered: Option<&std::fs::Metadata>) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    delivered.is_none_or(|d| (d.dev(), d.ino()) != (tmp.dev(), tmp.ino()) || tmp.nlink() >= 2)
+}
+
 impl Maildir {
     /// Creates DIR/{tmp,new,cur} if needed and deletes orphaned files in tmp/ (see the module
     /// docs for which). Call once per process, before any worker opens the directory: a worker
@@ -141,6 +175,8 @@ impl Maildir {
         let me = std::process::id();
         let now = SystemTime::now();
         let (mut deleted, mut kept) = (0usize, 0usize);
+        // Names delivered to new/ or cur/, read only if some tmp/ file is to be deleted.
+        let mut delivered: Option<std::collections::HashMap<std::ffi::OsString, PathBuf>> = None;
         for entry in std::fs::read_dir(&tmp).map_err(recover_err)? {
             let entry = entry.map_err(recover_err)?;
             let Ok(meta) = entry.metadata() else { continue }; // gone meanwhile
@@ -157,6 +193,23 @@ impl Maildir {
                 .and_then(|m| now.duration_since(m).ok())
                 .is_some_and(|age| age > TMP_ORPHAN_AGE);
             if ours_and_orphaned || old {
+                let delivered = match &mut delivered {
+                    Some(d) => d,
+                    None => delivered.insert(delivered_names(dir).map_err(recover_err)?),
+                };
+                let copy = delivered.get(entry.file_name().as_os_str());
+                let copy_meta = copy.and_then(|p| std::fs::symlink_metadata(p).ok());
+                if !orphan_safe_to_unlink(&meta, copy_meta.as_ref()) {
+                    tracing::warn!(
+                        file = %entry.path().display(),
+                        delivered = %copy.map(|p| p.display().to_string()).unwrap_or_default(),
+                        "left a file in tmp/ that is the delivered message itself with a link \
+                         count of one (the file system was not cleanly unmounted); deleting it \
+                         would free the delivered copy. Check the file system (e2fsck)"
+                    );
+                    kept += 1;
+                    continue;
+                }
                 match std::fs::remove_file(entry.path()) {
                     Ok(()) => deleted += 1,
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -751,6 +804,87 @@ mod tests {
         assert_eq!(deleted, if me == 1 { 3 } else { 2 });
         assert!(root.join("new/done").exists(), "new/ is never touched");
         assert_eq!(Maildir::recover(root).unwrap(), 0);
+    }
+
+    #[test]
+    fn recover_unlinks_a_tmp_name_of_a_delivered_message_only_when_that_keeps_the_message() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        create_dirs(root).unwrap();
+        let dead = 4_194_304 + 17;
+        // Renamed into new/ (a reader then moved one on to cur/), but the tmp/ entries are still
+        // there, as after a crash before their removal reached the disk. Here they are real
+        // second links, so unlinking them keeps the messages.
+        let in_new = format!("1700000000.M1P{dead}Q0W0.mx");
+        let in_cur = format!("1700000000.M1P{dead}Q1W0.mx");
+        std::fs::write(root.join("new").join(&in_new), b"delivered 1").unwrap();
+        std::fs::write(
+            root.join("cur").join(format!("{in_cur}:2,S")),
+            b"delivered 2",
+        )
+        .unwrap();
+        std::fs::hard_link(
+            root.join("new").join(&in_new),
+            root.join("tmp").join(&in_new),
+        )
+        .unwrap();
+        std::fs::hard_link(
+            root.join("cur").join(format!("{in_cur}:2,S")),
+            root.join("tmp").join(&in_cur),
+        )
+        .unwrap();
+        // A separate, partial copy under a delivered name is not the delivered file.
+        let other = format!("1700000000.M1P{dead}Q2W0.mx");
+        std::fs::write(root.join("new").join(&other), b"delivered 3").unwrap();
+        std::fs::write(root.join("tmp").join(&other), b"partial").unwrap();
+        let names = delivered_names(root).unwrap();
+        assert_eq!(
+            names.get(OsStr::new(&in_new)),
+            Some(&root.join("new").join(&in_new))
+        );
+        assert_eq!(
+            names.get(OsStr::new(&in_cur)),
+            Some(&root.join("cur").join(format!("{in_cur}:2,S"))),
+            "a reader's flags are not part of the name"
+        );
+        assert_eq!(Maildir::recover(root).unwrap(), 3);
+        assert_eq!(std::fs::read_dir(root.join("tmp")).unwrap().count(), 0);
+        assert_eq!(
+            std::fs::read(root.join("new").join(&in_new)).unwrap(),
+            b"delivered 1"
+        );
+        assert_eq!(
+            std::fs::read(root.join("cur").join(format!("{in_cur}:2,S"))).unwrap(),
+            b"delivered 2"
+        );
+        assert_eq!(
+            std::fs::read(root.join("new").join(&other)).unwrap(),
+            b"delivered 3"
+        );
+
+        // The crash case itself (two entries, one link) cannot be made on a sound file system;
+        // the decision is checked on metadata: a lone file and a second link may go, the
+        // delivered file's only link may not.
+        let a = root.join("new/a");
+        std::fs::write(&a, b"x").unwrap();
+        let b = root.join("new/b");
+        std::fs::write(&b, b"y").unwrap();
+        let (ma, mb) = (
+            std::fs::metadata(&a).unwrap(),
+            std::fs::metadata(&b).unwrap(),
+        );
+        assert!(orphan_safe_to_unlink(&ma, None));
+        assert!(orphan_safe_to_unlink(&ma, Some(&mb)));
+        assert!(
+            !orphan_safe_to_unlink(&ma, Some(&ma)),
+            "one inode, one link"
+        );
+        std::fs::hard_link(&a, root.join("new/a2")).unwrap();
+        let ma2 = std::fs::metadata(&a).unwrap();
+        assert!(
+            orphan_safe_to_unlink(&ma2, Some(&ma2)),
+            "a real second link"
+        );
     }
 
     #[test]
