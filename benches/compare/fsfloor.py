@@ -32,6 +32,11 @@ import sys
 import time
 
 
+def msg_name(pid, i):
+    """The i-th message's name, in ringmx's Maildir convention."""
+    return f"{int(time.time())}.M{i % 1000000:06d}P{pid}Q{i}W0.bench.localdomain"
+
+
 def main():
     if len(sys.argv) < 3:
         sys.exit(__doc__.strip().splitlines()[-1])
@@ -50,7 +55,7 @@ def main():
     r0 = resource.getrusage(resource.RUSAGE_SELF)
     start = time.perf_counter()
     for i in range(count):
-        name = f"{int(time.time())}.M{i % 1000000:06d}P{pid}Q{i}W0.bench.localdomain"
+        name = msg_name(pid, i)
         tmp = os.path.join(d, "tmp", name)
         a = time.perf_counter()
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
@@ -90,8 +95,7 @@ def batched(d, count, body, batch, before):
     done = batches = 0
     while done < count:
         n = min(batch, count - done)
-        names = [f"{int(time.time())}.M{(done + i) % 1000000:06d}P{pid}Q{done + i}W0.bench.localdomain"
-                 for i in range(n)]
+        names = [msg_name(pid, done + i) for i in range(n)]
         t = [time.perf_counter()]
         fds = []
         for name in names:

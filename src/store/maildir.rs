@@ -129,11 +129,12 @@ fn process_alive(pid: u32) -> bool {
     }
 }
 
+/// Names delivered to new/ or cur/, with their paths.
+type Delivered = std::collections::HashMap<std::ffi::OsString, PathBuf>;
+
 /// Every name delivered to new/ or cur/ (there without the `:2,FLAGS` a reader appends), with
 /// its path.
-fn delivered_names(
-    dir: &Path,
-) -> std::io::Result<std::collections::HashMap<std::ffi::OsString, PathBuf>> {
+fn delivered_names(dir: &Path) -> std::io::Result<Delivered> {
     let mut names = std::collections::HashMap::new();
     for sub in ["new", "cur"] {
         for entry in std::fs::read_dir(dir.join(sub))? {
@@ -176,7 +177,7 @@ impl Maildir {
         let now = SystemTime::now();
         let (mut deleted, mut kept) = (0usize, 0usize);
         // Names delivered to new/ or cur/, read only if some tmp/ file is to be deleted.
-        let mut delivered: Option<std::collections::HashMap<std::ffi::OsString, PathBuf>> = None;
+        let mut delivered: Option<Delivered> = None;
         for entry in std::fs::read_dir(&tmp).map_err(recover_err)? {
             let entry = entry.map_err(recover_err)?;
             let Ok(meta) = entry.metadata() else { continue }; // gone meanwhile
