@@ -880,8 +880,8 @@ struct Avx512 {
 impl Blocks for Avx512 {
     /// (bare, dot) lanes, lane `k` in bit `k`.
     type Lanes = (u64, u64);
-    /// One `kortest` a block: faster on dot-stuffed bodies (1 KB and 100 KB by 10-25% on a
-    /// Xeon, 2026-12-02), the same on plain ones.
+    /// One `kortest` a block: faster on dot-stuffed bodies of 1 KB and 100 KB (by 13-31% on a
+    /// Xeon, 2026-12-02, BENCHMARKS.md), the same on plain ones.
     const TEST_EACH_BLOCK: bool = true;
 
     #[inline(always)]
