@@ -26,10 +26,11 @@
 //! (dot-unstuffing and the end marker) and a pair that breaks "CR if and only if LF follows"
 //! (bare CR/LF). A kernel looks at every byte pair of the stretch for both; no per-line work
 //! happens outside dot-started lines. Three kernels give the same answers:
-//! - on a CPU with AVX-512 or AVX2 (checked once at run time), one fused pass over 64 pairs at a
-//!   time, with pulp's safe intrinsics (its token proves the CPU has the extension, so
-//!   `protocol/` still forbids unsafe code); a block without a mark costs four vector
-//!   instructions with AVX-512 (64-byte compares into bit masks), about a dozen with AVX2;
+//! - on a CPU with AVX-512 (where it runs at full clock) or AVX2, checked once at run time, one
+//!   fused pass over 64 pairs at a time, with pulp's safe intrinsics (its token proves the CPU
+//!   has the extension, so `protocol/` still forbids unsafe code); a block without a mark costs
+//!   three compares into bit masks and two mask operations with AVX-512, about a dozen vector
+//!   instructions with AVX2;
 //! - elsewhere, a `memchr::memmem` search for LF-then-dot, then a branch-free pass the compiler
 //!   vectorizes (SSE2 on the x86-64 baseline) for bare CR/LF over the pairs before it. A fused
 //!   pass in SSE2 was measured slower than these two.
@@ -227,9 +228,10 @@ impl DataScanner {
     }
 
     /// `blocks` with a vector kernel, made by `kernel` from whether the body can outgrow its limit
-    /// in this input (see `Avx2::roomy`), on local copies of the scanner and of `from`, which
+    /// in this input (see `Blocks::roomy`), on local copies of the scanner and of `from`, which
     /// the optimizer keeps in registers: through `self` and `from` every hand-out would be a
     /// memory round trip.
+    #[cfg(target_arch = "x86_64")]
     #[inline(always)]
     fn fast<K: Kernel>(
         &mut self,
