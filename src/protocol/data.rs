@@ -480,16 +480,16 @@ fn avx512_token() -> Option<pulp::x86::V4> {
 #[cfg(target_arch = "x86_64")]
 const PAIRS: usize = 64;
 
-/// One vector extension's view of blocks of 64 byte pairs, for the vector kernel (`vector_pairs`):
-/// each position `q` of a block is compared at three offsets, `c = (input[q - 1] == CR)`, `d =
-/// (input[q] == LF)` and `e = (input[q + 1] == '.')`, so that one LF comparison serves both
-/// questions: `c ^ d` marks a bare pair `(q - 1, q)` (the bare lane of `q`), and `d & e` an
-/// LF-dot pair `(q, q + 1)` (its dot lane). A block with neither (nearly every block of a normal
-/// body) is skipped; only a marked one is turned into bit masks and walked (`Marks`). pulp's
-/// token proves that the CPU has the extension, which makes its intrinsics safe to call; they
-/// inline only inside the token's `vectorize` (so the closure given to it must stay small enough
-/// for LLVM to inline: when it did not, in a trial, every intrinsic became a call and the scanner
-/// some 100 times slower).
+/// One vector extension's view of blocks of 64 byte pairs, for the vector kernel (`Vector`'s
+/// `pairs`): each position `q` of a block is compared at three offsets, `c = (input[q - 1] ==
+/// CR)`, `d = (input[q] == LF)` and `e = (input[q + 1] == '.')`, so that one LF comparison
+/// serves both questions: `c ^ d` marks a bare pair `(q - 1, q)` (the bare lane of `q`), and
+/// `d & e` an LF-dot pair `(q, q + 1)` (its dot lane). A block with neither (nearly every block
+/// of a normal body) is skipped; only a marked one is turned into bit masks and walked
+/// (`Marks`). pulp's token proves that the CPU has the extension, which makes its intrinsics safe
+/// to call; they inline only inside the token's `vectorize` (so the closure given to it must stay
+/// small enough for LLVM to inline: when it did not, in a trial, every intrinsic became a call
+/// and the scanner some 100 times slower).
 #[cfg(target_arch = "x86_64")]
 trait Blocks: Copy {
     /// The lanes of one block, in whatever form the extension compares into.
@@ -551,15 +551,12 @@ impl<B: Blocks> Vector<B> {
         for (lanes, at) in [(l, base), (m, base + PAIRS)] {
             if !b.clean(lanes) {
                 let (bare, dot) = b.bits(lanes);
-                Marks::shifted(s, input, start, at, bare, dot, body_from, sink)?;
+                Marks::shifted(b.roomy(), s, input, start, at, bare, dot, body_from, sink)?;
             }
         }
         ControlFlow::Continue(())
     }
-}
 
-#[cfg(target_arch = "x86_64")]
-impl<B: Blocks> Vector<B> {
     /// The whole blocks of `rest` (which starts at the byte before the first position to judge)
     /// while there are two, each pair with one test and branch; for `walk_two`. The clean pairs
     /// are skipped in a loop of their own, in which only `rest` is live, so that the registers
@@ -637,13 +634,8 @@ impl<B: Blocks> Vector<B> {
             };
             let j = hay.len() - rest.len() + 1;
             let (bare, dot) = b.bits(&l);
-            if bare == 0 {
-                // As in `walk_two`: every dot starts a line.
-                Marks::line_dots(b.roomy(), s, input, j, u128::from(dot), body_from, sink)
-            } else {
-                Marks::shifted(s, input, start, j, bare, dot, body_from, sink)
-            }
-            .map_continue(|()| rest)?;
+            Marks::shifted(b.roomy(), s, input, start, j, bare, dot, body_from, sink)
+                .map_continue(|()| rest)?;
             rest = &rest[PAIRS..];
         }
     }
@@ -730,7 +722,7 @@ impl<B: Blocks> Kernel for Vector<B> {
             if !b.clean(&l) {
                 let j = hay.len() - rest.len() + 1;
                 let (bare, dot) = b.bits(&l);
-                Marks::shifted(s, input, start, j, bare, dot, body_from, sink)?;
+                Marks::shifted(b.roomy(), s, input, start, j, bare, dot, body_from, sink)?;
             }
             rest = &rest[PAIRS..];
         }
@@ -744,6 +736,7 @@ impl<B: Blocks> Kernel for Vector<B> {
                 let keep = u64::MAX << (j - base);
                 let (bare, dot) = b.bits(&l);
                 Marks::shifted(
+                    b.roomy(),
                     s,
                     input,
                     start,
@@ -1056,12 +1049,14 @@ impl Marks {
         ControlFlow::Continue(())
     }
 
-    /// A marked block whose lanes are shifted (see `Avx2::shifted`), as bit masks of the
+    /// A marked block whose lanes are shifted (see `Blocks::shifted`), as bit masks of the
     /// positions `base..base + 64` the caller judges here: bit 0 of `bare_lanes` is the pair
     /// `base - 1`, before all of the block's pairs; bit `k` of `dot_bits` the pair `base + k`.
+    /// `roomy` as for `line_dots`.
     #[allow(clippy::too_many_arguments)]
     #[inline(always)]
     fn shifted(
+        roomy: bool,
         s: &mut DataScanner,
         input: &[u8],
         start: usize,
@@ -1072,14 +1067,9 @@ impl Marks {
         sink: &mut impl FnMut(&[u8]),
     ) -> ControlFlow<Result<usize, usize>> {
         if bare_lanes == 0 {
-            // As in `walk_two`: without a bare lane, each dot starts a line.
-            let mut dot_bits = dot_bits;
-            while dot_bits != 0 {
-                let dot = base + dot_bits.trailing_zeros() as usize + 1;
-                s.line_dot(input, dot, body_from, sink)?;
-                dot_bits &= dot_bits - 1;
-            }
-            return ControlFlow::Continue(());
+            // As in `Vector::walk_two`: without a bare lane, each dot starts a line.
+            let dots = u128::from(dot_bits);
+            return Marks::line_dots(roomy, s, input, base, dots, body_from, sink);
         }
         if bare_lanes & 1 != 0 {
             s.bare = true;
