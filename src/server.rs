@@ -139,6 +139,33 @@ pub(crate) fn raise_fd_limit(wanted: usize) {
     }
 }
 
+/// Grows the process's descriptor table to `n` slots now, at start-up, by asking for a
+/// descriptor at `n - 1` and closing it again (the kernel never shrinks the table).
+///
+/// Why: the kernel grows the table when a new descriptor does not fit, and in a process with more
+/// than one thread it then waits for an RCU grace period (`expand_files` → `synchronize_rcu`)
+/// before it returns. That wait fell on a worker inside an accept, and stopped every session of
+/// its core: in an open loop of 12,917 sessions/s the worker slept in `synchronize_rcu` for
+/// 8-24 ms two or three times in each run's first second, as the table doubled towards the
+/// number of open connections (sched_switch traces in BENCHMARKS.md). The table costs 8 bytes
+/// of kernel memory per slot, and no process memory.
+/// `fd` is any open descriptor to duplicate; `n` is capped at the soft limit on open files.
+fn reserve_fd_table(fd: std::os::fd::RawFd, n: usize) {
+    use nix::fcntl::{fcntl, FcntlArg};
+    use nix::sys::resource::{getrlimit, Resource};
+    let limit = getrlimit(Resource::RLIMIT_NOFILE).map_or(0, |(soft, _)| soft);
+    let n = n.min(usize::try_from(limit).unwrap_or(usize::MAX));
+    let Some(top) = n.checked_sub(1).and_then(|t| i32::try_from(t).ok()) else {
+        return;
+    };
+    match fcntl(fd, FcntlArg::F_DUPFD_CLOEXEC(top)) {
+        Ok(fd) => {
+            let _ = nix::unistd::close(fd);
+        }
+        Err(e) => tracing::debug!("cannot reserve {n} descriptor slots: {e}"),
+    }
+}
+
 /// The CPUs this process may run on, in order.
 fn allowed_cpus() -> Vec<usize> {
     use nix::sched::{sched_getaffinity, CpuSet};
@@ -176,6 +203,10 @@ pub fn run(cfg: Config) -> Result<(), ServerError> {
     }
     let listeners = bind_all(&cfg.listen, workers)?;
     raise_fd_limit(cfg.connections_max + 64 * workers);
+    if let Some(s) = listeners.iter().flatten().next() {
+        use std::os::fd::AsRawFd;
+        reserve_fd_table(s.as_raw_fd(), cfg.connections_max + 64 * workers);
+    }
 
     // Block the shutdown signals before any thread starts, so every thread inherits the mask and
     // only the signal thread ever takes them.

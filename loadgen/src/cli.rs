@@ -210,11 +210,16 @@ impl Config {
         };
         let nofile = crate::uring::raise_nofile_limit();
         let open_slots = (nofile.saturating_sub(64) / threads).clamp(16, OPEN_SLOTS_MAX) as usize;
-        if let Mode::Closed { connections } = mode {
-            if connections + 64 > nofile {
-                bail!("--connections {connections} needs more open files than the limit of {nofile} (raise it with ulimit -n)");
+        let held = match mode {
+            Mode::Closed { connections } => {
+                if connections + 64 > nofile {
+                    bail!("--connections {connections} needs more open files than the limit of {nofile} (raise it with ulimit -n)");
+                }
+                connections
             }
-        }
+            _ => open_slots as u64 * threads,
+        };
+        crate::uring::reserve_fd_table(held + 64);
         Ok(Config {
             target_text: cli.target,
             target,

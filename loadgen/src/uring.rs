@@ -382,6 +382,37 @@ pub fn raise_nofile_limit() -> u64 {
     lim.rlim_cur
 }
 
+/// Grows this process's descriptor table to `n` slots (at most the open-file limit) by asking
+/// for a descriptor at `n - 1` and closing it again. Call it before the first thread starts.
+///
+/// Why: when a new descriptor does not fit, the kernel grows the table, and in a process with
+/// more than one thread it waits for an RCU grace period before the socket(2) returns. Each
+/// doubling stopped the sending thread for 7-29 ms in the first half second of an open-loop run
+/// (sched_switch traces, BENCHMARKS.md), and since latency counts from the scheduled start, that
+/// stop was in the figures of every session due meanwhile. The table costs 8 bytes of kernel
+/// memory per slot.
+pub fn reserve_fd_table(n: u64) {
+    let Ok(dir) = std::fs::File::open("/") else {
+        return;
+    };
+    let top = n
+        .min(raise_nofile_limit())
+        .saturating_sub(1)
+        .min(i32::MAX as u64) as libc::c_int;
+    // SAFETY: F_DUPFD_CLOEXEC only duplicates `dir`, which is open for the whole call; the new
+    // descriptor is ours alone and closed at once.
+    unsafe {
+        let fd = libc::fcntl(
+            std::os::fd::AsRawFd::as_raw_fd(&dir),
+            libc::F_DUPFD_CLOEXEC,
+            top,
+        );
+        if fd >= 0 {
+            libc::close(fd);
+        }
+    }
+}
+
 /// CPU time (user + system) used by this process so far.
 pub fn process_cpu_time() -> Duration {
     let mut ru: libc::rusage = unsafe_zeroed_rusage();
