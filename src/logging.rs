@@ -8,9 +8,20 @@
 //! last write was at least `--log-flush-ms` ago (20 ms by default; a quiet server's lines appear
 //! at the end of the turn that produced them), or once `FLUSH_AT` bytes are pending; otherwise
 //! they wait for a
-//! later turn, which comes at the latest with the worker's timer tick (250 ms). Other threads
-//! (start-up, signals) write directly, and a worker writes everything left when it stops
-//! (`flush_now`, and again when the thread ends).
+//! later turn, which comes at the latest with the worker's timer tick (250 ms). A worker hands
+//! everything left over when it stops (`flush_now`, and again when the thread ends).
+//!
+//! No worker waits for the log output. `init` starts one writer thread that does every write(2);
+//! a worker's turn only hands its buffer over a channel. A write(2) to stderr blocks when stderr
+//! is a pipe whose reader has stopped (a stuck journald, a paused `| less`): once the pipe's 64
+//! KiB were full, a worker that wrote its own lines stopped in that write, and with it every
+//! session of its core, for as long as the reader was away (`tests/hardening`,
+//! `a_log_reader_that_stops_reading_does_not_stop_the_server`). A file can block a write too, if
+//! less often. What the workers handed over and the writer has not written yet is bounded by
+//! `QUEUE_MAX` bytes; past it their lines are dropped and counted, and the writer reports the
+//! count in a WARN line of its own once it writes again. Lines of other threads (start-up,
+//! signals, the exit summary) are never dropped. `LogGuard`, dropped at the end of `main`, lets
+//! the writer finish the queue (waiting at most `DRAIN_WAIT`) before the process exits.
 //!
 //! `LineFormat` formats each event into the line tracing-subscriber's default format would
 //! print without colours and targets (`2026-11-24T12:26:00.358728Z  INFO message queue_id=...
@@ -24,6 +35,8 @@
 use std::cell::{Cell, RefCell};
 use std::fmt::{self, Write as _};
 use std::io::{self, Write};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tracing::field::{Field, Visit};
@@ -35,6 +48,13 @@ use tracing_subscriber::EnvFilter;
 
 /// A buffered thread writes early once this much is pending, keeping its buffer bounded.
 const FLUSH_AT: usize = 32 * 1024;
+/// Bytes of the workers' lines the writer thread may have queued; past this they are dropped.
+/// About three seconds of the log of a core at full load (two lines of ~200 bytes per message).
+const QUEUE_MAX: usize = 16 << 20;
+/// How long `LogGuard` waits at exit for the writer to finish the queue.
+const DRAIN_WAIT: Duration = Duration::from_secs(10);
+/// The writer reports dropped lines at most this often.
+const DROP_REPORT_EVERY: Duration = Duration::from_secs(1);
 /// The default of `--log-flush-ms`, used by the tests here.
 #[cfg(test)]
 const FLUSH_EVERY: Duration = Duration::from_millis(crate::config::DEFAULT_LOG_FLUSH_MS);
@@ -60,8 +80,8 @@ impl Pending {
 
     fn write_out(&mut self) {
         if !self.buf.is_empty() {
-            let _ = io::stderr().write_all(&self.buf);
-            self.buf.clear();
+            let lines = std::mem::replace(&mut self.buf, Vec::with_capacity(8 * 1024));
+            hand_over(lines, true);
             self.written = Some(Instant::now());
         }
     }
@@ -85,13 +105,13 @@ pub fn buffer_this_thread(every: Duration) {
     });
 }
 
-/// True when `flush_thread` would write now. The worker submits its queued sends first in that
-/// case, so that no reply waits behind a log write (which can block).
-pub fn write_due() -> bool {
+/// True when `flush_thread` would hand lines over now.
+#[cfg(test)]
+fn write_due() -> bool {
     BUF.with(|b| b.borrow().as_ref().is_some_and(Pending::due))
 }
 
-/// End of a loop turn: writes this thread's pending lines unless it wrote less than
+/// End of a loop turn: hands this thread's pending lines to the writer unless it did less than
 /// its interval ago (see the module docs).
 pub fn flush_thread() {
     BUF.with(|b| {
@@ -144,7 +164,7 @@ impl Write for Line {
             None => false,
         });
         if !buffered {
-            io::stderr().write_all(data)?;
+            hand_over(data.to_vec(), false);
         }
         Ok(data.len())
     }
@@ -155,13 +175,170 @@ impl Write for Line {
 }
 
 /// Installs the process-wide subscriber: events that `filter` lets through, formatted by
-/// `LineFormat`, written by `Stderr`.
-pub fn init(filter: EnvFilter) {
+/// `LineFormat`, written to stderr by the writer thread started here. Keep the guard until the
+/// end of `main`: dropping it lets the writer finish.
+pub fn init(filter: EnvFilter) -> LogGuard {
+    let (queue, done) = LogQueue::spawn(Box::new(io::stderr()), QUEUE_MAX);
+    let guard = LogGuard {
+        queue: queue.clone(),
+        done,
+    };
+    let _ = QUEUE.set(queue);
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(Stderr)
         .event_format(LineFormat)
         .init();
+    guard
+}
+
+/// The process's writer thread, once `init` started it.
+static QUEUE: OnceLock<LogQueue> = OnceLock::new();
+
+/// Gives `lines` to the writer thread, or writes them here when there is none (tests, or after
+/// the guard stopped it). `lossy`: a worker's lines, dropped and counted when the queue is full.
+fn hand_over(lines: Vec<u8>, lossy: bool) {
+    match QUEUE.get() {
+        Some(q) => q.send(lines, lossy),
+        None => {
+            let _ = io::stderr().write_all(&lines);
+        }
+    }
+}
+
+enum Msg {
+    Lines(Vec<u8>),
+    Stop,
+}
+
+/// The sending side of a writer thread: an unbounded channel whose queued bytes are counted, so
+/// that lossy senders can be refused past the limit.
+#[derive(Clone)]
+struct LogQueue {
+    tx: mpsc::Sender<Msg>,
+    counts: Arc<Counts>,
+    limit: usize,
+}
+
+#[derive(Default)]
+struct Counts {
+    /// Bytes sent and not yet written.
+    queued: AtomicUsize,
+    /// Lines refused because the queue was full.
+    dropped: AtomicU64,
+}
+
+impl LogQueue {
+    /// Starts a thread writing what is sent to `sink`, in order. The receiver gets a message
+    /// when the thread has finished (after `Msg::Stop`, or when every sender is gone).
+    fn spawn(mut sink: Box<dyn Write + Send>, limit: usize) -> (LogQueue, mpsc::Receiver<()>) {
+        let (tx, rx) = mpsc::channel::<Msg>();
+        let (done_tx, done) = mpsc::channel();
+        let counts = Arc::new(Counts::default());
+        let theirs = counts.clone();
+        let spawned = std::thread::Builder::new()
+            .name("ringmx-log".into())
+            .spawn(move || {
+                // Signals are for the signal thread: this thread starts before the server blocks
+                // SIGTERM/SIGINT, and one delivered here would take the default action and end
+                // the process without a shutdown.
+                let _ = nix::sys::signal::SigSet::all().thread_block();
+                let mut reported = 0u64;
+                // When the writer first saw drops it has not reported yet.
+                let mut unreported_since: Option<Instant> = None;
+                let mut stopping = false;
+                loop {
+                    // After Stop, whatever was sent before the channel noticed is written too.
+                    let msg = if stopping {
+                        rx.try_recv().ok()
+                    } else {
+                        rx.recv().ok()
+                    };
+                    let lines = match msg {
+                        Some(Msg::Lines(lines)) => lines,
+                        Some(Msg::Stop) => {
+                            stopping = true;
+                            continue;
+                        }
+                        None => break,
+                    };
+                    let _ = sink.write_all(&lines);
+                    let left =
+                        theirs.queued.fetch_sub(lines.len(), Ordering::Relaxed) - lines.len();
+                    let dropped = theirs.dropped.load(Ordering::Relaxed);
+                    if dropped > reported {
+                        // The count follows the lines queued before the drops: once the queue is
+                        // written, or after DROP_REPORT_EVERY if it never empties.
+                        let since = *unreported_since.get_or_insert_with(Instant::now);
+                        if left == 0 || since.elapsed() >= DROP_REPORT_EVERY {
+                            let _ = sink.write_all(drop_report(dropped - reported).as_bytes());
+                            reported = dropped;
+                            unreported_since = None;
+                        }
+                    }
+                }
+                let dropped = theirs.dropped.load(Ordering::Relaxed);
+                if dropped > reported {
+                    let _ = sink.write_all(drop_report(dropped - reported).as_bytes());
+                }
+                let _ = sink.flush();
+                let _ = done_tx.send(());
+            });
+        if let Err(e) = spawned {
+            // Without the thread every send fails and is written by the sender itself.
+            let _ = writeln!(
+                io::stderr(),
+                "ringmx: no log writer thread ({e}); logging inline"
+            );
+        }
+        (LogQueue { tx, counts, limit }, done)
+    }
+
+    fn send(&self, lines: Vec<u8>, lossy: bool) {
+        let n = lines.len();
+        let queued = self.counts.queued.fetch_add(n, Ordering::Relaxed);
+        if lossy && queued + n > self.limit {
+            self.counts.queued.fetch_sub(n, Ordering::Relaxed);
+            let count = memchr::memchr_iter(b'\n', &lines).count().max(1);
+            self.counts
+                .dropped
+                .fetch_add(count as u64, Ordering::Relaxed);
+            return;
+        }
+        if let Err(mpsc::SendError(Msg::Lines(lines))) = self.tx.send(Msg::Lines(lines)) {
+            // The writer has stopped: write here, as before there was one.
+            self.counts.queued.fetch_sub(n, Ordering::Relaxed);
+            let _ = io::stderr().write_all(&lines);
+        }
+    }
+}
+
+/// The writer's line about lines it never got, in the format of the others.
+fn drop_report(count: u64) -> String {
+    let mut line = String::new();
+    let _ = write_time(&mut line, SystemTime::now());
+    let _ = writeln!(
+        line,
+        "  WARN log output fell behind; lines dropped so the workers did not wait for it \
+         dropped_lines={count}"
+    );
+    line
+}
+
+/// Returned by `init`; on drop, the writer finishes what is queued (waiting at most
+/// `DRAIN_WAIT`, should the output be stuck) and stops.
+pub struct LogGuard {
+    queue: LogQueue,
+    done: mpsc::Receiver<()>,
+}
+
+impl Drop for LogGuard {
+    fn drop(&mut self) {
+        flush_now();
+        if self.queue.tx.send(Msg::Stop).is_ok() {
+            let _ = self.done.recv_timeout(DRAIN_WAIT);
+        }
+    }
 }
 
 /// One line per event: the UTC time to the microsecond, the level padded to five characters,
@@ -532,6 +709,76 @@ pub(crate) mod tests {
             out.ends_with("  INFO msg\\u{d}x from=a\\u{1b}[31mb\\u{a}INFO forged\\u{9b}c\n"),
             "{out:?}"
         );
+    }
+
+    /// A sink that writes nothing until `open` is sent, then keeps what it gets.
+    struct Gate {
+        open: Option<mpsc::Receiver<()>>,
+        got: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+    }
+
+    impl Write for Gate {
+        fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+            if let Some(open) = self.open.take() {
+                let _ = open.recv();
+            }
+            self.got.lock().unwrap().extend_from_slice(data);
+            Ok(data.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_stuck_log_output_drops_worker_lines_past_the_limit_and_says_how_many() {
+        let (open_tx, open_rx) = mpsc::channel();
+        let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = Gate {
+            open: Some(open_rx),
+            got: got.clone(),
+        };
+        let (q, done) = LogQueue::spawn(Box::new(sink), 100);
+        // The writer takes the first buffer and blocks in the sink; 100 more bytes may queue.
+        q.send(b"first line\n".to_vec(), true);
+        std::thread::sleep(Duration::from_millis(50));
+        let line = |i: usize| format!("worker line {i:02} padded to forty bytes...\n").into_bytes();
+        assert_eq!(line(0).len(), 40);
+        // Every send returns at once although nothing is written meanwhile.
+        let sent = Instant::now();
+        for i in 0..10 {
+            q.send(line(i), true);
+        }
+        // A line of a thread that is not a worker is never dropped.
+        q.send(b"startup line\n".to_vec(), false);
+        assert!(sent.elapsed() < Duration::from_secs(1));
+        open_tx.send(()).unwrap();
+        q.tx.send(Msg::Stop).unwrap();
+        done.recv_timeout(Duration::from_secs(10))
+            .expect("the writer finishes");
+        let out = String::from_utf8(got.lock().unwrap().clone()).unwrap();
+        let lines: Vec<&str> = out.lines().collect();
+        // The first line, the two worker lines that fit in 100 bytes, the start-up line, then
+        // the count of the eight dropped.
+        assert_eq!(lines.len(), 5, "{out}");
+        assert_eq!(lines[0], "first line");
+        assert!(lines[1].starts_with("worker line 00"), "{out}");
+        assert!(lines[2].starts_with("worker line 01"), "{out}");
+        assert_eq!(lines[3], "startup line");
+        assert!(lines[4].contains("  WARN log output fell behind"), "{out}");
+        assert!(lines[4].ends_with("dropped_lines=8"), "{out}");
+        assert_eq!(q.counts.queued.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn lines_sent_after_the_writer_stopped_are_written_by_the_sender() {
+        let (q, done) = LogQueue::spawn(Box::new(io::sink()), 1 << 20);
+        q.tx.send(Msg::Stop).unwrap();
+        done.recv_timeout(Duration::from_secs(10)).unwrap();
+        // The channel is closed now; this must neither block nor count as queued.
+        q.send(b"late line\n".to_vec(), true);
+        assert_eq!(q.counts.queued.load(Ordering::Relaxed), 0);
+        assert_eq!(q.counts.dropped.load(Ordering::Relaxed), 0);
     }
 
     #[test]

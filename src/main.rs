@@ -21,8 +21,11 @@ fn main() -> ExitCode {
     };
     let filter = tracing_subscriber::EnvFilter::try_new(cfg.log_filter())
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    ringmx::logging::init(filter);
-    match ringmx::server::run(cfg) {
+    let log = ringmx::logging::init(filter);
+    let result = ringmx::server::run(cfg);
+    // Every log line first (the writer thread drains its queue), then the error, last.
+    drop(log);
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("ringmx: {e}");

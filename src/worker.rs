@@ -473,13 +473,7 @@ impl Worker {
             }
             self.flush_dirty();
             self.rearm_starved();
-            if crate::logging::write_due() {
-                // Hand this round's sends (greetings and replies) to the kernel before the log
-                // write, not after it at the next wait: a write to a log file can block (page
-                // cache allocation, dirty-page throttling while other processes write), and a
-                // reply that waits behind it is latency every client sees.
-                self.ring.submit();
-            }
+            // Hands this round's log lines to the log writer thread when due; never blocks.
             crate::logging::flush_thread();
             if self.shutting_down
                 && self.conns.is_empty()

@@ -1278,6 +1278,97 @@ fn disk_full_gets_452_and_recovers() {
     drop(server);
 }
 
+/// The log output stops being read (stderr is a pipe to a reader that hangs: a stuck journald,
+/// a paused `| less`): the server keeps answering. Once the 64 KiB pipe is full a write(2) of
+/// log lines blocks; it must not block a worker. When the reader comes back, every line is there.
+#[test]
+fn a_log_reader_that_stops_reading_does_not_stop_the_server() {
+    use std::process::{Command, Stdio};
+    let dir = tempfile::tempdir().unwrap();
+    let port = crate::common::free_port();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut child = Command::new(crate::common::BIN)
+        .args([
+            "serve",
+            "--listen",
+            &addr.to_string(),
+            "--hostname",
+            HOSTNAME,
+        ])
+        .args(["--workers", "1", "--store", "discard"])
+        .current_dir(dir.path())
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    let stderr = child.stderr.take().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut c = loop {
+        match Smtp::connect(addr) {
+            Ok((c, greeting)) if greeting.starts_with("220") => break c,
+            _ if Instant::now() < deadline => thread::sleep(Duration::from_millis(20)),
+            other => panic!("no greeting: {:?}", other.map(|(_, g)| g)),
+        }
+    };
+    let _ = c.cmd("QUIT");
+    drop(c);
+    // Two log lines per session ("message", "session end"), about 300 bytes: 1,000 sessions
+    // write several times what the pipe holds, and nobody reads it meanwhile.
+    let sessions = 1000;
+    for i in 0..sessions {
+        let (mut c, greeting) = Smtp::connect(addr).unwrap();
+        assert!(greeting.starts_with("220"), "session {i}: {greeting:?}");
+        let ok = |r: io::Result<String>, what: &str| {
+            let r = r.unwrap_or_else(|e| panic!("session {i}, {what}: {e} (log not read)"));
+            assert!(r.starts_with('2'), "session {i}, {what}: {r:?}");
+        };
+        ok(c.cmd("EHLO client.example"), "EHLO");
+        ok(
+            c.message(
+                "f@example.org",
+                "r@example.com",
+                b"Subject: t\r\n\r\nhello\r\n",
+            ),
+            "DATA",
+        );
+        ok(c.cmd("QUIT"), "QUIT");
+    }
+    // The reader comes back: every session's line is written, then the exit summary.
+    let reader = thread::spawn(move || {
+        let mut out = String::new();
+        let mut stderr = stderr;
+        stderr.read_to_string(&mut out).unwrap();
+        out
+    });
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(Instant::now() < deadline, "no exit after SIGTERM");
+        thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "{status}");
+    let log = reader.join().unwrap();
+    let messages = log
+        .lines()
+        .filter(|l| l.contains("  INFO message "))
+        .count();
+    assert_eq!(messages, sessions, "one line per message, none dropped");
+    assert!(
+        !log.contains("lines dropped"),
+        "nothing was dropped at this volume"
+    );
+    assert!(
+        log.lines().last().unwrap_or("").contains("summary"),
+        "summary last: {log:.400}"
+    );
+}
+
 /// The descriptor table is sized for --max-connections at start-up. Growing it later, in a
 /// process with threads, waits for an RCU grace period inside the accept that needed the slot:
 /// every session of that worker's core stopped for 8-24 ms, several times, as connections rose.
