@@ -1305,6 +1305,15 @@ fn a_log_reader_that_stops_reading_does_not_stop_the_server() {
         .unwrap();
     let pid = nix::unistd::Pid::from_raw(child.id() as i32);
     let stderr = child.stderr.take().unwrap();
+    /// Kills the server however the test ends: a server stuck in a log write never exits.
+    struct Killed(std::process::Child);
+    impl Drop for Killed {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut child = Killed(child);
     let deadline = Instant::now() + Duration::from_secs(15);
     let mut c = loop {
         match Smtp::connect(addr) {
@@ -1346,7 +1355,7 @@ fn a_log_reader_that_stops_reading_does_not_stop_the_server() {
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
     let status = loop {
-        if let Some(st) = child.try_wait().unwrap() {
+        if let Some(st) = child.0.try_wait().unwrap() {
             break st;
         }
         assert!(Instant::now() < deadline, "no exit after SIGTERM");
