@@ -277,6 +277,9 @@ impl LogQueue {
                         }
                     }
                 }
+                // From here on a send fails and its sender writes the lines itself: nothing sent
+                // after the queue was drained is lost in a receiver that nobody reads.
+                drop(rx);
                 let dropped = theirs.dropped.load(Ordering::Relaxed);
                 if dropped > reported {
                     let _ = sink.write_all(drop_report(dropped - reported).as_bytes());
