@@ -123,13 +123,14 @@ pub(crate) fn bind_all(
 
 /// Raises the soft limit on open files to the hard limit: every connection is a descriptor,
 /// and --max-connections should be what limits them, not a default `ulimit -n` of 1024.
-pub(crate) fn raise_fd_limit(wanted: usize) {
+/// Returns the soft limit now in force (0 if it cannot be read).
+pub(crate) fn raise_fd_limit(wanted: usize) -> usize {
     use nix::sys::resource::{getrlimit, setrlimit, Resource};
-    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
-        return;
+    let Ok((mut soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return 0;
     };
-    if soft < hard {
-        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+    if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() {
+        soft = hard;
     }
     if (hard as usize) < wanted {
         tracing::warn!(
@@ -137,24 +138,22 @@ pub(crate) fn raise_fd_limit(wanted: usize) {
              ({wanted}); connections beyond it wait in the backlog (raise `ulimit -Hn`)"
         );
     }
+    usize::try_from(soft).unwrap_or(usize::MAX)
 }
 
 /// Grows the process's descriptor table to `n` slots now, at start-up, by asking for a
-/// descriptor at `n - 1` and closing it again (the kernel never shrinks the table).
+/// descriptor at `n - 1` (a duplicate of `fd`, any open descriptor) and closing it again; the
+/// kernel never shrinks the table. `n` must not exceed the soft limit on open files.
 ///
 /// Why: the kernel grows the table when a new descriptor does not fit, and in a process with more
 /// than one thread it then waits for an RCU grace period (`expand_files` → `synchronize_rcu`)
 /// before it returns. That wait fell on a worker inside an accept, and stopped every session of
 /// its core: in an open loop of 12,917 sessions/s the worker slept in `synchronize_rcu` for
-/// 8-24 ms two or three times in each run's first second, as the table doubled towards the
+/// 4-21 ms two or three times in each run's first second, as the table doubled towards the
 /// number of open connections (sched_switch traces in BENCHMARKS.md). The table costs 8 bytes
 /// of kernel memory per slot, and no process memory.
-/// `fd` is any open descriptor to duplicate; `n` is capped at the soft limit on open files.
 fn reserve_fd_table(fd: std::os::fd::RawFd, n: usize) {
     use nix::fcntl::{fcntl, FcntlArg};
-    use nix::sys::resource::{getrlimit, Resource};
-    let limit = getrlimit(Resource::RLIMIT_NOFILE).map_or(0, |(soft, _)| soft);
-    let n = n.min(usize::try_from(limit).unwrap_or(usize::MAX));
     let Some(top) = n.checked_sub(1).and_then(|t| i32::try_from(t).ok()) else {
         return;
     };
@@ -202,10 +201,11 @@ pub fn run(cfg: Config) -> Result<(), ServerError> {
         stores.push(Store::open(&cfg.store, i, &cfg.session.hostname).map_err(ServerError::Store)?);
     }
     let listeners = bind_all(&cfg.listen, workers)?;
-    raise_fd_limit(cfg.connections_max + 64 * workers);
+    let fds_wanted = cfg.connections_max + 64 * workers;
+    let fd_limit = raise_fd_limit(fds_wanted);
     if let Some(s) = listeners.iter().flatten().next() {
         use std::os::fd::AsRawFd;
-        reserve_fd_table(s.as_raw_fd(), cfg.connections_max + 64 * workers);
+        reserve_fd_table(s.as_raw_fd(), fds_wanted.min(fd_limit));
     }
 
     // Block the shutdown signals before any thread starts, so every thread inherits the mask and

@@ -219,7 +219,7 @@ impl Config {
             }
             _ => open_slots as u64 * threads,
         };
-        crate::uring::reserve_fd_table(held + 64);
+        crate::uring::reserve_fd_table((held + 64).min(nofile));
         Ok(Config {
             target_text: cli.target,
             target,

@@ -382,12 +382,13 @@ pub fn raise_nofile_limit() -> u64 {
     lim.rlim_cur
 }
 
-/// Grows this process's descriptor table to `n` slots (at most the open-file limit) by asking
-/// for a descriptor at `n - 1` and closing it again. Call it before the first thread starts.
+/// Grows this process's descriptor table to `n` slots by asking for a descriptor at `n - 1` and
+/// closing it again. `n` must not exceed the open-file limit (`raise_nofile_limit`'s answer).
+/// Call it before the first thread starts.
 ///
 /// Why: when a new descriptor does not fit, the kernel grows the table, and in a process with
 /// more than one thread it waits for an RCU grace period before the socket(2) returns. Each
-/// doubling stopped the sending thread for 7-29 ms in the first half second of an open-loop run
+/// doubling stopped the sending thread for 7-43 ms in the first half second of an open-loop run
 /// (sched_switch traces, BENCHMARKS.md), and since latency counts from the scheduled start, that
 /// stop was in the figures of every session due meanwhile. The table costs 8 bytes of kernel
 /// memory per slot.
@@ -395,10 +396,7 @@ pub fn reserve_fd_table(n: u64) {
     let Ok(dir) = std::fs::File::open("/") else {
         return;
     };
-    let top = n
-        .min(raise_nofile_limit())
-        .saturating_sub(1)
-        .min(i32::MAX as u64) as libc::c_int;
+    let top = n.saturating_sub(1).min(i32::MAX as u64) as libc::c_int;
     // SAFETY: F_DUPFD_CLOEXEC only duplicates `dir`, which is open for the whole call; the new
     // descriptor is ours alone and closed at once.
     unsafe {

@@ -248,7 +248,7 @@ fn spinning_open_loop_keeps_the_schedule_and_counts_every_message() {
 }
 
 /// The generator sizes its descriptor table before its threads start: growing it later waits
-/// for an RCU grace period inside a socket(2), and in an open loop that stop (7-29 ms, measured)
+/// for an RCU grace period inside a socket(2), and in an open loop that stop (7-43 ms, measured)
 /// lands in the latency of every session due meanwhile.
 #[test]
 fn the_descriptor_table_is_sized_before_the_run_starts() {
