@@ -714,10 +714,10 @@ pub(crate) mod tests {
         );
     }
 
-    /// A sink that writes nothing until `open` is sent, then keeps what it gets.
+    /// A sink that writes nothing until `open` is sent, then keeps what it gets in `got`.
     struct Gate {
         open: Option<mpsc::Receiver<()>>,
-        got: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+        got: Capture,
     }
 
     impl Write for Gate {
@@ -725,8 +725,7 @@ pub(crate) mod tests {
             if let Some(open) = self.open.take() {
                 let _ = open.recv();
             }
-            self.got.lock().unwrap().extend_from_slice(data);
-            Ok(data.len())
+            self.got.write(data)
         }
         fn flush(&mut self) -> io::Result<()> {
             Ok(())
@@ -736,7 +735,7 @@ pub(crate) mod tests {
     #[test]
     fn a_stuck_log_output_drops_worker_lines_past_the_limit_and_says_how_many() {
         let (open_tx, open_rx) = mpsc::channel();
-        let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let got = Capture::default();
         let sink = Gate {
             open: Some(open_rx),
             got: got.clone(),
@@ -759,7 +758,7 @@ pub(crate) mod tests {
         q.tx.send(Msg::Stop).unwrap();
         done.recv_timeout(Duration::from_secs(10))
             .expect("the writer finishes");
-        let out = String::from_utf8(got.lock().unwrap().clone()).unwrap();
+        let out = String::from_utf8(got.0.lock().unwrap().clone()).unwrap();
         let lines: Vec<&str> = out.lines().collect();
         // The first line, the two worker lines that fit in 100 bytes, the start-up line, then
         // the count of the eight dropped.
