@@ -10,20 +10,28 @@
 #            instance holding every message in its own queue (benches/compare/*.cf.in);
 #   shapes:  (a) 1 KB, one message per session, 50 sessions; (b) 50 x 1 KB per session, 50
 #            sessions; (c) 100 KB, 20 sessions; (d) 10,000 idle connections; plus an open-loop run
-#            at half the closed-loop session rate, once as the kernel schedules the server and
-#            once with the server's threads at SCHED_FIFO (the client stays at SCHED_OTHER);
+#            at half and a quarter of the closed-loop session rate;
 # with each server pinned to core 0 and the client to core 1, and writes the table to
 # BENCHMARKS.md (between the compare:begin/end markers).
 #
 # Knobs (environment): QUICK=1, REPS=N, DURATION=SECS, IDLE_CONNS=N, SERVERS=a,b (ringmx-discard,
 # ringmx-maildir,smtp-sink,postfix), SHAPES=a,b,c,d,open, CLIENT=smtp-source (Postfix's client
 # instead of ringmx-loadgen), NO_BUILD=1, CARGO_TARGET_DIR, OUT=file, NOTE="text for the report",
-# OPEN_FRACTIONS=0.5,0.25, OPEN_SCHED=other,fifo (which scheduling of the server the open loop
-# runs with; "other" alone skips the SCHED_FIFO runs), KEEP_STORES=1 (keep the stored messages), FS_SETTLE_S=360 (how long
-# after deleting stores file creation is measured again: see delete_stores in run.py).
+# OPEN_FRACTIONS=0.5,0.25, OPEN_SCHED=other,fifo (also run the target's rate with the
+# non-durable servers' threads at SCHED_FIFO; the default is "other"), KEEP_STORES=1 (keep the
+# stored messages), FS_SETTLE_S=360 (how long after deleting stores file creation is measured
+# again: see delete_stores in run.py).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
+# Paths given relative to where the script was started from; absolute from here on, because the
+# private Postfix needs absolute queue and log paths (with relative ones `postfix start` exits 1
+# without a word, and the durable reference goes missing from the table).
+for v in CARGO_TARGET_DIR BIN_DIR WORK OUT; do
+    if [[ -n ${!v:-} ]]; then
+        export "$v=$(realpath -m -- "${!v}")"
+    fi
+done
 cd "$ROOT"
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target/cmp}
 export BIN_DIR=${BIN_DIR:-$CARGO_TARGET_DIR/release}

@@ -89,14 +89,17 @@ RINGMX_LOG = env("RINGMX_LOG", "")
 # open-loop tail. 0 skips the probe.
 STALL_PROBE_S = float(env("STALL_PROBE_S", "2"))
 # How the server's threads are scheduled in the open-loop runs: "other" is the kernel's default
-# (SCHED_OTHER), the figure issue 4 asks for; "fifo" also runs the rate of the target (0.5) with
-# every thread of the server's process tree at SCHED_FIFO priority FIFO_PRIO for the run, so that
-# the machine's own processes run only while the server waits. On the VM of 2026-12-03 PID 1's
-# tokio threads and DAMON's kdamond took the server's core for up to 10 ms at a time, with the
-# server runnable and waiting (sched_switch traces, BENCHMARKS.md). An operator gets the same
-# with `chrt` or systemd's CPUSchedulingPolicy=fifo. The client stays at SCHED_OTHER: it
-# busy-polls, and the kernel's real-time limit (95% of each second) would stop it for 50 ms.
-OPEN_SCHEDS = [x for x in env("OPEN_SCHED", "other,fifo").split(",") if x]
+# (SCHED_OTHER), the figure issue 4 asks for and the only one by default. OPEN_SCHED=other,fifo
+# also runs the rate of the target (0.5) with every thread of a non-durable server's process tree
+# at SCHED_FIFO priority FIFO_PRIO for the run, so that the machine's own processes run only while
+# the server waits. On the VM of 2026-12-03 PID 1's tokio threads and DAMON's kdamond took the
+# server's core for up to 10 ms at a time, with the server runnable and waiting (sched_switch
+# traces, BENCHMARKS.md). Not for the durable stores: their fsyncs wait on kernel threads at
+# SCHED_OTHER, which a SCHED_FIFO server on the same core starves (measured 15:13 that day: the
+# default store's p50 went from 2.3 to 10.8-15 ms, --batch-syncfs's to 1.9 s). The client stays
+# at SCHED_OTHER: it busy-polls, and the kernel's real-time limit (95% of each second) would stop
+# it for 50 ms.
+OPEN_SCHEDS = [x for x in env("OPEN_SCHED", "other").split(",") if x]
 FIFO_PRIO = 10
 
 LOADGEN = os.path.join(BIN, "ringmx-loadgen")
@@ -973,9 +976,9 @@ def report(results, idle, opens, started_at, commands, exit_lines):
           + (" During the run, the spinning client counts the same for itself (\"client N "
              "stalls, longest\")." if OPEN_SPIN else "")
           + (f" Rows marked \"server at SCHED_FIFO\" are runs at the target's rate with every "
-             f"thread of the server's process tree at SCHED_FIFO priority {FIFO_PRIO} for the run "
-             "(the client stays at SCHED_OTHER), so that the machine's other processes run only "
-             "while the server waits (`OPEN_SCHED` in run.py)." if "fifo" in OPEN_SCHEDS else "")
+             f"thread of a non-durable server's process tree at SCHED_FIFO priority {FIFO_PRIO} "
+             "for the run (the client stays at SCHED_OTHER), so that the machine's other "
+             "processes run only while the server waits (`OPEN_SCHED` in run.py)." if "fifo" in OPEN_SCHEDS else "")
           + ":")
         A("")
         A("| server | fraction | rate (sessions/s) | achieved msg/s | p50 ms | p99 ms | p99/p50 | "
@@ -1181,7 +1184,8 @@ def main():
                     if not mx:
                         continue
                     runs = [(sched, frac) for sched in OPEN_SCHEDS
-                            for frac in (OPEN_FRACTIONS if sched == "other" else [0.5])]
+                            for frac in (OPEN_FRACTIONS if sched == "other" else [0.5])
+                            if sched == "other" or s.name not in MAILDIR_SERVERS]
                     for sched, frac in runs:
                         for rep in range(REPS):
                             if not fresh_store(s, f"open{frac:g}{sched}-r{rep}", "a",
