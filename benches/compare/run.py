@@ -978,7 +978,8 @@ def report(results, idle, opens, started_at, commands, exit_lines):
           + (f" Rows marked \"server at SCHED_FIFO\" are runs at the target's rate with every "
              f"thread of a non-durable server's process tree at SCHED_FIFO priority {FIFO_PRIO} "
              "for the run (the client stays at SCHED_OTHER), so that the machine's other "
-             "processes run only while the server waits (`OPEN_SCHED` in run.py)." if "fifo" in OPEN_SCHEDS else "")
+             "processes run only while the server waits (`OPEN_SCHED` in run.py)."
+             if "fifo" in OPEN_SCHEDS else "")
           + ":")
         A("")
         A("| server | fraction | rate (sessions/s) | achieved msg/s | p50 ms | p99 ms | p99/p50 | "
@@ -990,7 +991,7 @@ def report(results, idle, opens, started_at, commands, exit_lines):
         for sched, name, frac in [(sc, n, f) for sc in OPEN_SCHEDS for f in OPEN_FRACTIONS
                                   for n in SERVERS]:
             rows = [r for r in opens if r["server"] == name and r.get("open_fraction") == frac
-                    and (r.get("open_sched") or "other") == sched]
+                    and r["open_sched"] == sched]
             if not rows:
                 continue
             q = med_range([r["p99_us"] / r["p50_us"] for r in rows
@@ -1034,8 +1035,7 @@ def report(results, idle, opens, started_at, commands, exit_lines):
         for name in ("ringmx-discard", *MAILDIR_SERVERS):
             q = med_range([r["p99_us"] / r["p50_us"] for r in opens
                            if r["server"] == name and r.get("p50_us") and r.get("p99_us")
-                           and r.get("open_fraction") == 0.5
-                           and (r.get("open_sched") or "other") == sched])
+                           and r.get("open_fraction") == 0.5 and r["open_sched"] == sched])
             if sched != "other" and not q:
                 continue
             val, ver = verdict(q[0] if q else None, 3.0)
@@ -1194,7 +1194,8 @@ def main():
                             r = measure(s, "a", rep, rate=mx[0] * frac, sched=sched)
                             r["open_fraction"] = frac
                             opens.append(r)
-                            if rep == 0 and s is servers[0] and frac == OPEN_FRACTIONS[0]:
+                            if (rep == 0 and s is servers[0] and frac == OPEN_FRACTIONS[0]
+                                    and sched == OPEN_SCHEDS[0]):
                                 commands.append("# client, open loop\n" + r["cmd"])
             for s in servers:
                 s.stop()

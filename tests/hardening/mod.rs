@@ -1380,7 +1380,7 @@ fn a_log_reader_that_stops_reading_does_not_stop_the_server() {
 
 /// The descriptor table is sized for --max-connections at start-up. Growing it later, in a
 /// process with threads, waits for an RCU grace period inside the accept that needed the slot:
-/// every session of that worker's core stopped for 8-24 ms, several times, as connections rose.
+/// every session of that worker's core stopped for 4-21 ms, several times, as connections rose.
 #[test]
 fn the_descriptor_table_is_sized_for_max_connections_at_start() {
     let server = Server::start(&["--max-connections", "5000", "--store", "discard"]);
