@@ -19,8 +19,9 @@
 # instead of ringmx-loadgen), NO_BUILD=1, CARGO_TARGET_DIR, OUT=file, NOTE="text for the report",
 # OPEN_FRACTIONS=0.5,0.25, OPEN_SCHED=other,fifo (also run the target's rate with the
 # non-durable servers' threads at SCHED_FIFO; the default is "other"), KEEP_STORES=1 (keep the
-# stored messages), FS_SETTLE_S=360 (how long after deleting stores file creation is measured
-# again: see delete_stores in run.py).
+# stored messages), STEAL_MAX_PCT=5 and STEAL_RETRIES=2 (a run that lost more than that share of
+# its time to steal on either core is measured again, at most that many times), FS_SETTLE_S=360
+# (how long after deleting stores file creation is measured again: see delete_stores in run.py).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
