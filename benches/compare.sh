@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Side-by-side comparison of ringmx with Postfix on 127.0.0.1 (issue 4), in one command:
 #
-#   benches/compare.sh            # 3 repetitions, ~10-15 minutes; writes BENCHMARKS.md
+#   benches/compare.sh            # 3 repetitions, ~10-15 minutes (up to 3x that when runs
+#                                 # lose time to steal and are measured again); writes BENCHMARKS.md
 #   QUICK=1 benches/compare.sh    # 1 repetition, shorter runs, fewer idle connections
 #
 # It installs Postfix (for smtp-sink and the private durable instance) if missing, builds ringmx
