@@ -104,7 +104,7 @@ FIFO_PRIO = 10
 # A run in which the hypervisor kept either core from running for more than STEAL_MAX_PCT of the
 # run's wall time (the steal column of /proc/stat) is measured again, at most STEAL_RETRIES
 # times, and the last try counts whatever its steal. On the VMs of 2026-12-03 steal came in
-# bursts of seconds while the machine was loaded and was near zero at rest: 0.4-3.3 s of it in
+# bursts of minutes while the machine was loaded and was near zero at rest: up to 3.8-5.4 s of
 # 6-8 s runs, which halves a server's rate or puts 100 ms stops into every latency percentile
 # and says nothing about the server. Each server gets the same rule, and the report counts the
 # runs measured again. STEAL_RETRIES=0 keeps every first run.
