@@ -1040,12 +1040,14 @@ impl Marks {
             let (mut from, mut len) = (*body_from, s.len);
             // The last dot with two bytes after it, as `line_dot` wants.
             let last = input.len().saturating_sub(3);
+            // The two words one after the other, written out: as a loop over an array of
+            // `(&mut u64, usize)` LLVM turned the AVX2 kernel's masks into byte-by-byte
+            // `vpextrb`/`vpinsrb` shuffles, and dot-stuffed bodies scanned 10x slower (2 GiB/s
+            // on 100 KB, the AVX-512 kernel unaffected).
             let (mut lo, mut hi) = (dots as u64, (dots >> 64) as u64);
-            for (word, at) in [(&mut lo, base + 1), (&mut hi, base + 1 + PAIRS)] {
-                *word = Marks::stuffed(input, *word, at, last, &mut from, &mut len, sink);
-                if *word != 0 {
-                    break;
-                }
+            lo = Marks::stuffed(input, lo, base + 1, last, &mut from, &mut len, sink);
+            if lo == 0 {
+                hi = Marks::stuffed(input, hi, base + 1 + PAIRS, last, &mut from, &mut len, sink);
             }
             dots = u128::from(lo) | u128::from(hi) << 64;
             (*body_from, s.len) = (from, len);
