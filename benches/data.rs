@@ -6,7 +6,7 @@
 //!   The scanner picks its kernel at run time: the fused vector one with AVX-512 where the CPU
 //!   has it, else with AVX2 (as memchr does), elsewhere the portable one (`memmem` for LF-dot
 //!   plus a bare CR/LF pass), so the figures are for the kernel of the machine they were
-//!   measured on.
+//!   measured on. `scanner_<kernel>` rows time each other kernel the CPU can run.
 //! - `scanner_copy`: the same with the segments copied into a body `Vec`, as a session that
 //!   keeps the body (maildir) does.
 //! - `memmem`: `memchr::memmem` searching for `\r\n.\r\n` over the same bytes (search only).
@@ -62,6 +62,26 @@ fn bench_data(c: &mut Criterion) {
                     total
                 })
             });
+            // Every other kernel this CPU runs (`scanner_avx2` on an AVX-512 host,
+            // `scanner_portable` everywhere), so that a change that slows a kernel this machine
+            // does not pick still shows (one did, 10x on dot lines, unseen for a day).
+            let best = DataScanner::new(u64::MAX).kernel();
+            for kernel in DataScanner::kernels().into_iter().filter(|k| *k != best) {
+                g.bench_with_input(
+                    BenchmarkId::new(format!("scanner_{kernel}"), label),
+                    &input,
+                    |b, input| {
+                        b.iter(|| {
+                            let mut s = DataScanner::with_kernel(u64::MAX, kernel)
+                                .expect("a kernel this CPU runs");
+                            let mut total = 0usize;
+                            let end = s.scan(black_box(input), |segment| total += segment.len());
+                            assert_eq!(end, Some(input.len()));
+                            total
+                        })
+                    },
+                );
+            }
             let mut out = Vec::with_capacity(input.len());
             g.bench_with_input(
                 BenchmarkId::new("scanner_copy", label),

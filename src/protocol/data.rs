@@ -85,6 +85,30 @@ impl DataScanner {
         }
     }
 
+    /// The kernel this scanner runs: "avx512", "avx2" or "portable".
+    pub fn kernel(&self) -> &'static str {
+        self.simd.name()
+    }
+
+    /// The names of the kernels this CPU can run, the one `new` picks among them. For benchmarks
+    /// that measure every kernel, not only this machine's: a kernel the host does not pick is
+    /// otherwise never timed.
+    #[doc(hidden)]
+    pub fn kernels() -> Vec<&'static str> {
+        Simd::all().into_iter().map(Simd::name).collect()
+    }
+
+    /// As `new`, with the kernel named (one of `kernels()`) rather than the best; `None` when
+    /// this CPU cannot run it.
+    #[doc(hidden)]
+    pub fn with_kernel(max: u64, kernel: &str) -> Option<DataScanner> {
+        let simd = Simd::all().into_iter().find(|k| k.name() == kernel)?;
+        Some(DataScanner {
+            simd,
+            ..DataScanner::new(max)
+        })
+    }
+
     /// True when the message contains a bare CR or bare LF (policy: reject with 550 5.6.11).
     pub fn bare_cr_lf(&self) -> bool {
         self.bare
@@ -442,6 +466,33 @@ enum Simd {
 }
 
 impl Simd {
+    /// Every kernel this CPU can run, the portable one last (AVX-512 even where `best` would not
+    /// pick it).
+    fn all() -> Vec<Simd> {
+        let mut all = Vec::new();
+        #[cfg(target_arch = "x86_64")]
+        {
+            if let Some(v4) = pulp::x86::V4::try_new() {
+                all.push(Simd::Avx512(v4));
+            }
+            if let Some(v3) = pulp::x86::V3::try_new() {
+                all.push(Simd::Avx2(v3));
+            }
+        }
+        all.push(Simd::Portable);
+        all
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Simd::Portable => "portable",
+            #[cfg(target_arch = "x86_64")]
+            Simd::Avx2(_) => "avx2",
+            #[cfg(target_arch = "x86_64")]
+            Simd::Avx512(_) => "avx512",
+        }
+    }
+
     /// The fastest kernel this CPU runs: AVX-512 (x86-64-v4, see `avx512_token`), else AVX2
     /// (x86-64-v3), else the portable one. Asked once per process: the token checks are a dozen
     /// CPUID bits each.
@@ -1209,16 +1260,8 @@ mod tests {
 
     /// Every vector kernel this CPU can run (the portable one aside).
     fn kernels() -> Vec<Simd> {
-        let mut all = Vec::new();
-        #[cfg(target_arch = "x86_64")]
-        {
-            if let Some(v4) = pulp::x86::V4::try_new() {
-                all.push(Simd::Avx512(v4));
-            }
-            if let Some(v3) = pulp::x86::V3::try_new() {
-                all.push(Simd::Avx2(v3));
-            }
-        }
+        let mut all = Simd::all();
+        all.pop();
         all
     }
 
@@ -1253,6 +1296,23 @@ mod tests {
                 format!("{picked:?}").starts_with(want),
                 "{picked:?}, want {want}"
             );
+        }
+    }
+
+    #[test]
+    fn each_kernel_the_cpu_runs_can_be_named_and_scans_alike() {
+        let names = DataScanner::kernels();
+        assert_eq!(names.last(), Some(&"portable"));
+        assert!(names.contains(&DataScanner::new(0).kernel()));
+        assert!(DataScanner::with_kernel(0, "sse9").is_none());
+        let input = b"..a\r\nb\r\n..c\r\n.\r\nafter";
+        for name in names {
+            let mut s = DataScanner::with_kernel(u64::MAX, name).unwrap();
+            assert_eq!(s.kernel(), name);
+            let mut body = Vec::new();
+            let end = s.scan(input, |seg| body.extend_from_slice(seg));
+            assert_eq!(end, Some(input.len() - 5), "{name}");
+            assert_eq!(body, b".a\r\nb\r\n.c\r\n", "{name}");
         }
     }
 
