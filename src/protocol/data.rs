@@ -599,11 +599,17 @@ impl<B: Blocks> Vector<B> {
         if let Some(dots) = b.dots_if_no_bare(l, m) {
             return Marks::line_dots(b.roomy(), s, input, base, dots, body_from, sink);
         }
-        for (lanes, at) in [(l, base), (m, base + PAIRS)] {
-            if !b.clean(lanes) {
-                let (bare, dot) = b.bits(lanes);
-                Marks::shifted(b.roomy(), s, input, start, at, bare, dot, body_from, sink)?;
-            }
+        // The two blocks written out, not a loop over `[(l, base), (m, base + PAIRS)]`: with the
+        // array, LLVM stored all eight lane vectors to the stack on every marked pair, before
+        // the test above that nearly always returns.
+        if !b.clean(l) {
+            let (bare, dot) = b.bits(l);
+            Marks::shifted(b.roomy(), s, input, start, base, bare, dot, body_from, sink)?;
+        }
+        if !b.clean(m) {
+            let (bare, dot) = b.bits(m);
+            let at = base + PAIRS;
+            Marks::shifted(b.roomy(), s, input, start, at, bare, dot, body_from, sink)?;
         }
         ControlFlow::Continue(())
     }
