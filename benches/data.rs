@@ -67,13 +67,16 @@ fn bench_data(c: &mut Criterion) {
             // does not pick still shows (one did, 10x on dot lines, unseen for a day).
             let best = DataScanner::new(u64::MAX).kernel();
             for kernel in DataScanner::kernels().into_iter().filter(|k| *k != best) {
+                // Made once, outside the timed loop: `with_kernel` asks the CPU which kernels it
+                // runs, which `new` does once per process. Each iteration starts from a copy.
+                let fresh =
+                    DataScanner::with_kernel(u64::MAX, kernel).expect("a kernel this CPU runs");
                 g.bench_with_input(
                     BenchmarkId::new(format!("scanner_{kernel}"), label),
                     &input,
                     |b, input| {
                         b.iter(|| {
-                            let mut s = DataScanner::with_kernel(u64::MAX, kernel)
-                                .expect("a kernel this CPU runs");
+                            let mut s = fresh.clone();
                             let mut total = 0usize;
                             let end = s.scan(black_box(input), |segment| total += segment.len());
                             assert_eq!(end, Some(input.len()));
