@@ -103,10 +103,15 @@ impl DataScanner {
     #[doc(hidden)]
     pub fn with_kernel(max: u64, kernel: &str) -> Option<DataScanner> {
         let simd = Simd::all().into_iter().find(|k| k.name() == kernel)?;
-        Some(DataScanner {
+        Some(DataScanner::with_simd(simd, max))
+    }
+
+    /// As `new`, with the given kernel whatever the CPU would pick.
+    fn with_simd(simd: Simd, max: u64) -> DataScanner {
+        DataScanner {
             simd,
             ..DataScanner::new(max)
-        })
+        }
     }
 
     /// True when the message contains a bare CR or bare LF (policy: reject with 550 5.6.11).
@@ -1253,7 +1258,7 @@ mod tests {
     fn chunked(input: &[u8], cuts: &[usize]) -> Option<(usize, Vec<u8>, bool)> {
         let portable = chunked_with(input, cuts, portable_scanner(u64::MAX));
         for simd in kernels() {
-            let other = chunked_with(input, cuts, scanner_with(simd, u64::MAX));
+            let other = chunked_with(input, cuts, DataScanner::with_simd(simd, u64::MAX));
             assert_eq!(
                 other,
                 portable,
@@ -1271,17 +1276,9 @@ mod tests {
         all
     }
 
-    /// A scanner that uses the given kernel whatever the CPU would pick.
-    fn scanner_with(simd: Simd, max: u64) -> DataScanner {
-        DataScanner {
-            simd,
-            ..DataScanner::new(max)
-        }
-    }
-
     /// A scanner that uses the portable kernel whatever the CPU.
     fn portable_scanner(max: u64) -> DataScanner {
-        scanner_with(Simd::Portable, max)
+        DataScanner::with_simd(Simd::Portable, max)
     }
 
     #[test]
@@ -1767,7 +1764,7 @@ mod tests {
         for max in 0..len + 3 {
             let portable = segments(&input, portable_scanner(max));
             for simd in kernels() {
-                let picked = segments(&input, scanner_with(simd, max));
+                let picked = segments(&input, DataScanner::with_simd(simd, max));
                 assert_eq!(picked, portable, "max {max}, {simd:?}");
             }
             assert_eq!(
