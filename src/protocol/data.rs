@@ -220,37 +220,35 @@ impl DataScanner {
                         break;
                     }
                     // The whole fast path, hand-out closure included, is compiled for the vector
-                    // extension and inlined into one function that runs only on a CPU that has it.
+                    // extension and inlined into one function that runs only on a CPU that has it
+                    // (see `FastPath`).
                     let found = match self.simd {
                         #[cfg(target_arch = "x86_64")]
-                        Simd::Avx512(simd) => simd.vectorize(|| {
-                            self.fast(
-                                |roomy| Vector(Avx512 { simd, roomy }),
-                                input,
-                                i,
-                                &mut from,
-                                &mut sink,
-                            )
+                        Simd::Avx512(simd) => simd.vectorize(FastPath {
+                            scanner: self,
+                            kernel: |roomy| Vector(Avx512 { simd, roomy }),
+                            input,
+                            i,
+                            from: &mut from,
+                            sink: &mut sink,
                         }),
                         #[cfg(target_arch = "x86_64")]
-                        Simd::Avx512Vl(simd) => simd.vectorize(|| {
-                            self.fast(
-                                |roomy| Avx512Vl { simd, roomy },
-                                input,
-                                i,
-                                &mut from,
-                                &mut sink,
-                            )
+                        Simd::Avx512Vl(simd) => simd.vectorize(FastPath {
+                            scanner: self,
+                            kernel: |roomy| Avx512Vl { simd, roomy },
+                            input,
+                            i,
+                            from: &mut from,
+                            sink: &mut sink,
                         }),
                         #[cfg(target_arch = "x86_64")]
-                        Simd::Avx2(simd) => simd.vectorize(|| {
-                            self.fast(
-                                |roomy| Vector(Avx2 { simd, roomy }),
-                                input,
-                                i,
-                                &mut from,
-                                &mut sink,
-                            )
+                        Simd::Avx2(simd) => simd.vectorize(FastPath {
+                            scanner: self,
+                            kernel: |roomy| Vector(Avx2 { simd, roomy }),
+                            input,
+                            i,
+                            from: &mut from,
+                            sink: &mut sink,
                         }),
                         Simd::Portable => self.blocks(Portable, input, i, &mut from, &mut sink),
                     };
@@ -401,6 +399,46 @@ impl DataScanner {
         if !self.rejecting() {
             sink(bytes);
         }
+    }
+}
+
+/// `DataScanner::fast` with its arguments, as pulp's `vectorize` takes it: the code it runs is
+/// compiled for the vector extension only where it is inlined into `vectorize`'s target-feature
+/// function. A closure there is called through `FnOnce::call_once`, which LLVM inlines or not
+/// by its own measure: when a change to `blocks` made the AVX2 instantiation larger, it stopped
+/// inlining it, every intrinsic became a call and the kernel ran 80 times slower. `call` here is
+/// marked to be inlined, so the whole fast path always is.
+#[cfg(target_arch = "x86_64")]
+struct FastPath<'a, M, S> {
+    scanner: &'a mut DataScanner,
+    /// Makes the kernel, from whether the body is roomy (see `Blocks::roomy`).
+    kernel: M,
+    input: &'a [u8],
+    i: usize,
+    from: &'a mut usize,
+    sink: &'a mut S,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl<K, M, S> pulp::NullaryFnOnce for FastPath<'_, M, S>
+where
+    K: Kernel,
+    M: FnOnce(bool) -> K,
+    S: FnMut(&[u8]),
+{
+    type Output = Result<usize, usize>;
+
+    #[inline(always)]
+    fn call(self) -> Self::Output {
+        let FastPath {
+            scanner,
+            kernel,
+            input,
+            i,
+            from,
+            sink,
+        } = self;
+        scanner.fast(kernel, input, i, from, sink)
     }
 }
 
@@ -1193,7 +1231,16 @@ impl Avx512Vl {
     ) -> ControlFlow<Result<usize, usize>> {
         let keep = u64::MAX << skip;
         let (bare, dot) = self.bits(l);
-        self.walk_bits(s, input, start, base, bare & keep, dot & keep, body_from, sink)
+        self.walk_bits(
+            s,
+            input,
+            start,
+            base,
+            bare & keep,
+            dot & keep,
+            body_from,
+            sink,
+        )
     }
 
     /// `walk` with the block's lanes as bit masks.
