@@ -311,17 +311,30 @@ impl DataScanner {
         if input[start] == b'\n' {
             self.bare = true;
         }
+        // An input that ends with the end marker (a whole message in one read, as most are) is
+        // judged up to the marker's first CRLF, whose LF then starts the marker's line: unless
+        // an earlier marker ends the data, the last one does, and the kernel need not find its
+        // dot. That spares the walk of the last block, whose latency nothing else overlaps
+        // (about 8% of a 1 KB body, Zen 4). The marker's own pairs are never bare.
+        let marked_end = n >= start + 5 && input.ends_with(b"\r\n.\r\n");
+        let end = if marked_end { n - 3 } else { n };
         // Judge the pairs from `i` on; body bytes before `*from` are handed out.
         let mut i = start;
         loop {
-            let stop = (i + STRETCH).min(n);
+            let stop = (i + STRETCH).min(end);
             // The pairs starting in the stretch, the last one reaching one byte past it, so that
             // an LF at its end is judged with what follows; a pair needs both of its bytes.
-            let to = stop.min(n - 1);
+            let to = stop.min(end - 1);
             if i < to {
                 if let ControlFlow::Break(r) = k.pairs(self, input, start, i, to, from, sink) {
                     return r;
                 }
+            }
+            if marked_end && stop == end {
+                // The body ends with the CRLF before the marker's dot.
+                self.emit(&input[*from..end], sink);
+                self.state = State::Done;
+                return Ok(n);
             }
             if stop < n {
                 // A stuffed dot as the stretch's last byte was dropped: the next body byte is
