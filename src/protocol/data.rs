@@ -156,6 +156,12 @@ impl DataScanner {
         // The next byte to look at, and the start of the body bytes not yet handed out.
         let mut i = 0;
         let mut from = 0;
+        // A body starts at a line start, and so do most reads after the first; without a dot
+        // there, the first turn of the loop below only sets `Mid`. Set here, it spares that
+        // turn's jump through the `match`'s table, a few percent of a 1 KB body.
+        if self.state == State::LineStart && input.first().is_some_and(|&b| b != b'.') {
+            self.state = State::Mid;
+        }
         loop {
             match self.state {
                 State::Done => return Some(i),
