@@ -1136,7 +1136,7 @@ impl Blocks for Avx512 {
 /// - a block of 64 pairs is judged in the unshifted layout (`Blocks::exact`'s: lane `k` is the
 ///   pair `(k, k + 1)` for both questions) from two 32-byte halves, each read at offsets 0 and
 ///   +1, so only one of its four loads crosses a line (the `Avx2` kernel's three offsets cross
-///   two);
+///   two, and that form, even with `vpternlogd`, was bound by its loads: 10% slower);
 /// - each half is four comparisons (CR and LF at offset 0, LF and '.' at +1) and two
 ///   `vpternlogd`: one makes the LF-dot lanes 0x80, the other folds them with the bare lanes
 ///   (CR at `k` xor LF at `k + 1`), which stay 0xFF. A block is tested with one `or` and one
@@ -1289,8 +1289,9 @@ impl Avx512Vl {
     /// marked block without a bare lane has only dots that start a line (see `walk`), dropped
     /// by `Marks::stuffed` with the length and the start of the pending bytes in registers.
     /// Returns the bytes left, less than two whole blocks. Testing each pair of blocks instead
-    /// (as the `Avx2` kernel does) was as fast on plain bodies and 15% slower on dotted ones
-    /// (paired harness, Zen 4, 2026-12-07).
+    /// (as the `Avx2` kernel does; three ways of walking a marked pair were tried) was 1-4%
+    /// faster on plain bodies and 7-17% slower on dotted ones (paired harness, Zen 4,
+    /// 2026-12-07, BENCHMARKS.md).
     #[allow(clippy::too_many_arguments)]
     #[inline(always)]
     fn each_block<'a>(
