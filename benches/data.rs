@@ -4,9 +4,10 @@
 //!   segments of the input, bare CR/LF check), with a sink that only adds up the segment lengths,
 //!   as a discard session does. Issue 4's target: >= 0.8x the `memmem` baseline's bytes/s.
 //!   The scanner picks its kernel at run time: the fused vector one with AVX-512 where the CPU
-//!   has it, else with AVX2 (as memchr does), elsewhere the portable one (`memmem` for LF-dot
-//!   plus a bare CR/LF pass), so the figures are for the kernel of the machine they were
-//!   measured on. `scanner_<kernel>` rows time each other kernel the CPU can run.
+//!   has it (on AMD's Zen 4 its 256-bit form, `avx512vl`), else with AVX2 (as memchr does),
+//!   elsewhere the portable one (`memmem` for LF-dot plus a bare CR/LF pass), so the figures
+//!   are for the kernel of the machine they were measured on. `scanner_<kernel>` rows time each
+//!   other kernel the CPU can run.
 //! - `scanner_copy`: the same with the segments copied into a body `Vec`, as a session that
 //!   keeps the body (maildir) does.
 //! - `memmem`: `memchr::memmem` searching for `\r\n.\r\n` over the same bytes (search only).
