@@ -39,6 +39,10 @@ pub struct Metrics {
     /// Receives that found every provided receive buffer in use (ENOBUFS) and waited for one:
     /// a worker receiving faster than it can work through its input.
     pub recv_starved: u64,
+    /// Receives that found no buffer published while recycled ones were held back to keep the
+    /// published few in cache (ring/bufs.rs); each costs a re-armed receive, and the worker then
+    /// publishes every buffer until its load falls again.
+    pub recv_short: u64,
 }
 
 impl Metrics {
@@ -66,6 +70,7 @@ impl Metrics {
         self.batch_messages_max = self.batch_messages_max.max(other.batch_messages_max);
         self.store_errors += other.store_errors;
         self.recv_starved += other.recv_starved;
+        self.recv_short += other.recv_short;
     }
 
     /// Merges a set of per-worker metrics.
@@ -98,7 +103,7 @@ impl Metrics {
             "connections {} accepted, {} refused; sessions {} ended ({} timed out); commands {}, \
              client errors {}; messages {} accepted ({} bytes, {rate:.1}/s over {secs:.1}s), {} rejected; \
              store: {} batches (mean {:.1}, max {} messages), {} fsyncs, {} errors; \
-             bytes {} in, {} out; receives that waited for a buffer {}",
+             bytes {} in, {} out; receives that waited for a buffer {} (and {} for one held back)",
             self.connections_accepted,
             self.connections_refused,
             self.sessions_ended,
@@ -116,6 +121,7 @@ impl Metrics {
             self.bytes_received,
             self.bytes_sent,
             self.recv_starved,
+            self.recv_short,
         )
     }
 

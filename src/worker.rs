@@ -10,8 +10,9 @@
 //! unsent replies exceed `OUT_CAP` (the client is not reading). Input that arrives meanwhile is
 //! kept in the connection's pending buffer; beyond `PENDING_CAP` the multishot receive is
 //! cancelled and re-armed once the buffer drained below half of it. A receive that ends because
-//! every provided buffer is taken (ENOBUFS: more connections had input in one round than there
-//! are buffers) is not re-armed at once, which would fail again at once for all but a few: it
+//! every published buffer is taken (ENOBUFS: more connections had input in one round than there
+//! were buffers published; the ring keeps only a warm few published while the load is light, see
+//! `ring::bufs`) is not re-armed at once, which would fail again at once for all but a few: it
 //! waits in a queue, and a bounded number of them is re-armed per round, oldest first.
 //!
 //! Timers: one deadline scan per `TICK`. The idle timer of a connection restarts only when the
@@ -700,8 +701,13 @@ impl Worker {
         if finished {
             conn.recv_id = None;
         }
+        // Starved only if every buffer was in use, not when the warm set was just too small.
         if no_buffers {
-            self.report.metrics.recv_starved += 1;
+            if self.ring.bufs_short() {
+                self.report.metrics.recv_short += 1;
+            } else {
+                self.report.metrics.recv_starved += 1;
+            }
         }
         match outcome {
             RecvOutcome::Data { bid, len } => {

@@ -428,9 +428,16 @@ impl Ring {
         self.bufs.get(bid, len)
     }
 
-    /// Gives a provided buffer back to the kernel.
+    /// Gives a provided buffer back; the kernel gets it again at a later `submit` or `wait`.
     pub fn recycle(&mut self, bid: u16) {
         self.bufs.recycle(bid);
+    }
+
+    /// A receive ended on ENOBUFS. Returns false if every receive buffer was in the worker's
+    /// hands (overload); true if some were held back to keep the published ones warm (see the
+    /// `bufs` module docs), which are all published from the next submission on.
+    pub fn bufs_short(&mut self) -> bool {
+        self.bufs.short()
     }
 
     pub fn bufs_held(&self) -> u32 {
@@ -564,6 +571,7 @@ impl Ring {
 
     /// Submits queued ops without waiting.
     pub fn submit(&mut self) {
+        self.bufs.top_up();
         if let Err(e) = self.uring.submit() {
             match e.raw_os_error() {
                 Some(libc::EINTR) | Some(libc::EBUSY) | Some(libc::EAGAIN) => {}
@@ -580,6 +588,7 @@ impl Ring {
             self.submit();
             return Ok(());
         }
+        self.bufs.top_up();
         let result = match timeout {
             Some(t) => {
                 let ts = types::Timespec::new()
@@ -915,6 +924,91 @@ mod tests {
         }
         assert!(eof);
         assert_eq!(ring.in_flight(), 0);
+    }
+
+    #[test]
+    fn a_burst_beyond_the_warm_buffers_is_short_not_starved_and_all_of_it_arrives() {
+        let mut ring = Ring::new(64, 64, 16).unwrap();
+        // One steady connection: the kernel takes one buffer a turn, so after some turns only
+        // the floor of warm buffers stays published.
+        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        ring.push(Token(1), Op::RecvMulti { fd: a.as_raw_fd() });
+        for _ in 0..200 {
+            (&b).write_all(b"x").unwrap();
+            let mut got = false;
+            while !got {
+                ring.wait(Some(Duration::from_secs(2))).unwrap();
+                while let Some(c) = ring.next_completion() {
+                    let RecvOutcome::Data { bid, .. } = RecvOutcome::from_result(c.res, c.bid)
+                    else {
+                        panic!("unexpected {}", c.res);
+                    };
+                    ring.recycle(bid);
+                    got = true;
+                }
+            }
+        }
+        assert!(
+            ring.bufs.published() < 20,
+            "{} published",
+            ring.bufs.published()
+        );
+        // Then 48 connections with input at once: more than are published.
+        const N: usize = 48;
+        let pairs: Vec<_> = (0..N)
+            .map(|_| std::os::unix::net::UnixStream::pair().unwrap())
+            .collect();
+        for (i, (_, w)) in pairs.iter().enumerate() {
+            let mut w = w;
+            w.write_all(format!("conn {i:02}").as_bytes()).unwrap();
+        }
+        for (i, (r, _)) in pairs.iter().enumerate() {
+            ring.push(Token(100 + i as u64), Op::RecvMulti { fd: r.as_raw_fd() });
+        }
+        let mut got = vec![Vec::new(); N];
+        let mut shorts = 0;
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while got.iter().any(|g| g.is_empty()) && std::time::Instant::now() < deadline {
+            ring.wait(Some(Duration::from_millis(50))).unwrap();
+            let mut again = Vec::new();
+            while let Some(c) = ring.next_completion() {
+                let i = (c.token.0 - 100) as usize;
+                match RecvOutcome::from_result(c.res, c.bid) {
+                    RecvOutcome::Data { bid, len } => {
+                        got[i].extend_from_slice(ring.buf(bid, len));
+                        ring.recycle(bid);
+                    }
+                    RecvOutcome::NoBuffers => {
+                        assert!(c.op.is_some(), "ENOBUFS ends the multishot receive");
+                        assert!(ring.bufs_short(), "buffers were held back: not an overload");
+                        shorts += 1;
+                        again.push(i);
+                    }
+                    other => panic!("unexpected {other:?}"),
+                }
+            }
+            for i in again {
+                ring.push(
+                    Token(100 + i as u64),
+                    Op::RecvMulti {
+                        fd: pairs[i].0.as_raw_fd(),
+                    },
+                );
+            }
+        }
+        assert!(
+            shorts > 0,
+            "the burst found fewer buffers published than it needed"
+        );
+        for (i, g) in got.iter().enumerate() {
+            assert_eq!(g, format!("conn {i:02}").as_bytes());
+        }
+        ring.submit();
+        assert!(
+            ring.bufs.published() >= 32,
+            "after the burst more buffers are published: {}",
+            ring.bufs.published()
+        );
     }
 
     #[test]
