@@ -40,8 +40,8 @@ pub struct Metrics {
     /// a worker receiving faster than it can work through its input.
     pub recv_starved: u64,
     /// Receives that found no buffer published while recycled ones were held back to keep the
-    /// published few in cache (ring/bufs.rs); each costs a re-armed receive, and the worker then
-    /// publishes every buffer until its load falls again.
+    /// published few in cache (ring/bufs.rs); each costs a re-armed receive, and the worker's
+    /// next turn publishes at least twice as many buffers.
     pub recv_short: u64,
 }
 

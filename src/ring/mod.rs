@@ -435,8 +435,8 @@ impl Ring {
 
     /// A receive ended on ENOBUFS. Returns false if every receive buffer was in the worker's
     /// hands (overload); true if some were held back to keep the published ones warm (see the
-    /// `bufs` module docs), which are all published from the next submission on.
-    pub fn bufs_short(&mut self) -> bool {
+    /// `bufs` module docs), in which case the next submission publishes at least twice as many.
+    pub fn bufs_short(&self) -> bool {
         self.bufs.short()
     }
 
