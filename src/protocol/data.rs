@@ -227,35 +227,29 @@ impl DataScanner {
                     }
                     // The whole fast path, hand-out closure included, is compiled for the vector
                     // extension and inlined into one function that runs only on a CPU that has it
-                    // (see `FastPath`).
+                    // (see `FastPath`); `kernel` makes the extension's kernel.
+                    #[cfg(target_arch = "x86_64")]
+                    macro_rules! vectorized {
+                        ($simd:ident, $kernel:expr) => {
+                            $simd.vectorize(FastPath {
+                                scanner: self,
+                                kernel: $kernel,
+                                input,
+                                i,
+                                from: &mut from,
+                                sink: &mut sink,
+                            })
+                        };
+                    }
                     let found = match self.simd {
                         #[cfg(target_arch = "x86_64")]
-                        Simd::Avx512(simd) => simd.vectorize(FastPath {
-                            scanner: self,
-                            kernel: |roomy| Vector(Avx512 { simd, roomy }),
-                            input,
-                            i,
-                            from: &mut from,
-                            sink: &mut sink,
-                        }),
+                        Simd::Avx512(simd) => {
+                            vectorized!(simd, |roomy| Vector(Avx512 { simd, roomy }))
+                        }
                         #[cfg(target_arch = "x86_64")]
-                        Simd::Avx512Vl(simd) => simd.vectorize(FastPath {
-                            scanner: self,
-                            kernel: |roomy| Avx512Vl { simd, roomy },
-                            input,
-                            i,
-                            from: &mut from,
-                            sink: &mut sink,
-                        }),
+                        Simd::Avx512Vl(simd) => vectorized!(simd, |roomy| Avx512Vl { simd, roomy }),
                         #[cfg(target_arch = "x86_64")]
-                        Simd::Avx2(simd) => simd.vectorize(FastPath {
-                            scanner: self,
-                            kernel: |roomy| Vector(Avx2 { simd, roomy }),
-                            input,
-                            i,
-                            from: &mut from,
-                            sink: &mut sink,
-                        }),
+                        Simd::Avx2(simd) => vectorized!(simd, |roomy| Vector(Avx2 { simd, roomy })),
                         Simd::Portable => self.blocks(Portable, input, i, &mut from, &mut sink),
                     };
                     match found {
