@@ -30,6 +30,15 @@
 //! directory fsync itself fails, the batch's renamed files are unlinked from new/ again and the
 //! whole batch is answered 451 (the clients will resend; nothing is delivered twice).
 //!
+//! A body longer than `SPILL_BYTES` (128 KiB) does not wait for its end in memory: once it
+//! passes that, its tmp file is opened and what has come is written, and so on as more comes
+//! (at most `SPILL_IN_FLIGHT` bytes in writes; past that the connection's input waits, and its
+//! receive, a single-shot one while spilling, pauses). At the end of data the rest is written
+//! and the message goes on as any other (fsync or the batch's syncfs, rename, batch). A body
+//! that will not be stored after all (too big, bare CR/LF, client gone, shutdown) has its tmp
+//! file closed and unlinked. So a connection holds a bounded part of any body, not up to
+//! --max-message-size.
+//!
 //! With `--batch-syncfs` a message's file is opened and written but not fsync'd: once every
 //! message of a closed batch is written (or failed), one syncfs of the Maildir's file system
 //! (`Op::SyncFs`, run by the ring's helper thread) writes them all out together, an fsync of new/
@@ -82,6 +91,18 @@ const TRICKLE_BYTES: usize = 1024;
 /// A connection keeps an emptied input or send buffer for reuse only up to this capacity, so a
 /// burst does not pin its memory for the rest of a long, idle session.
 const KEEP_BUF_BYTES: usize = 4096;
+/// A message body longer than this is written to its tmp/ file while it arrives, in writes of
+/// at least this much, instead of being held whole until its end: a connection then holds at
+/// most about this much of a body, however large the message. Without it, clients holding
+/// bodies just under --max-message-size without their final dot held that much memory each.
+/// Most mail is smaller and keeps the one-write commit.
+const SPILL_BYTES: usize = 128 * 1024;
+/// The capacity of a body buffer once spilling: `SPILL_BYTES` and one more receive fit, so it
+/// never has to grow.
+const SPILL_BUF: usize = SPILL_BYTES + RECV_BUF_LEN as usize;
+/// Bytes of one body in writes at once. Past it (a disk slower than the client), the
+/// connection's input waits (`Conn::spill_wait`).
+const SPILL_IN_FLIGHT: usize = 4 * SPILL_BYTES;
 /// Unfed input beyond which the receive is paused.
 const PENDING_CAP: usize = 64 * 1024;
 /// Provided receive buffers per worker, and their size: 8 MiB in all, shared by every
@@ -296,6 +317,14 @@ struct Conn {
     /// Bytes received since `last_active` without a reply being produced.
     trickle: usize,
     started: Instant,
+    /// The commit entry (slot, generation) its current body is being written into while it
+    /// arrives (see `SPILL_BYTES`), until the end of data hands it over.
+    spill: Option<(u32, u32)>,
+    /// That body has `SPILL_IN_FLIGHT` bytes in writes and more queued: input waits in
+    /// `pending` (and the receive, a single one while spilling, pauses as it fills) until a
+    /// write completes. So a connection holds a bounded amount of its body however much
+    /// faster than the disk the client is.
+    spill_wait: bool,
 }
 
 impl Conn {
@@ -341,7 +370,65 @@ struct CommitEntry {
     result: Option<CommitResult>,
     /// Header block and body, from `prepare` until the write is pushed.
     staged: Option<(Vec<u8>, Vec<u8>)>,
+    /// A body written while it arrives (see `SPILL_BYTES`); `None` once its end is written.
+    spill: Option<Spill>,
 }
+
+/// The state of a body being written while it arrives. Its entry's `step` is `Open` until the
+/// file is open, then `Write`. Each write takes everything queued, at its own offset, as long
+/// as fewer than `SPILL_IN_FLIGHT` bytes are in writes.
+struct Spill {
+    /// The header block, written with the first bytes of the body.
+    head: Vec<u8>,
+    /// Body bytes received and not yet in a write.
+    queue: Vec<u8>,
+    /// File offset of the next write.
+    at: u64,
+    /// Writes in flight, and their bytes (at most about `SPILL_IN_FLIGHT`).
+    writes: usize,
+    write_bytes: usize,
+    /// The end of data was seen (and the entry joined a batch): once the queue is written, the
+    /// commit goes on as for any message.
+    last: bool,
+    /// The message will not be stored (client gone, body rejected): once no op is in flight,
+    /// the file is closed and unlinked and the entry dropped.
+    abandoned: bool,
+    /// A write (or the open) failed: nothing more is written, and the end of data is answered
+    /// with this error.
+    error: Option<i32>,
+}
+
+impl Spill {
+    /// Pushes what is queued as writes (each at its own offset, so they may complete in any
+    /// order), unless the file is not open yet, nothing more is to be written, or
+    /// `SPILL_IN_FLIGHT` bytes are already in flight. True when nothing is left queued.
+    fn push_writes(&mut self, fd: RawFd, token: Token, out: &mut Vec<(Token, Op)>) -> bool {
+        if self.error.is_some() || self.abandoned {
+            self.queue = Vec::new();
+        }
+        if fd < 0 || self.queue.is_empty() || self.write_bytes >= SPILL_IN_FLIGHT {
+            return self.queue.is_empty();
+        }
+        let (head, body) = (
+            std::mem::take(&mut self.head),
+            std::mem::take(&mut self.queue),
+        );
+        let len = head.len() + body.len();
+        out.push((token, Op::write_at(fd, head, body, self.at, 0)));
+        self.at += len as u64;
+        self.writes += 1;
+        self.write_bytes += len;
+        true
+    }
+
+    /// No op of it is in flight (the open is done, every write completed).
+    fn idle(&self, step: Step) -> bool {
+        step != Step::Open && self.writes == 0
+    }
+}
+
+/// No batch yet: a body still being written while it arrives joins one at its end of data.
+const NO_BATCH: usize = usize::MAX;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Step {
@@ -398,6 +485,8 @@ pub struct Worker {
     report: WorkerReport,
     /// Ops planned while the ring was borrowed; pushed by `flush_dirty`.
     to_push: Vec<(Token, Op)>,
+    /// Commit entries of bodies written while they arrive that may have a step to take.
+    spill_kicks: Vec<u32>,
 }
 
 impl Worker {
@@ -436,6 +525,7 @@ impl Worker {
             next_tick: Instant::now() + TICK,
             report: WorkerReport::default(),
             to_push: Vec::new(),
+            spill_kicks: Vec::new(),
         })
     }
 
@@ -520,7 +610,7 @@ impl Worker {
                 d = d.min(g);
             }
         }
-        if !self.dirty.is_empty() || !self.starved.is_empty() {
+        if !self.dirty.is_empty() || !self.starved.is_empty() || !self.spill_kicks.is_empty() {
             d = now;
         }
         d.max(now)
@@ -653,6 +743,8 @@ impl Worker {
             last_active: now,
             trickle: 0,
             started: now,
+            spill: None,
+            spill_wait: false,
         };
         let host = &self.cfg.session.hostname;
         if self.shutting_down {
@@ -717,7 +809,11 @@ impl Worker {
                 } else {
                     let data = self.ring.buf(bid, len);
                     let replies_before = conn.out.len();
-                    if conn.committing || !conn.pending.is_empty() || conn.out.len() > OUT_CAP {
+                    if conn.committing
+                        || conn.spill_wait
+                        || !conn.pending.is_empty()
+                        || conn.out.len() > OUT_CAP
+                    {
                         conn.pending.extend_from_slice(data);
                     } else {
                         feed_from(
@@ -730,6 +826,7 @@ impl Worker {
                             slot,
                             &self.cfg,
                             &mut self.to_push,
+                            &mut self.spill_kicks,
                         );
                     }
                     self.ring.recycle(bid);
@@ -834,10 +931,16 @@ impl Worker {
     fn rearm(ring: &mut Ring, conn: &mut Conn, slot: u32) {
         if conn.recv_id.is_none() {
             conn.recv_cancelled = false;
-            conn.recv_id = Some(ring.push(
-                Token::new(K_RECV, slot, conn.generation),
-                Op::RecvMulti { fd: conn.fd },
-            ));
+            // While a body is written as it arrives, input is taken a buffer at a time: a
+            // multishot receive, paused when the disk falls behind, would first read all the
+            // socket holds (megabytes) into memory before its cancel lands.
+            let fd = conn.fd;
+            let op = if conn.spill.is_some() {
+                Op::RecvOnce { fd }
+            } else {
+                Op::RecvMulti { fd }
+            };
+            conn.recv_id = Some(ring.push(Token::new(K_RECV, slot, conn.generation), op));
         }
     }
 
@@ -849,6 +952,7 @@ impl Worker {
         };
         if !conn.closing
             && !conn.committing
+            && !conn.spill_wait
             && !conn.pending.is_empty()
             && conn.out.len() <= OUT_CAP
         {
@@ -864,6 +968,7 @@ impl Worker {
                 slot,
                 &self.cfg,
                 &mut self.to_push,
+                &mut self.spill_kicks,
             );
             // `feed_from` put what it could not feed into the (empty) `conn.pending`; when
             // nothing is left, keep the old allocation unless a burst made it large.
@@ -889,6 +994,12 @@ impl Worker {
     // ---- send and close -----------------------------------------------------------------
 
     fn flush_dirty(&mut self) {
+        // A step may feed a connection held back behind its write, which may kick again.
+        while !self.spill_kicks.is_empty() {
+            for e in std::mem::take(&mut self.spill_kicks) {
+                self.spill_step(e);
+            }
+        }
         for (token, op) in std::mem::take(&mut self.to_push) {
             self.ring.push(token, op);
         }
@@ -1030,6 +1141,9 @@ impl Worker {
             return;
         }
         let conn = self.conns.remove(slot).expect("checked");
+        if let Some((e, generation)) = conn.spill {
+            abandon_spill(&mut self.commits, e, generation, &mut self.spill_kicks);
+        }
         if conn.holds_slot {
             self.shared.release(conn.peer.ip());
         }
@@ -1135,7 +1249,8 @@ impl Worker {
                 }
                 continue;
             }
-            if conn.committing {
+            if conn.committing || conn.spill_wait {
+                // Waiting for the disk, not for the client.
                 continue;
             }
             let expired = if now.duration_since(conn.started) >= self.cfg.session_time_max {
@@ -1431,6 +1546,60 @@ impl Worker {
             return;
         }
         let token = c.token;
+        if let Some(s) = entry.spill.as_mut() {
+            match (entry.step, outcome, op) {
+                (Step::Open, FileOutcome::Done(fd), _) => {
+                    entry.fd = fd;
+                    entry.step = Step::Write;
+                }
+                (
+                    Step::Write,
+                    FileOutcome::Done(n),
+                    Op::Write2 {
+                        fd,
+                        head,
+                        body,
+                        at,
+                        done,
+                        ..
+                    },
+                ) if n > 0 && done + (n as usize) < head.len() + body.len() => {
+                    let done = done + n as usize;
+                    self.ring
+                        .push(token, Op::write_at(fd, head, body, at, done));
+                    return;
+                }
+                (Step::Write, FileOutcome::Done(n), Op::Write2 { head, body, .. }) if n > 0 => {
+                    s.writes -= 1;
+                    s.write_bytes -= head.len() + body.len();
+                }
+                (step, outcome, op) => {
+                    // Failed, or a write that wrote nothing: no more writes; the end of data
+                    // is answered with the error, or the file removed if nobody waits.
+                    let errno = match outcome {
+                        FileOutcome::NoSpace => libc::ENOSPC,
+                        FileOutcome::Failed(errno) => errno,
+                        _ => libc::EIO,
+                    };
+                    if !s.abandoned {
+                        tracing::warn!(
+                            worker = self.index,
+                            "{step:?} of a message being received failed: {}",
+                            std::io::Error::from_raw_os_error(errno)
+                        );
+                    }
+                    if let (Step::Write, Op::Write2 { head, body, .. }) = (step, op) {
+                        s.writes -= 1;
+                        s.write_bytes -= head.len() + body.len();
+                    }
+                    s.queue = Vec::new();
+                    s.error.get_or_insert(errno);
+                    entry.step = Step::Write;
+                }
+            }
+            self.spill_step(e);
+            return;
+        }
         match (entry.step, outcome) {
             (Step::Open, FileOutcome::Done(fd)) => {
                 entry.fd = fd;
@@ -1515,6 +1684,85 @@ impl Worker {
         }
     }
 
+    /// The next step of a body being written while it arrives (see `SPILL_BYTES`), unless an op
+    /// of it is in flight: write what is queued; at the end of data, once all is written, go on
+    /// as after any message's write; or remove the file of an abandoned one.
+    fn spill_step(&mut self, e: u32) {
+        let Some(generation) = self.commits.generation(e) else {
+            return;
+        };
+        let Some(entry) = self.commits.get_mut(e, generation) else {
+            return;
+        };
+        let Some(s) = entry.spill.as_mut() else {
+            return;
+        };
+        if s.abandoned {
+            if !s.idle(entry.step) {
+                return;
+            }
+            if entry.fd >= 0 {
+                self.ring.push(
+                    Token::new(K_IGNORE, e, generation),
+                    Op::Close { fd: entry.fd },
+                );
+            }
+            // Created by the open unless it failed; then the name may be someone else's.
+            if entry.fd >= 0 || s.error.is_none() {
+                let path = entry.tmp_path.clone();
+                self.ring
+                    .push(Token::new(K_IGNORE, e, generation), Op::UnlinkAt { path });
+            }
+            self.commits.remove(e);
+            return;
+        }
+        let mut writes = Vec::new();
+        let drained = s.push_writes(entry.fd, Token::new(K_COMMIT, e, generation), &mut writes);
+        for (token, op) in writes {
+            self.ring.push(token, op);
+        }
+        if !s.last {
+            if drained {
+                // Input held back behind the writes may go on now.
+                let conn = entry.conn;
+                self.release_spill_wait(conn.slot(), conn.generation());
+            }
+            return;
+        }
+        if !drained || !s.idle(entry.step) {
+            return;
+        }
+        let error = s.error;
+        entry.spill = None;
+        if let Some(errno) = error {
+            self.fail_commit(e, errno);
+        } else if self.cfg.batch_syncfs {
+            entry.step = Step::Written;
+            let b = entry.batch;
+            self.maybe_sync_batch(b);
+        } else {
+            entry.step = Step::Fsync;
+            self.report.metrics.fsyncs += 1;
+            let fd = entry.fd;
+            self.ring
+                .push(Token::new(K_COMMIT, e, generation), Op::Fsync { fd });
+        }
+    }
+
+    /// Feeds a connection whose input waited for its body's write (`Conn::spill_wait`).
+    fn release_spill_wait(&mut self, slot: u32, generation: u32) {
+        let Some(conn) = self.conns.get_mut(slot, generation) else {
+            return;
+        };
+        if !conn.spill_wait {
+            return;
+        }
+        conn.spill_wait = false;
+        // The wait for the disk is ours, not the client's.
+        conn.last_active = Instant::now();
+        self.pump(slot, generation);
+    }
+
     /// A commit step failed: close the file if open, unlink the tmp file, remember the answer.
     fn fail_commit(&mut self, e: u32, errno: i32) {
         let Some(generation) = self.commits.generation(e) else {
@@ -1580,21 +1828,34 @@ fn feed_from(
     slot: u32,
     cfg: &Config,
     to_push: &mut Vec<(Token, Op)>,
+    kicks: &mut Vec<u32>,
 ) {
     let mut pos = 0;
     while pos < input.len() {
-        if conn.out.len() > OUT_CAP {
+        if conn.out.len() > OUT_CAP || conn.spill_wait {
             conn.pending.extend_from_slice(&input[pos..]);
             return;
         }
+        // A body goes to the session at most `SPILL_BYTES` at a time, so that a large input
+        // (a backlog fed at once) is written out as it goes, not held whole first.
+        let end = match store {
+            Store::Maildir(_) if conn.session.phase() == Phase::Data => {
+                input.len().min(pos + SPILL_BYTES)
+            }
+            _ => input.len(),
+        };
         let peer = conn.peer;
-        let Some(fed) = guarded(peer, || conn.session.feed(&input[pos..], &mut conn.out)) else {
+        let Some(fed) = guarded(peer, || conn.session.feed(&input[pos..end], &mut conn.out)) else {
             internal_error(conn, &cfg.session.hostname);
             return;
         };
         match fed {
-            Feed::NeedMore => return,
+            Feed::NeedMore => {
+                spill(conn, store, commits, slot, to_push, kicks);
+                pos = end;
+            }
             Feed::Close { consumed } => {
+                spill(conn, store, commits, slot, to_push, kicks);
                 conn.closing = true;
                 conn.reason = EndReason::Quit;
                 conn.fin_with_reply = conn.session.quit_received() && pos + consumed >= input.len();
@@ -1628,35 +1889,28 @@ fn feed_from(
                         }
                     }
                     Store::Maildir(m) => {
-                        let prepared = m.prepare(&msg, SystemTime::now());
-                        let total = prepared.header.len() + msg.body.len();
-                        let (e, generation) = commits.vacant();
-                        let b = match *open_batch {
-                            Some(b) => b,
-                            None => {
-                                let (b, _) = batches.vacant();
-                                batches.fill(
-                                    b,
-                                    Batch {
-                                        entries: Vec::new(),
-                                        opened: Instant::now(),
-                                        closed: false,
-                                        fs_sync_pushed: false,
-                                        fs_flush_pushed: false,
-                                        dir_sync_pushed: false,
-                                    },
-                                );
-                                *open_batch = Some(b as usize);
-                                b as usize
-                            }
-                        };
-                        if let Some(batch) = batches.get_any_mut(b as u32) {
-                            batch.entries.push(e as usize);
-                            if batch.entries.len() >= cfg.batch_messages_max {
-                                batch.closed = true;
-                                *open_batch = None;
+                        conn.committing = true;
+                        conn.pending.extend_from_slice(&input[pos..]);
+                        if let Some((e, generation)) = conn.spill.take() {
+                            if let Some(entry) = commits.get_mut(e, generation) {
+                                // The rest of a body written while it arrived.
+                                entry.batch = join_batch(batches, open_batch, cfg, e as usize);
+                                entry.size = msg.size;
+                                entry.envelope = msg.envelope;
+                                if let Some(s) = entry.spill.as_mut() {
+                                    if s.error.is_none() {
+                                        s.queue.extend_from_slice(&msg.body);
+                                    }
+                                    s.last = true;
+                                }
+                                kicks.push(e);
+                                return;
                             }
                         }
+                        let prepared = m.prepare(&msg.envelope, SystemTime::now());
+                        let total = prepared.header.len() + msg.body.len();
+                        let (e, generation) = commits.vacant();
+                        let b = join_batch(batches, open_batch, cfg, e as usize);
                         let conn_token = Token::new(K_RECV, slot, conn.generation);
                         let entry = CommitEntry {
                             conn: conn_token,
@@ -1671,27 +1925,168 @@ fn feed_from(
                             envelope: msg.envelope,
                             result: None,
                             staged: Some((prepared.header, msg.body)),
+                            spill: None,
                         };
                         let path = entry.tmp_path.clone();
                         commits.fill(e, entry);
-                        to_push.push((
-                            Token::new(K_COMMIT, e, generation),
-                            Op::OpenAt {
-                                path,
-                                flags: libc::O_WRONLY
-                                    | libc::O_CREAT
-                                    | libc::O_EXCL
-                                    | libc::O_CLOEXEC,
-                                mode: 0o600,
-                            },
-                        ));
-                        conn.committing = true;
-                        conn.pending.extend_from_slice(&input[pos..]);
+                        to_push.push((Token::new(K_COMMIT, e, generation), open_tmp(path)));
                         return;
                     }
                 }
             }
         }
+    }
+}
+
+/// The open of a message's tmp/ file: a new file (never someone else's), closed on exec.
+fn open_tmp(path: CString) -> Op {
+    Op::OpenAt {
+        path,
+        flags: libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_CLOEXEC,
+        mode: 0o600,
+    }
+}
+
+/// Puts commit entry `e` into the open batch (opening one if none is), closing the batch when
+/// it is full; returns the batch.
+fn join_batch(
+    batches: &mut Slab<Batch>,
+    open_batch: &mut Option<usize>,
+    cfg: &Config,
+    e: usize,
+) -> usize {
+    let b = match *open_batch {
+        Some(b) => b,
+        None => {
+            let (b, _) = batches.vacant();
+            batches.fill(
+                b,
+                Batch {
+                    entries: Vec::new(),
+                    opened: Instant::now(),
+                    closed: false,
+                    fs_sync_pushed: false,
+                    fs_flush_pushed: false,
+                    dir_sync_pushed: false,
+                },
+            );
+            *open_batch = Some(b as usize);
+            b as usize
+        }
+    };
+    if let Some(batch) = batches.get_any_mut(b as u32) {
+        batch.entries.push(e);
+        if batch.entries.len() >= cfg.batch_messages_max {
+            batch.closed = true;
+            *open_batch = None;
+        }
+    }
+    b
+}
+
+/// After feeding a connection in DATA: once its body passes `SPILL_BYTES`, opens the tmp file
+/// and queues what the session holds for writing (`Worker::spill_step` writes it), and so on
+/// each time as much more has come. A body that will not be stored after all (rejected, or the
+/// session left DATA without handing it over) abandons what was written.
+fn spill(
+    conn: &mut Conn,
+    store: &mut Store,
+    commits: &mut Slab<CommitEntry>,
+    slot: u32,
+    to_push: &mut Vec<(Token, Op)>,
+    kicks: &mut Vec<u32>,
+) {
+    let Store::Maildir(m) = store else {
+        return;
+    };
+    if let Some((e, generation)) = conn.spill {
+        if conn.session.phase() != Phase::Data || conn.session.body_rejected() {
+            conn.spill = None;
+            conn.spill_wait = false;
+            abandon_spill(commits, e, generation, kicks);
+            return;
+        }
+    }
+    if conn.session.body_held() < SPILL_BYTES {
+        return;
+    }
+    if let Some((e, generation)) = conn.spill {
+        let Some(entry) = commits.get_mut(e, generation) else {
+            return;
+        };
+        let Some(s) = entry.spill.as_mut() else {
+            return;
+        };
+        let body = conn.session.take_body(Vec::with_capacity(SPILL_BUF));
+        if s.queue.is_empty() {
+            s.queue = body;
+        } else {
+            s.queue.extend_from_slice(&body);
+        }
+        let token = Token::new(K_COMMIT, e, generation);
+        let drained = s.push_writes(entry.fd, token, to_push);
+        // Input waits only for writes in flight, not for the open: while the file opens, what
+        // arrives is queued (it would be read from the socket all the same).
+        conn.spill_wait = !drained && entry.fd >= 0;
+        return;
+    }
+    let body = conn.session.take_body(Vec::with_capacity(SPILL_BUF));
+    let Some(envelope) = conn.session.data_envelope() else {
+        return;
+    };
+    let prepared = m.prepare(&envelope, SystemTime::now());
+    let (e, generation) = commits.vacant();
+    let path = prepared.tmp_path.clone();
+    commits.fill(
+        e,
+        CommitEntry {
+            conn: Token::new(K_RECV, slot, conn.generation),
+            batch: NO_BATCH,
+            queue_id: prepared.queue_id,
+            tmp_path: prepared.tmp_path,
+            new_path: prepared.new_path,
+            fd: -1,
+            step: Step::Open,
+            total: 0,
+            size: 0,
+            envelope,
+            result: None,
+            staged: None,
+            spill: Some(Spill {
+                head: prepared.header,
+                queue: body,
+                at: 0,
+                writes: 0,
+                write_bytes: 0,
+                last: false,
+                abandoned: false,
+                error: None,
+            }),
+        },
+    );
+    to_push.push((Token::new(K_COMMIT, e, generation), open_tmp(path)));
+    conn.spill = Some((e, generation));
+    // From here on input is taken a buffer at a time (see `Worker::rearm`): end the multishot
+    // receive; its last completion re-arms a single one.
+    if let (Some(id), false) = (conn.recv_id, conn.recv_cancelled) {
+        conn.recv_cancelled = true;
+        to_push.push((
+            Token::new(K_IGNORE, slot, conn.generation),
+            Op::Cancel { target: id },
+        ));
+    }
+}
+
+/// Marks a body being written while it arrived as not to be stored; `Worker::spill_step`
+/// removes its file once no op of it is in flight.
+fn abandon_spill(commits: &mut Slab<CommitEntry>, e: u32, generation: u32, kicks: &mut Vec<u32>) {
+    if let Some(s) = commits
+        .get_mut(e, generation)
+        .and_then(|c| c.spill.as_mut())
+    {
+        s.abandoned = true;
+        s.queue = Vec::new();
+        kicks.push(e);
     }
 }
 
@@ -2312,7 +2707,9 @@ mod tests {
     /// The body of test message `token` (already dot-safe: no line starts with a dot).
     fn token_body(token: &str) -> Vec<u8> {
         let mut b = format!("Subject: {token}\r\nX-Token: {token}\r\n\r\n").into_bytes();
-        for i in 0..40 {
+        // A token starting with L has a body large enough to be written while it arrives.
+        let lines = if token.starts_with('L') { 4_000 } else { 40 };
+        for i in 0..lines {
             b.extend_from_slice(
                 format!("{i:03} {token} the quick brown fox jumps over the lazy dog\r\n")
                     .as_bytes(),
@@ -2360,6 +2757,195 @@ mod tests {
         assert!(m.batches < m.messages_accepted, "no batching: {m:?}");
     }
 
+    /// A body of `lines` lines, every fifth starting with a dot: (as sent, dot-stuffed, with
+    /// the end marker; as stored).
+    fn dotted_body(token: &str, lines: usize) -> (Vec<u8>, Vec<u8>) {
+        let mut stored = format!("Subject: {token}\r\nX-Token: {token}\r\n\r\n").into_bytes();
+        for i in 0..lines {
+            if i % 5 == 0 {
+                stored.push(b'.');
+            }
+            stored
+                .extend_from_slice(format!("{i:06} {token} {}\r\n", "q".repeat(i % 97)).as_bytes());
+        }
+        let mut wire = Vec::with_capacity(stored.len() + lines / 5 + 3);
+        for line in stored.split_inclusive(|&b| b == b'\n') {
+            if line.first() == Some(&b'.') {
+                wire.push(b'.');
+            }
+            wire.extend_from_slice(line);
+        }
+        wire.extend_from_slice(b".\r\n");
+        (wire, stored)
+    }
+
+    /// Sends MAIL, RCPT and DATA and expects them accepted.
+    fn start_data(s: &mut TcpStream, r: &mut BufReader<TcpStream>) {
+        s.write_all(b"MAIL FROM:<a@b.test>\r\nRCPT TO:<c@d.test>\r\nDATA\r\n")
+            .unwrap();
+        assert_eq!([reply(r), reply(r), reply(r)], [250, 250, 354]);
+    }
+
+    /// Polls until `sub` of the maildir holds `n` files (true) or 5 s passed.
+    fn wait_files(w: &TestWorker, sub: &str, n: usize) -> bool {
+        let until = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < until {
+            if w.files(sub) == n {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+
+    fn large_body_check(batch_syncfs: bool) {
+        let mut w = TestWorker::start(false, |a| a.batch_syncfs = batch_syncfs);
+        let (mut s, mut r) = connect(w.addr);
+        assert_eq!(reply(&mut r), 220);
+        s.write_all(b"EHLO c.test\r\n").unwrap();
+        assert_eq!(reply(&mut r), 250);
+        let mut sent = Vec::new();
+        // Several times the spill threshold, and one body just over it; sent in writes of
+        // uneven sizes so that spills end at every kind of place (in a line, after a CR, at a
+        // line-start dot).
+        for (k, lines) in [(0, 30_000), (1, 2_300), (2, 30)].into_iter() {
+            let token = format!("big{k}");
+            let (wire, stored) = dotted_body(&token, lines);
+            start_data(&mut s, &mut r);
+            let mut rest = &wire[..];
+            let mut n = 1usize;
+            while !rest.is_empty() {
+                n = (n * 7919 + 13) % 90_001 + 1;
+                let (now, later) = rest.split_at(n.min(rest.len()));
+                s.write_all(now).unwrap();
+                rest = later;
+            }
+            assert_eq!(reply(&mut r), 250, "{token}");
+            sent.push(stored);
+        }
+        s.write_all(b"QUIT\r\n").unwrap();
+        assert_eq!(reply(&mut r), 221);
+        let report = w.stop();
+        assert_eq!(report.metrics.messages_accepted, 3);
+        assert_eq!(w.files("tmp"), 0);
+        let new_dir = w.dir.path().join("md").join("new");
+        let mut stored: Vec<Vec<u8>> = std::fs::read_dir(&new_dir)
+            .unwrap()
+            .map(|e| std::fs::read(e.unwrap().path()).unwrap())
+            .collect();
+        assert_eq!(stored.len(), 3);
+        for body in &sent {
+            let i = stored
+                .iter()
+                .position(|f| f.ends_with(body))
+                .expect("every body stored whole, unstuffed");
+            let file = stored.swap_remove(i);
+            // The header block is ours alone, right before the body.
+            let head = &file[..file.len() - body.len()];
+            assert!(head.starts_with(b"Return-Path: <a@b.test>\r\n"));
+            assert!(head.ends_with(b"\r\n"));
+            assert_eq!(head.windows(10).filter(|x| x == b"Received: ").count(), 1);
+        }
+    }
+
+    #[test]
+    fn large_bodies_are_written_while_they_arrive_and_stored_whole() {
+        large_body_check(false);
+    }
+
+    #[test]
+    fn large_bodies_are_written_while_they_arrive_and_stored_whole_with_batch_syncfs() {
+        large_body_check(true);
+    }
+
+    #[test]
+    fn a_large_body_left_unfinished_leaves_no_file() {
+        let w = TestWorker::start(false, |_| {});
+        let (wire, _) = dotted_body("gone", 20_000);
+        for reset in [false, true] {
+            let (mut s, mut r) = connect(w.addr);
+            assert_eq!(reply(&mut r), 220);
+            s.write_all(b"EHLO c.test\r\n").unwrap();
+            assert_eq!(reply(&mut r), 250);
+            start_data(&mut s, &mut r);
+            s.write_all(&wire[..wire.len() / 2]).unwrap();
+            // Written out while it arrived: its file exists before the end of data.
+            assert!(
+                wait_files(&w, "tmp", 1),
+                "no file for a large body in progress"
+            );
+            if reset {
+                socket2::SockRef::from(&s)
+                    .set_linger(Some(Duration::ZERO))
+                    .unwrap();
+            }
+            drop((s, r));
+            assert!(
+                wait_files(&w, "tmp", 0),
+                "tmp/ file left after the client left"
+            );
+            assert_eq!(w.files("new"), 0);
+        }
+    }
+
+    #[test]
+    fn a_large_body_over_the_limit_is_refused_and_its_file_removed() {
+        let w = TestWorker::start(false, |a| a.max_message_size = Some(400_000));
+        let (mut s, mut r) = connect(w.addr);
+        assert_eq!(reply(&mut r), 220);
+        s.write_all(b"EHLO c.test\r\n").unwrap();
+        assert_eq!(reply(&mut r), 250);
+        start_data(&mut s, &mut r);
+        let (wire, _) = dotted_body("huge", 20_000);
+        s.write_all(&wire).unwrap();
+        assert_eq!(reply(&mut r), 552);
+        assert!(
+            wait_files(&w, "tmp", 0),
+            "tmp/ file left after a refused body"
+        );
+        // The session goes on; a smaller message is stored.
+        start_data(&mut s, &mut r);
+        let (wire, _) = dotted_body("fits", 3_000);
+        s.write_all(&wire).unwrap();
+        assert_eq!(reply(&mut r), 250);
+        assert_eq!(w.files("new"), 1);
+        assert_eq!(w.files("tmp"), 0);
+    }
+
+    #[test]
+    fn shutdown_lets_a_large_body_finish_or_removes_it_after_the_grace() {
+        let mut w = TestWorker::start(false, |a| a.shutdown_grace = Some(1));
+        let (wire, stored) = dotted_body("late", 20_000);
+        let mut sessions: Vec<_> = (0..2)
+            .map(|_| {
+                let (mut s, mut r) = connect(w.addr);
+                assert_eq!(reply(&mut r), 220);
+                s.write_all(b"EHLO c.test\r\n").unwrap();
+                assert_eq!(reply(&mut r), 250);
+                start_data(&mut s, &mut r);
+                s.write_all(&wire[..wire.len() / 2]).unwrap();
+                (s, r)
+            })
+            .collect();
+        assert!(wait_files(&w, "tmp", 2), "both bodies being written");
+        w.wake.notify();
+        // One finishes within the grace: stored, then 421. The other never does.
+        let (mut s, mut r) = sessions.remove(0);
+        s.write_all(&wire[wire.len() / 2..]).unwrap();
+        assert_eq!(reply(&mut r), 250);
+        assert_eq!(reply(&mut r), 421);
+        let (_s2, mut r2) = sessions.remove(0);
+        assert_eq!(reply(&mut r2), 421, "told after the grace");
+        let report = w.stop();
+        assert_eq!(report.metrics.messages_accepted, 1);
+        assert_eq!(w.files("tmp"), 0, "the unfinished body's file is gone");
+        let new_dir = w.dir.path().join("md").join("new");
+        let files: Vec<_> = std::fs::read_dir(new_dir).unwrap().collect();
+        assert_eq!(files.len(), 1);
+        let data = std::fs::read(files[0].as_ref().unwrap().path()).unwrap();
+        assert!(data.ends_with(&stored));
+    }
+
     fn seeded_faults_check(batch_syncfs: bool) {
         // Set RINGMX_FAULT_SEED to replay a failure; the seed is printed either way.
         let seed = std::env::var("RINGMX_FAULT_SEED")
@@ -2391,7 +2977,12 @@ mod tests {
                     assert_eq!(reply(&mut r), 250);
                     let mut outcomes = Vec::new();
                     for i in 0..per {
-                        let token = format!("t{c}x{i}");
+                        // Every fourth body is large (written while it arrives).
+                        let token = if i % 4 == 0 {
+                            format!("Lt{c}x{i}")
+                        } else {
+                            format!("t{c}x{i}")
+                        };
                         s.write_all(b"MAIL FROM:<a@b.test>\r\nRCPT TO:<c@d.test>\r\nDATA\r\n")
                             .unwrap();
                         assert_eq!(

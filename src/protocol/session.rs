@@ -182,6 +182,9 @@ struct Transaction {
     /// Present from the 354 on.
     data: Option<DataScanner>,
     body: Vec<u8>,
+    /// Body bytes already handed out by `take_body` (spilled to the store before the end of
+    /// data); `body` holds only what came after them.
+    spilled: usize,
 }
 
 impl Session {
@@ -341,9 +344,10 @@ impl Session {
             rcpts,
             params,
             body,
+            spilled,
             ..
         } = *tx;
-        debug_assert!(!self.keep_body || body.len() == size);
+        debug_assert!(!self.keep_body || spilled + body.len() == size);
         self.ready = Some(Box::new(Message {
             envelope: Envelope {
                 helo: self.helo.clone(),
@@ -419,6 +423,7 @@ impl Session {
                         params,
                         data: None,
                         body: Vec::new(),
+                        spilled: 0,
                     }));
                     self.phase = Phase::Transaction;
                     out.extend_from_slice(reply::MAIL_OK);
@@ -635,6 +640,66 @@ impl Session {
     /// Where the session is.
     pub fn phase(&self) -> Phase {
         self.phase
+    }
+
+    /// In DATA, with a body that is being kept (not known to be rejected): the body bytes held
+    /// since the 354 or the last `take_body`. 0 otherwise.
+    pub fn body_held(&self) -> usize {
+        match &self.tx {
+            Some(tx) if self.phase == Phase::Data && self.keep_body => match &tx.data {
+                Some(d) if !d.rejecting() => tx.body.len(),
+                _ => 0,
+            },
+            _ => 0,
+        }
+    }
+
+    /// In DATA: hands out the body bytes held so far (see `body_held`), so that a store can
+    /// write a large body out while it arrives instead of holding it all, and goes on in `next`
+    /// (emptied first; sized by the caller for what it lets the session hold). The
+    /// message then carries only the rest of the body (`Message::body`), while `Message::size`
+    /// stays the whole body's. Outside DATA or when the body is being rejected, gives back
+    /// `next` (empty) and changes nothing.
+    pub fn take_body(&mut self, mut next: Vec<u8>) -> Vec<u8> {
+        next.clear();
+        if self.body_held() == 0 {
+            return next;
+        }
+        let Some(tx) = self.tx.as_mut() else {
+            return next;
+        };
+        let body = std::mem::replace(&mut tx.body, next);
+        tx.spilled += body.len();
+        body
+    }
+
+    /// In DATA with a body already known to be rejected (too big, bare CR or LF): whatever a
+    /// store wrote of it may go.
+    pub fn body_rejected(&self) -> bool {
+        self.phase == Phase::Data
+            && self
+                .tx
+                .as_ref()
+                .and_then(|t| t.data.as_ref())
+                .is_some_and(DataScanner::rejecting)
+    }
+
+    /// In DATA: the envelope the message will have (the same as `Message::envelope`).
+    pub fn data_envelope(&self) -> Option<Envelope> {
+        let tx = self.tx.as_ref().filter(|_| self.phase == Phase::Data)?;
+        Some(self.envelope_of(tx))
+    }
+
+    fn envelope_of(&self, tx: &Transaction) -> Envelope {
+        Envelope {
+            helo: self.helo.clone(),
+            esmtp: self.esmtp,
+            peer: self.peer,
+            mail_from: tx.from.clone(),
+            rcpt_to: tx.rcpts.clone(),
+            body_8bitmime: tx.params.body == Some(Body::EightBitMime),
+            smtputf8: tx.params.smtputf8,
+        }
     }
 
     /// Counters for the session-end log line.
@@ -1582,5 +1647,114 @@ mod tests {
         assert!(s.heap_bytes() > 0);
         s.feed(b"OP\r\n", &mut out);
         assert!(s.heap_bytes() <= 32);
+    }
+
+    /// A body taken out while it arrives (`take_body`, as the worker does to write a large
+    /// body to disk before its end) plus the message's rest is exactly the unstuffed body,
+    /// `Message::size` counts all of it, and the envelope seen in DATA is the message's;
+    /// whatever the cuts of the input and whenever the body is taken.
+    #[test]
+    fn a_body_taken_while_it_arrives_plus_the_rest_is_the_whole_body() {
+        let mut wire = Vec::new();
+        let mut body = Vec::new();
+        for i in 0..400 {
+            let line = format!("line {i} {}\r\n", "w".repeat(i % 90));
+            if i % 7 == 0 {
+                // A line that starts with a dot, stuffed on the wire.
+                wire.extend_from_slice(b"..");
+                body.push(b'.');
+            }
+            wire.extend_from_slice(line.as_bytes());
+            body.extend_from_slice(line.as_bytes());
+        }
+        let head = with_hello("MAIL FROM:<a@b> SMTPUTF8\r\nRCPT TO:<x@y>\r\nDATA\r\n");
+        let mut input = head.clone();
+        input.extend_from_slice(&wire);
+        input.extend_from_slice(b".\r\nQUIT\r\n");
+        let cfg = Arc::new(cfg());
+        let mut seed = 0x9E37_79B9_7F4A_7C15u64;
+        let mut next = move |n: usize| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed % n as u64) as usize
+        };
+        for round in 0..200 {
+            let mut s = Session::new(cfg.clone(), PEER.parse().unwrap());
+            let mut out = Vec::new();
+            s.greet(&mut out);
+            let (mut taken, mut envelope, mut msg) = (Vec::new(), None, None);
+            let mut pos = 0;
+            while pos < input.len() {
+                let end = (pos + 1 + next(3000)).min(input.len());
+                let mut chunk = &input[pos..end];
+                pos = end;
+                loop {
+                    match s.feed(chunk, &mut out) {
+                        Feed::NeedMore => break,
+                        Feed::Commit { consumed } => {
+                            msg = s.take_message();
+                            s.committed(
+                                CommitResult::Stored {
+                                    queue_id: "Q".into(),
+                                },
+                                &mut out,
+                            );
+                            chunk = &chunk[consumed..];
+                        }
+                        Feed::Close { .. } => break,
+                    }
+                }
+                if s.phase() == Phase::Data {
+                    envelope = envelope.or_else(|| s.data_envelope());
+                    assert_eq!(s.body_held(), body.len().min(s.body_held()));
+                    // Taken at random moments, the way a worker past its threshold would.
+                    if next(3) == 0 {
+                        let held = s.body_held();
+                        let part = s.take_body(Vec::with_capacity(16));
+                        assert_eq!(part.len(), held);
+                        assert_eq!(s.body_held(), 0);
+                        taken.extend_from_slice(&part);
+                    }
+                } else {
+                    assert!(s.take_body(Vec::new()).is_empty());
+                }
+            }
+            let msg = msg.expect("the message was handed over");
+            taken.extend_from_slice(&msg.body);
+            assert!(taken == body, "round {round}: body differs");
+            assert_eq!(msg.size, body.len());
+            assert_eq!(envelope.as_ref(), Some(&msg.envelope), "round {round}");
+            assert_eq!(codes(&out), [220, 250, 250, 250, 354, 250, 221]);
+        }
+    }
+
+    /// Outside DATA, or once the body is known to be rejected, nothing is held or taken.
+    #[test]
+    fn take_body_gives_nothing_outside_data_or_for_a_rejected_body() {
+        let cfg = Arc::new(SessionConfig {
+            max_message_size: 100,
+            ..cfg()
+        });
+        let mut s = Session::new(cfg, PEER.parse().unwrap());
+        let mut out = Vec::new();
+        s.greet(&mut out);
+        assert!(s.take_body(Vec::new()).is_empty());
+        assert!(s.data_envelope().is_none());
+        s.feed(
+            &with_hello("MAIL FROM:<a@b>\r\nRCPT TO:<x@y>\r\nDATA\r\n"),
+            &mut out,
+        );
+        s.feed(&[b'z'; 60], &mut out);
+        assert_eq!(s.body_held(), 60);
+        assert!(!s.body_rejected());
+        s.feed(&[b'z'; 60], &mut out);
+        assert!(s.body_rejected(), "over max-message-size");
+        assert_eq!(s.body_held(), 0);
+        assert!(s.take_body(Vec::new()).is_empty());
+        s.feed(b"\r\n.\r\n", &mut out);
+        assert_eq!(codes(&out), [220, 250, 250, 250, 354, 552]);
+        assert!(!s.body_rejected());
+        assert!(s.take_message().is_none());
     }
 }

@@ -154,7 +154,10 @@ impl FaultPlan {
         if single_shot && self.roll(f.eintr_pct) {
             return Fault::Errno(libc::EINTR);
         }
-        let socket_op = matches!(op, Op::Send { .. } | Op::RecvMulti { .. });
+        let socket_op = matches!(
+            op,
+            Op::Send { .. } | Op::RecvMulti { .. } | Op::RecvOnce { .. }
+        );
         if socket_op && self.roll(f.reset_pct) {
             return Fault::Errno(libc::ECONNRESET);
         }
@@ -722,6 +725,11 @@ fn build_entry(op: &mut Op, limit: usize) -> squeue::Entry {
             .flags(libc::SOCK_CLOEXEC)
             .build(),
         Op::RecvMulti { fd } => opcode::RecvMulti::new(types::Fd(*fd), BGID).build(),
+        // Length 0 with a provided buffer: up to the whole buffer.
+        Op::RecvOnce { fd } => opcode::Recv::new(types::Fd(*fd), std::ptr::null_mut(), 0)
+            .buf_group(BGID)
+            .build()
+            .flags(squeue::Flags::BUFFER_SELECT),
         Op::Send {
             fd,
             buf,
@@ -748,6 +756,7 @@ fn build_entry(op: &mut Op, limit: usize) -> squeue::Entry {
             fd,
             head,
             body,
+            at,
             done,
             iov,
         } => {
@@ -775,11 +784,11 @@ fn build_entry(op: &mut Op, limit: usize) -> squeue::Entry {
                 v.iov_len = v.iov_len.min(room);
                 room -= v.iov_len;
             }
-            // An explicit offset, not -1 ("the file position"): the file is written from its
-            // start, and a resumed short write must land right after the bytes already written.
+            // An explicit offset, not -1 ("the file position"): the file is written from `at`,
+            // and a resumed short write must land right after the bytes already written.
             // With -1, short writes on a filling tmpfs were seen to start again at offset 0.
             opcode::Writev::new(types::Fd(*fd), iov.as_ptr(), n)
-                .offset(*done as u64)
+                .offset(*at + *done as u64)
                 .build()
         }
         Op::Fsync { fd } => opcode::Fsync::new(types::Fd(*fd)).build(),

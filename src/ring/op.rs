@@ -14,6 +14,9 @@ pub enum Op {
     AcceptMulti { fd: RawFd },
     /// Multishot receive into the provided-buffer ring: one completion per read.
     RecvMulti { fd: RawFd },
+    /// One receive into the provided-buffer ring: for a connection whose input must be taken
+    /// one buffer at a time (a multishot one reads all the socket holds before a cancel lands).
+    RecvOnce { fd: RawFd },
     /// Send `buf[off..]`. A short send completes with fewer bytes; push again from the new offset.
     /// `then_close`: the socket is closed right after this send completes, so the kernel may hold
     /// the bytes (MSG_MORE) and put them in one segment with the FIN the close sends, instead of
@@ -32,13 +35,14 @@ pub enum Op {
         flags: i32,
         mode: u32,
     },
-    /// Write `head` then `body` to a new file, skipping the first `done` bytes of the two
-    /// together, at file offset `done` (so a short write is resumed by pushing again with a
-    /// larger `done`).
+    /// Write `head` then `body` to a file at offset `at`, skipping the first `done` bytes of
+    /// the two together, at file offset `at + done` (so a short write is resumed by pushing
+    /// again with a larger `done`).
     Write2 {
         fd: RawFd,
         head: Vec<u8>,
         body: Vec<u8>,
+        at: u64,
         done: usize,
         iov: Box<[libc::iovec; 2]>,
     },
@@ -64,7 +68,7 @@ impl Op {
     pub fn name(&self) -> &'static str {
         match self {
             Op::AcceptMulti { .. } => "accept",
-            Op::RecvMulti { .. } => "recv",
+            Op::RecvMulti { .. } | Op::RecvOnce { .. } => "recv",
             Op::Send { .. } => "send",
             Op::ReadEventFd { .. } => "read",
             Op::OpenAt { .. } => "openat",
@@ -78,8 +82,13 @@ impl Op {
         }
     }
 
-    /// A Write2 op for `head` + `body` starting after `done` bytes.
+    /// A Write2 op for `head` + `body` from the start of the file, after `done` bytes.
     pub fn write2(fd: RawFd, head: Vec<u8>, body: Vec<u8>, done: usize) -> Op {
+        Op::write_at(fd, head, body, 0, done)
+    }
+
+    /// A Write2 op for `head` + `body` at file offset `at`, after `done` bytes.
+    pub fn write_at(fd: RawFd, head: Vec<u8>, body: Vec<u8>, at: u64, done: usize) -> Op {
         let iov = Box::new(
             [libc::iovec {
                 iov_base: std::ptr::null_mut(),
@@ -90,6 +99,7 @@ impl Op {
             fd,
             head,
             body,
+            at,
             done,
             iov,
         }

@@ -33,7 +33,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use super::{epoch_parts, queue_id, StoreError};
-use crate::protocol::{Envelope, Message};
+use crate::protocol::Envelope;
 
 /// One message ready to be written.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -305,9 +305,9 @@ impl Maildir {
         self.new_dir.as_fd()
     }
 
-    /// Plans one message: a fresh name and queue id and the header block to write before
-    /// `msg.body`. Never fails and never touches the file system.
-    pub fn prepare(&mut self, msg: &Message, now: SystemTime) -> Prepared {
+    /// Plans one message with this envelope: a fresh name and queue id and the header block to
+    /// write before its body. Never fails and never touches the file system.
+    pub fn prepare(&mut self, envelope: &Envelope, now: SystemTime) -> Prepared {
         let (secs, usecs) = epoch_parts(now);
         let counter = self.counter;
         self.counter += 1;
@@ -316,7 +316,7 @@ impl Maildir {
             self.pid, self.worker, self.name_host
         );
         let qid = queue_id(secs, usecs, self.pid, self.worker, counter);
-        let header = header_block(&msg.envelope, &self.hostname, &qid, now);
+        let header = header_block(envelope, &self.hostname, &qid, now);
         let join = |d: &Path| {
             let p = d.join(&name);
             // Both directory paths were checked for NUL bytes at open, and the name is built
@@ -507,6 +507,7 @@ pub fn rfc5322_date(secs_since_epoch: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::protocol::Message;
     use std::collections::HashSet;
     use std::time::UNIX_EPOCH;
 
@@ -677,7 +678,7 @@ mod tests {
         let mut ids = HashSet::new();
         for _ in 0..1000 {
             for m in [&mut w0, &mut w1] {
-                let p = m.prepare(&msg, now); // same instant on purpose
+                let p = m.prepare(&msg.envelope, now); // same instant on purpose
                 assert!(names.insert(p.name.clone()), "duplicate name {}", p.name);
                 assert!(
                     ids.insert(p.queue_id.clone()),
@@ -686,7 +687,7 @@ mod tests {
                 );
             }
         }
-        let p = w1.prepare(&msg, now);
+        let p = w1.prepare(&msg.envelope, now);
         let pid = std::process::id();
         assert_eq!(
             p.name,
@@ -721,7 +722,7 @@ mod tests {
             assert!(dir.path().join("md").join(sub).is_dir());
         }
         let msg = message(&["bob@test.example"]);
-        let p = m.prepare(&msg, SystemTime::now());
+        let p = m.prepare(&msg.envelope, SystemTime::now());
         m.commit_blocking(&p, &msg.body).unwrap();
         let stored = std::fs::read(dir.path().join("md/new").join(&p.name)).unwrap();
         let mut expect = p.header.clone();
@@ -743,7 +744,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut m = Maildir::open(dir.path(), 0, "mx").unwrap();
         let msg = message(&["bob@test.example"]);
-        let p = m.prepare(&msg, SystemTime::now());
+        let p = m.prepare(&msg.envelope, SystemTime::now());
         // A directory where the file should land makes the rename fail after the write.
         std::fs::create_dir(dir.path().join("new").join(&p.name)).unwrap();
         std::fs::write(dir.path().join("new").join(&p.name).join("x"), b"x").unwrap();

@@ -7,7 +7,7 @@
 //! - `maildir::Maildir::open(dir, worker_index, hostname)` per worker at start-up (blocking is
 //!   fine there): creates DIR/{tmp,new,cur} if needed, checks that tmp/ is writable, opens new/
 //!   for the directory fsync, returns the store or a one-line error for people.
-//! - `Maildir::prepare(&mut self, &Message, now: SystemTime) -> Prepared`: a unique queue id, the
+//! - `Maildir::prepare(&mut self, &Envelope, now: SystemTime) -> Prepared`: a unique queue id, the
 //!   tmp and new paths, and the header block (Return-Path, X-Envelope-To per recipient,
 //!   Received:) that goes before `message.body`. The worker then, through the ring: openat(tmp,
 //!   O_WRONLY|O_CREAT|O_EXCL|O_CLOEXEC, 0o600), writev(header, body) to completion, fsync, close,
@@ -16,7 +16,9 @@
 //!   the batch gets its 250. On any failure: unlinkat(tmp) and `commit_result_for_errno(errno)`.
 //!   With `--batch-syncfs` the per-file fsync is replaced by one syncfs (of `new_dir_fd()`'s file
 //!   system) once every message of the batch is written, before any of them is renamed.
-//!   `Maildir::commit_blocking` is the same sequence with std::fs: the reference for tests.
+//!   A body over 128 KiB is written while it arrives (the open and the first writes before the
+//!   end of data, each write at its offset; see the worker's module docs), then goes on the same
+//!   way. `Maildir::commit_blocking` is the same sequence with std::fs: the reference for tests.
 //! - `discard::Discard`: counts and forgets; `Discard::accept(&mut self, &Message, now)` gives the
 //!   queue id for the 250 at once.
 //! - `Store` wraps either, opened from a `StoreSpec` with `Store::open`.
