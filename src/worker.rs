@@ -1627,16 +1627,8 @@ impl Worker {
                     self.ring.push(token, Op::write2(fd, head, body, done));
                 } else if n == 0 && done < entry.total {
                     self.fail_commit(e, libc::EIO);
-                } else if self.cfg.batch_syncfs {
-                    // The batch's one syncfs makes this file durable, once every message of the
-                    // batch is written (`maybe_sync_batch`).
-                    entry.step = Step::Written;
-                    let b = entry.batch;
-                    self.maybe_sync_batch(b);
                 } else {
-                    entry.step = Step::Fsync;
-                    self.report.metrics.fsyncs += 1;
-                    self.ring.push(token, Op::Fsync { fd });
+                    self.file_written(e, generation);
                 }
             }
             (Step::Fsync, FileOutcome::Done(_)) => {
@@ -1734,9 +1726,20 @@ impl Worker {
         }
         let error = s.error;
         entry.spill = None;
-        if let Some(errno) = error {
-            self.fail_commit(e, errno);
-        } else if self.cfg.batch_syncfs {
+        match error {
+            Some(errno) => self.fail_commit(e, errno),
+            None => self.file_written(e, generation),
+        }
+    }
+
+    /// Every byte of message `e`'s file is written: make it durable, with its own fsync or,
+    /// with `--batch-syncfs`, its batch's one syncfs once every message of the batch is written
+    /// (`maybe_sync_batch`).
+    fn file_written(&mut self, e: u32, generation: u32) {
+        let Some(entry) = self.commits.get_mut(e, generation) else {
+            return;
+        };
+        if self.cfg.batch_syncfs {
             entry.step = Step::Written;
             let b = entry.batch;
             self.maybe_sync_batch(b);
@@ -2779,6 +2782,15 @@ mod tests {
         (wire, stored)
     }
 
+    /// A connection past its greeting and EHLO.
+    fn greeted(addr: SocketAddr) -> (TcpStream, BufReader<TcpStream>) {
+        let (mut s, mut r) = connect(addr);
+        assert_eq!(reply(&mut r), 220);
+        s.write_all(b"EHLO c.test\r\n").unwrap();
+        assert_eq!(reply(&mut r), 250);
+        (s, r)
+    }
+
     /// Sends MAIL, RCPT and DATA and expects them accepted.
     fn start_data(s: &mut TcpStream, r: &mut BufReader<TcpStream>) {
         s.write_all(b"MAIL FROM:<a@b.test>\r\nRCPT TO:<c@d.test>\r\nDATA\r\n")
@@ -2800,10 +2812,7 @@ mod tests {
 
     fn large_body_check(batch_syncfs: bool) {
         let mut w = TestWorker::start(false, |a| a.batch_syncfs = batch_syncfs);
-        let (mut s, mut r) = connect(w.addr);
-        assert_eq!(reply(&mut r), 220);
-        s.write_all(b"EHLO c.test\r\n").unwrap();
-        assert_eq!(reply(&mut r), 250);
+        let (mut s, mut r) = greeted(w.addr);
         let mut sent = Vec::new();
         // Several times the spill threshold, and one body just over it; sent in writes of
         // uneven sizes so that spills end at every kind of place (in a line, after a CR, at a
@@ -2863,10 +2872,7 @@ mod tests {
         let w = TestWorker::start(false, |_| {});
         let (wire, _) = dotted_body("gone", 20_000);
         for reset in [false, true] {
-            let (mut s, mut r) = connect(w.addr);
-            assert_eq!(reply(&mut r), 220);
-            s.write_all(b"EHLO c.test\r\n").unwrap();
-            assert_eq!(reply(&mut r), 250);
+            let (mut s, mut r) = greeted(w.addr);
             start_data(&mut s, &mut r);
             s.write_all(&wire[..wire.len() / 2]).unwrap();
             // Written out while it arrived: its file exists before the end of data.
@@ -2891,10 +2897,7 @@ mod tests {
     #[test]
     fn a_large_body_over_the_limit_is_refused_and_its_file_removed() {
         let w = TestWorker::start(false, |a| a.max_message_size = Some(400_000));
-        let (mut s, mut r) = connect(w.addr);
-        assert_eq!(reply(&mut r), 220);
-        s.write_all(b"EHLO c.test\r\n").unwrap();
-        assert_eq!(reply(&mut r), 250);
+        let (mut s, mut r) = greeted(w.addr);
         start_data(&mut s, &mut r);
         let (wire, _) = dotted_body("huge", 20_000);
         s.write_all(&wire).unwrap();
@@ -2918,10 +2921,7 @@ mod tests {
         let (wire, stored) = dotted_body("late", 20_000);
         let mut sessions: Vec<_> = (0..2)
             .map(|_| {
-                let (mut s, mut r) = connect(w.addr);
-                assert_eq!(reply(&mut r), 220);
-                s.write_all(b"EHLO c.test\r\n").unwrap();
-                assert_eq!(reply(&mut r), 250);
+                let (mut s, mut r) = greeted(w.addr);
                 start_data(&mut s, &mut r);
                 s.write_all(&wire[..wire.len() / 2]).unwrap();
                 (s, r)
