@@ -1676,9 +1676,10 @@ impl Worker {
         }
     }
 
-    /// The next step of a body being written while it arrives (see `SPILL_BYTES`), unless an op
-    /// of it is in flight: write what is queued; at the end of data, once all is written, go on
-    /// as after any message's write; or remove the file of an abandoned one.
+    /// The next step of a body being written while it arrives (see `SPILL_BYTES`), after its
+    /// open or one of its writes completed, or at its end of data: write what is queued (and let
+    /// input held back go on); at the end of data, once every write completed, go on as after
+    /// any message's write; for an abandoned one, once no op of it is in flight, remove the file.
     fn spill_step(&mut self, e: u32) {
         let Some(generation) = self.commits.generation(e) else {
             return;
@@ -1988,9 +1989,11 @@ fn join_batch(
 }
 
 /// After feeding a connection in DATA: once its body passes `SPILL_BYTES`, opens the tmp file
-/// and queues what the session holds for writing (`Worker::spill_step` writes it), and so on
-/// each time as much more has come. A body that will not be stored after all (rejected, or the
-/// session left DATA without handing it over) abandons what was written.
+/// and queues what the session holds (the first write goes once the open completes, in
+/// `Worker::spill_step`); each time as much more has come, queues it and writes it at once
+/// unless `SPILL_IN_FLIGHT` bytes are in writes, when the connection's input waits. A body that
+/// will not be stored after all (rejected, or the session left DATA without handing it over)
+/// abandons what was written.
 fn spill(
     conn: &mut Conn,
     store: &mut Store,
