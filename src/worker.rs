@@ -384,8 +384,8 @@ struct Spill {
     queue: Vec<u8>,
     /// File offset of the next write.
     at: u64,
-    /// Writes in flight, and their bytes (at most about `SPILL_IN_FLIGHT`).
-    writes: usize,
+    /// Bytes in writes in flight (at most about `SPILL_IN_FLIGHT`); each write has at least one,
+    /// so 0 means none is in flight.
     write_bytes: usize,
     /// The end of data was seen (and the entry joined a batch): once the queue is written, the
     /// commit goes on as for any message.
@@ -416,14 +416,13 @@ impl Spill {
         let len = head.len() + body.len();
         out.push((token, Op::write_at(fd, head, body, self.at, 0)));
         self.at += len as u64;
-        self.writes += 1;
         self.write_bytes += len;
         true
     }
 
     /// No op of it is in flight (the open is done, every write completed).
     fn idle(&self, step: Step) -> bool {
-        step != Step::Open && self.writes == 0
+        step != Step::Open && self.write_bytes == 0
     }
 }
 
@@ -1570,7 +1569,6 @@ impl Worker {
                     return;
                 }
                 (Step::Write, FileOutcome::Done(n), Op::Write2 { head, body, .. }) if n > 0 => {
-                    s.writes -= 1;
                     s.write_bytes -= head.len() + body.len();
                 }
                 (step, outcome, op) => {
@@ -1589,7 +1587,6 @@ impl Worker {
                         );
                     }
                     if let (Step::Write, Op::Write2 { head, body, .. }) = (step, op) {
-                        s.writes -= 1;
                         s.write_bytes -= head.len() + body.len();
                     }
                     s.queue = Vec::new();
@@ -2036,10 +2033,10 @@ fn spill(
         conn.spill_wait = !drained && entry.fd >= 0;
         return;
     }
-    let body = conn.session.take_body(Vec::with_capacity(SPILL_BUF));
     let Some(envelope) = conn.session.data_envelope() else {
         return;
     };
+    let body = conn.session.take_body(Vec::with_capacity(SPILL_BUF));
     let prepared = m.prepare(&envelope, SystemTime::now());
     let (e, generation) = commits.vacant();
     let path = prepared.tmp_path.clone();
@@ -2062,7 +2059,6 @@ fn spill(
                 head: prepared.header,
                 queue: body,
                 at: 0,
-                writes: 0,
                 write_bytes: 0,
                 last: false,
                 abandoned: false,

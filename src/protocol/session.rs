@@ -349,15 +349,7 @@ impl Session {
         } = *tx;
         debug_assert!(!self.keep_body || spilled + body.len() == size);
         self.ready = Some(Box::new(Message {
-            envelope: Envelope {
-                helo: self.helo.clone(),
-                esmtp: self.esmtp,
-                peer: self.peer,
-                mail_from: from,
-                rcpt_to: rcpts,
-                body_8bitmime: params.body == Some(Body::EightBitMime),
-                smtputf8: params.smtputf8,
-            },
+            envelope: self.envelope(from, rcpts, &params),
             body,
             size,
         }));
@@ -645,13 +637,10 @@ impl Session {
     /// In DATA, with a body that is being kept (not known to be rejected): the body bytes held
     /// since the 354 or the last `take_body`. 0 otherwise.
     pub fn body_held(&self) -> usize {
-        match &self.tx {
-            Some(tx) if self.phase == Phase::Data && self.keep_body => match &tx.data {
-                Some(d) if !d.rejecting() => tx.body.len(),
-                _ => 0,
-            },
-            _ => 0,
+        if !self.keep_body || self.phase != Phase::Data || self.body_rejected() {
+            return 0;
         }
+        self.tx.as_ref().map_or(0, |tx| tx.body.len())
     }
 
     /// In DATA: hands out the body bytes held so far (see `body_held`), so that a store can
@@ -687,18 +676,19 @@ impl Session {
     /// In DATA: the envelope the message will have (the same as `Message::envelope`).
     pub fn data_envelope(&self) -> Option<Envelope> {
         let tx = self.tx.as_ref().filter(|_| self.phase == Phase::Data)?;
-        Some(self.envelope_of(tx))
+        Some(self.envelope(tx.from.clone(), tx.rcpts.clone(), &tx.params))
     }
 
-    fn envelope_of(&self, tx: &Transaction) -> Envelope {
+    /// A transaction's envelope: its paths and MAIL parameters with this session's greeting.
+    fn envelope(&self, mail_from: String, rcpt_to: Vec<String>, params: &MailParams) -> Envelope {
         Envelope {
             helo: self.helo.clone(),
             esmtp: self.esmtp,
             peer: self.peer,
-            mail_from: tx.from.clone(),
-            rcpt_to: tx.rcpts.clone(),
-            body_8bitmime: tx.params.body == Some(Body::EightBitMime),
-            smtputf8: tx.params.smtputf8,
+            mail_from,
+            rcpt_to,
+            body_8bitmime: params.body == Some(Body::EightBitMime),
+            smtputf8: params.smtputf8,
         }
     }
 
