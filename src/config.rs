@@ -59,7 +59,12 @@ pub struct Config {
     pub session_time_max: Duration,
     /// Across all workers.
     pub connections_max: usize,
+    /// Per client network: IPv4 clients are counted by their first `per_ip_prefix_v4` bits,
+    /// IPv6 clients by their first `per_ip_prefix_v6` bits (one host commonly holds a whole
+    /// /64, so counting single IPv6 addresses would not limit it at all).
     pub connections_per_ip_max: usize,
+    pub per_ip_prefix_v4: u8,
+    pub per_ip_prefix_v6: u8,
     pub shutdown_grace: Duration,
     /// Group commit: a batch closes at this many messages ...
     pub batch_messages_max: usize,
@@ -135,6 +140,8 @@ Flags of `ringmx serve` (details: `ringmx serve --help`):
   --max-session-time SECS     default 3600; a longer session gets 421 4.4.2 and close
   --max-connections N         default 10000; over it 421 and close
   --max-connections-per-ip N  default 50; over it 421 and close
+  --ipv4-client-prefix BITS   default 32; IPv4 clients are counted per /BITS network
+  --ipv6-client-prefix BITS   default 64; IPv6 clients are counted per /BITS network
   --max-errors N              default 10; then 421 and close
   --shutdown-grace SECS       default 30; time for messages in progress at SIGTERM/SIGINT
   --batch-syncfs              one syncfs per commit batch instead of one fsync per message
@@ -246,10 +253,21 @@ pub struct ServeArgs {
     #[arg(long, value_name = "N")]
     pub max_connections: Option<usize>,
 
-    /// Open connections from one client IP address; one more gets 421 and is closed.
-    /// Default: 50.
+    /// Open connections from one client IP address (for IPv6 by default one /64 network, see
+    /// --ipv6-client-prefix); one more gets 421 and is closed. Default: 50.
     #[arg(long, value_name = "N")]
     pub max_connections_per_ip: Option<usize>,
+
+    /// --max-connections-per-ip counts IPv4 clients per network of this prefix length, e.g.
+    /// 24 to count a /24 as one client. Default: 32 (each address).
+    #[arg(long, value_name = "BITS")]
+    pub ipv4_client_prefix: Option<u8>,
+
+    /// --max-connections-per-ip counts IPv6 clients per network of this prefix length. A site
+    /// gets at least a /64 and any host in it can use every address of it, so counting single
+    /// addresses would not limit one client at all. Default: 64.
+    #[arg(long, value_name = "BITS")]
+    pub ipv6_client_prefix: Option<u8>,
 
     /// Client errors (4xx/5xx replies) per session before 421 and close. Default: 10.
     #[arg(long, value_name = "N")]
@@ -305,6 +323,8 @@ struct FileConfig {
     max_session_time: Option<u64>,
     max_connections: Option<usize>,
     max_connections_per_ip: Option<usize>,
+    ipv4_client_prefix: Option<u8>,
+    ipv6_client_prefix: Option<u8>,
     max_errors: Option<u32>,
     shutdown_grace: Option<u64>,
     log_level: Option<String>,
@@ -360,7 +380,7 @@ impl FileConfig {
 }
 
 /// Every key the config file accepts, for suggestions.
-const FILE_KEYS: [&str; 20] = [
+const FILE_KEYS: [&str; 22] = [
     "listen",
     "workers",
     "hostname",
@@ -373,6 +393,8 @@ const FILE_KEYS: [&str; 20] = [
     "max-session-time",
     "max-connections",
     "max-connections-per-ip",
+    "ipv4-client-prefix",
+    "ipv6-client-prefix",
     "max-errors",
     "shutdown-grace",
     "log-level",
@@ -417,6 +439,8 @@ pub const DEFAULT_IDLE_TIMEOUT_SECS: u64 = 300;
 pub const DEFAULT_MAX_SESSION_TIME_SECS: u64 = 3600;
 pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 pub const DEFAULT_MAX_CONNECTIONS_PER_IP: usize = 50;
+pub const DEFAULT_IPV4_CLIENT_PREFIX: u8 = 32;
+pub const DEFAULT_IPV6_CLIENT_PREFIX: u8 = 64;
 pub const DEFAULT_MAX_ERRORS: u32 = 10;
 pub const DEFAULT_SHUTDOWN_GRACE_SECS: u64 = 30;
 /// See `logging`: a busy worker writes its log lines at most this often.
@@ -666,6 +690,24 @@ impl Config {
             "",
         )?
         .min(connections_max);
+        let per_ip_prefix_v4 = in_range(
+            "ipv4-client-prefix",
+            args.ipv4_client_prefix
+                .or(file.ipv4_client_prefix)
+                .unwrap_or(DEFAULT_IPV4_CLIENT_PREFIX),
+            8,
+            32,
+            " (prefix length in bits)",
+        )?;
+        let per_ip_prefix_v6 = in_range(
+            "ipv6-client-prefix",
+            args.ipv6_client_prefix
+                .or(file.ipv6_client_prefix)
+                .unwrap_or(DEFAULT_IPV6_CLIENT_PREFIX),
+            32,
+            128,
+            " (prefix length in bits)",
+        )?;
         let max_errors = in_range(
             "max-errors",
             args.max_errors
@@ -744,6 +786,8 @@ impl Config {
             session_time_max: Duration::from_secs(session_time_max),
             connections_max,
             connections_per_ip_max,
+            per_ip_prefix_v4,
+            per_ip_prefix_v6,
             shutdown_grace: Duration::from_secs(shutdown_grace),
             batch_messages_max,
             batch_delay_us_max,
@@ -812,6 +856,7 @@ mod tests {
         assert_eq!(c.session_time_max, Duration::from_secs(3600));
         assert_eq!(c.connections_max, 10_000);
         assert_eq!(c.connections_per_ip_max, 50);
+        assert_eq!((c.per_ip_prefix_v4, c.per_ip_prefix_v6), (32, 64));
         assert_eq!(c.shutdown_grace, Duration::from_secs(30));
         assert_eq!(c.log_flush, Duration::from_millis(20));
         assert_eq!(
@@ -861,6 +906,10 @@ mod tests {
             "20",
             "--max-connections-per-ip",
             "4",
+            "--ipv4-client-prefix",
+            "24",
+            "--ipv6-client-prefix",
+            "56",
             "--max-errors",
             "3",
             "--shutdown-grace",
@@ -884,6 +933,7 @@ mod tests {
         );
         assert_eq!(c.workers, 3);
         assert_eq!(c.store, StoreSpec::Discard);
+        assert_eq!((c.per_ip_prefix_v4, c.per_ip_prefix_v6), (24, 56));
         assert_eq!(c.session.hostname, "mx.a.example");
         assert_eq!(
             c.session.accept_domains,
@@ -1003,6 +1053,10 @@ mod tests {
             ("--max-session-time", "0"),
             ("--max-connections", "0"),
             ("--max-connections-per-ip", "0"),
+            ("--ipv4-client-prefix", "7"),
+            ("--ipv4-client-prefix", "33"),
+            ("--ipv6-client-prefix", "31"),
+            ("--ipv6-client-prefix", "129"),
             ("--max-errors", "0"),
             ("--shutdown-grace", "86400"),
             ("--log-flush-ms", "10001"),
@@ -1067,6 +1121,8 @@ mod tests {
             max-session-time = 60
             max-connections = 99
             max-connections-per-ip = 9
+            ipv4-client-prefix = 16
+            ipv6-client-prefix = 48
             max-errors = 4
             shutdown-grace = 2
             accept-domain = ["a.example"]
@@ -1085,6 +1141,7 @@ mod tests {
         assert_eq!(c.idle_timeout, Duration::from_secs(7));
         assert_eq!(c.session_time_max, Duration::from_secs(60));
         assert_eq!((c.connections_max, c.connections_per_ip_max), (99, 9));
+        assert_eq!((c.per_ip_prefix_v4, c.per_ip_prefix_v6), (16, 48));
         assert_eq!(c.session.max_errors, 4);
         assert_eq!(c.shutdown_grace, Duration::from_secs(2));
         assert_eq!(

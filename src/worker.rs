@@ -52,7 +52,8 @@
 //! The price is that syncfs also writes back every other dirty file on that file system.
 //!
 //! Limits: --max-connections (one atomic counter shared by the workers) and
-//! --max-connections-per-ip (a sharded map), both touched only at accept and when a connection
+//! --max-connections-per-ip (a sharded map keyed by client network: the address for IPv4, its
+//! /64 for IPv6, see --ipv4/6-client-prefix), both touched only at accept and when a connection
 //! starts closing; over either, `421 4.7.0 <host> Too many connections` and close.
 //!
 //! Shutdown (the server's eventfd, read through the ring): the listeners' accepts are cancelled
@@ -148,9 +149,9 @@ pub struct Shared {
 impl Shared {
     pub fn new(cfg: Arc<Config>) -> Shared {
         Shared {
+            per_ip: PerIpCounts::new(16, cfg.per_ip_prefix_v4, cfg.per_ip_prefix_v6),
             cfg,
             connections: AtomicUsize::new(0),
-            per_ip: PerIpCounts::new(16),
             shutdown: AtomicBool::new(false),
         }
     }
@@ -166,17 +167,17 @@ impl Shared {
     }
 
     /// Takes a connection slot for `ip`, or says which limit is full.
-    fn admit(&self, ip: IpAddr) -> bool {
+    fn admit(&self, ip: IpAddr) -> Result<(), Full> {
         let n = self.connections.fetch_add(1, Ordering::Relaxed) + 1;
         if n > self.cfg.connections_max {
             self.connections.fetch_sub(1, Ordering::Relaxed);
-            return false;
+            return Err(Full::Total);
         }
         if !self.per_ip.acquire(ip, self.cfg.connections_per_ip_max) {
             self.connections.fetch_sub(1, Ordering::Relaxed);
-            return false;
+            return Err(Full::Client(self.per_ip.network(ip)));
         }
-        true
+        Ok(())
     }
 
     fn release(&self, ip: IpAddr) {
@@ -185,31 +186,88 @@ impl Shared {
     }
 }
 
-/// Connections per client address, sharded so that workers accepting at once rarely meet.
+/// Which connection limit turned a client away.
+#[derive(Debug, PartialEq, Eq)]
+enum Full {
+    /// --max-connections.
+    Total,
+    /// --max-connections-per-ip, for this client network.
+    Client(ClientNet),
+}
+
+/// A client network: the address with only its first `prefix` bits kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ClientNet {
+    addr: IpAddr,
+    prefix: u8,
+}
+
+impl std::fmt::Display for ClientNet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let full = if self.addr.is_ipv4() { 32 } else { 128 };
+        if self.prefix == full {
+            write!(f, "{}", self.addr)
+        } else {
+            write!(f, "{}/{}", self.addr, self.prefix)
+        }
+    }
+}
+
+/// Connections per client network (one address for IPv4 by default, one /64 for IPv6), sharded
+/// so that workers accepting at once rarely meet.
 pub struct PerIpCounts {
-    shards: Vec<Mutex<HashMap<IpAddr, u32>>>,
+    shards: Vec<Mutex<HashMap<ClientNet, u32>>>,
+    prefix_v4: u8,
+    prefix_v6: u8,
 }
 
 impl PerIpCounts {
-    pub fn new(shards: usize) -> PerIpCounts {
+    /// `prefix_v4` (at most 32) and `prefix_v6` (at most 128): how many leading bits of a
+    /// client's address name its network.
+    pub fn new(shards: usize, prefix_v4: u8, prefix_v6: u8) -> PerIpCounts {
         PerIpCounts {
             shards: (0..shards.max(1))
                 .map(|_| Mutex::new(HashMap::new()))
                 .collect(),
+            prefix_v4: prefix_v4.min(32),
+            prefix_v6: prefix_v6.min(128),
         }
     }
 
-    fn shard(&self, ip: IpAddr) -> &Mutex<HashMap<IpAddr, u32>> {
+    /// The network `ip` is counted in. An IPv4-mapped IPv6 address counts as its IPv4 address.
+    pub fn network(&self, ip: IpAddr) -> ClientNet {
+        match ip.to_canonical() {
+            IpAddr::V4(v4) => {
+                let p = self.prefix_v4;
+                let mask = u32::MAX.checked_shl(32 - u32::from(p)).unwrap_or(0);
+                ClientNet {
+                    addr: IpAddr::V4((u32::from(v4) & mask).into()),
+                    prefix: p,
+                }
+            }
+            IpAddr::V6(v6) => {
+                let p = self.prefix_v6;
+                let mask = u128::MAX.checked_shl(128 - u32::from(p)).unwrap_or(0);
+                ClientNet {
+                    addr: IpAddr::V6((u128::from(v6) & mask).into()),
+                    prefix: p,
+                }
+            }
+        }
+    }
+
+    fn shard(&self, net: &ClientNet) -> &Mutex<HashMap<ClientNet, u32>> {
         use std::hash::{Hash, Hasher};
         let mut h = std::collections::hash_map::DefaultHasher::new();
-        ip.hash(&mut h);
+        net.hash(&mut h);
         &self.shards[(h.finish() as usize) % self.shards.len()]
     }
 
-    /// Counts one more connection from `ip` unless it already has `max`.
+    /// Counts one more connection from `ip`'s network unless it already has `max`.
     pub fn acquire(&self, ip: IpAddr, max: usize) -> bool {
-        let mut m = self.shard(ip).lock().unwrap_or_else(|p| p.into_inner());
-        let n = m.entry(ip).or_insert(0);
+        let net = self.network(ip);
+        let mut m = self.shard(&net).lock().unwrap_or_else(|p| p.into_inner());
+        let n = m.entry(net).or_insert(0);
         if *n as usize >= max {
             return false;
         }
@@ -218,20 +276,23 @@ impl PerIpCounts {
     }
 
     pub fn release(&self, ip: IpAddr) {
-        let mut m = self.shard(ip).lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = m.get_mut(&ip) {
+        let net = self.network(ip);
+        let mut m = self.shard(&net).lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = m.get_mut(&net) {
             *n -= 1;
             if *n == 0 {
-                m.remove(&ip);
+                m.remove(&net);
             }
         }
     }
 
+    /// Open connections counted for `ip`'s network.
     pub fn count(&self, ip: IpAddr) -> u32 {
-        self.shard(ip)
+        let net = self.network(ip);
+        self.shard(&net)
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .get(&ip)
+            .get(&net)
             .copied()
             .unwrap_or(0)
     }
@@ -752,9 +813,21 @@ impl Worker {
             );
             conn.reason = EndReason::Shutdown;
             conn.closing = true;
-        } else if !self.shared.admit(peer.ip()) {
+        } else if let Err(full) = self.shared.admit(peer.ip()) {
             self.report.metrics.connections_refused += 1;
-            tracing::info!(client = %peer.ip(), "refused: too many connections");
+            match full {
+                Full::Total => tracing::info!(
+                    client = %peer.ip(),
+                    limit = self.cfg.connections_max,
+                    "refused: too many connections (--max-connections)"
+                ),
+                Full::Client(net) => tracing::info!(
+                    client = %peer.ip(),
+                    network = %net,
+                    limit = self.cfg.connections_per_ip_max,
+                    "refused: too many connections from this client (--max-connections-per-ip)"
+                ),
+            }
             conn.out
                 .extend_from_slice(format!("421 4.7.0 {host} Too many connections\r\n").as_bytes());
             conn.reason = EndReason::TooMany;
@@ -3126,7 +3199,7 @@ mod tests {
 
     #[test]
     fn per_ip_counts_refuse_over_the_limit_and_release_on_close() {
-        let p = PerIpCounts::new(4);
+        let p = PerIpCounts::new(4, 32, 64);
         let ip: IpAddr = "192.0.2.1".parse().unwrap();
         assert!(p.acquire(ip, 2));
         assert!(p.acquire(ip, 2));
@@ -3135,5 +3208,53 @@ mod tests {
         p.release(ip);
         assert_eq!(p.count(ip), 1);
         assert!(p.acquire(ip, 2));
+    }
+
+    #[test]
+    fn per_ip_counts_count_an_ipv6_client_by_its_network() {
+        let ip = |s: &str| -> IpAddr { s.parse().unwrap() };
+        let p = PerIpCounts::new(4, 32, 64);
+        // One host rotating through its /64 is still one client.
+        assert!(p.acquire(ip("2001:db8:1:2::1"), 2));
+        assert!(p.acquire(ip("2001:db8:1:2:ffff:ffff:ffff:fffe"), 2));
+        assert!(!p.acquire(ip("2001:db8:1:2:dead:beef::7"), 2));
+        assert_eq!(p.count(ip("2001:db8:1:2::99")), 2);
+        // The next /64 and IPv4 clients are others.
+        assert!(p.acquire(ip("2001:db8:1:3::1"), 2));
+        assert!(p.acquire(ip("192.0.2.1"), 2));
+        assert!(p.acquire(ip("192.0.2.2"), 2));
+        assert!(p.acquire(ip("192.0.2.2"), 2));
+        assert!(!p.acquire(ip("192.0.2.2"), 2));
+        // Releasing any address of the network frees its slot.
+        p.release(ip("2001:db8:1:2::1234"));
+        assert!(p.acquire(ip("2001:db8:1:2::5"), 2));
+        assert_eq!(
+            p.network(ip("2001:db8:1:2:dead:beef::7")).to_string(),
+            "2001:db8:1:2::/64"
+        );
+        assert_eq!(p.network(ip("192.0.2.7")).to_string(), "192.0.2.7");
+    }
+
+    #[test]
+    fn per_ip_counts_use_the_configured_prefixes() {
+        let ip = |s: &str| -> IpAddr { s.parse().unwrap() };
+        let p = PerIpCounts::new(1, 24, 128);
+        assert_eq!(
+            p.network(ip("198.51.100.77")).to_string(),
+            "198.51.100.0/24"
+        );
+        // An IPv4-mapped IPv6 address is the IPv4 client it maps.
+        assert_eq!(
+            p.network(ip("::ffff:198.51.100.9")),
+            p.network(ip("198.51.100.1"))
+        );
+        assert_eq!(p.network(ip("2001:db8::1")).to_string(), "2001:db8::1");
+        assert_ne!(p.network(ip("2001:db8::1")), p.network(ip("2001:db8::2")));
+        let wide = PerIpCounts::new(1, 8, 32);
+        assert_eq!(wide.network(ip("10.1.2.3")).to_string(), "10.0.0.0/8");
+        assert_eq!(
+            wide.network(ip("2001:db8:ff::1")).to_string(),
+            "2001:db8::/32"
+        );
     }
 }

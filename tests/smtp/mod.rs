@@ -939,6 +939,70 @@ fn max_connections_per_ip() {
     assert_refused_421(server.addr);
 }
 
+#[test]
+fn max_connections_per_ip_counts_a_client_network() {
+    // With --ipv4-client-prefix 24 the addresses of one /24 are one client (the same holds
+    // for IPv6 and its default /64, which a test cannot reach through the loopback's ::1).
+    let server = Server::start(&[
+        "--max-connections-per-ip",
+        "2",
+        "--ipv4-client-prefix",
+        "24",
+    ]);
+    let Some(a) = connect_from("127.0.5.1", server.addr) else {
+        eprintln!("SKIP: cannot bind 127.0.5.1 here");
+        return;
+    };
+    let b = connect_from("127.0.5.2", server.addr).unwrap();
+    for c in [&a, &b] {
+        assert!(c.greeting.starts_with("220"), "{:?}", c.greeting);
+    }
+    let mut third = connect_from("127.0.5.3", server.addr).unwrap();
+    assert!(
+        third.greeting.starts_with("421 4.7.0"),
+        "a third address of the same /24 must be refused: {:?}",
+        third.greeting
+    );
+    assert!(third.closed());
+    // Another /24 is another client.
+    let mut other = connect_from("127.0.6.1", server.addr).unwrap();
+    assert!(other.greeting.starts_with("220"), "{:?}", other.greeting);
+    other.expect("NOOP", 250);
+    // One leaving frees the network's slot for any of its addresses.
+    drop(a);
+    let mut deadline = 50;
+    let mut again = loop {
+        let c = connect_from("127.0.5.200", server.addr).unwrap();
+        if c.greeting.starts_with("220") || deadline == 0 {
+            break c;
+        }
+        deadline -= 1;
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(again.greeting.starts_with("220"), "{:?}", again.greeting);
+    again.expect("NOOP", 250);
+    drop(b);
+    // The operator's log names the network and the limit.
+    let mut log = String::new();
+    for _ in 0..50 {
+        log = server.log_text();
+        if log.contains("network=127.0.5.0/24") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let line = log
+        .lines()
+        .find(|l| l.contains("refused: too many connections from this client"))
+        .unwrap_or_else(|| panic!("no refusal line in the log:\n{log}"));
+    assert!(
+        line.contains("client=127.0.5.3")
+            && line.contains("network=127.0.5.0/24")
+            && line.contains("limit=2"),
+        "{line}"
+    );
+}
+
 /// A client bound to a chosen local address, or `None` when the host cannot bind it.
 fn connect_from(local: &str, to: SocketAddr) -> Option<Client> {
     use socket2::{Domain, Socket, Type};
