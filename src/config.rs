@@ -77,6 +77,9 @@ pub struct Config {
     pub log_flush: Duration,
     /// Longest command line, CRLF included (RFC 5321 4.5.3.1.4: 512).
     pub line_bytes_max: usize,
+    /// Most bytes one worker has in writes of bodies being received (`--store maildir`, bodies
+    /// over 128 KiB); past it their next writes wait.
+    pub spill_in_flight_max: usize,
     /// A tracing-subscriber filter (`info`, `debug`, `ringmx=trace`); `None`: use RUST_LOG,
     /// else `info`. See `Config::log_filter`.
     pub log_level: Option<String>,
@@ -294,6 +297,11 @@ pub struct ServeArgs {
     #[arg(long, value_name = "BYTES", hide = true)]
     pub line_bytes_max: Option<usize>,
 
+    /// Most bytes one worker keeps in writes of large bodies while they arrive; past it their
+    /// next writes wait, and so does their input. Default: 33554432 (32 MiB).
+    #[arg(long, value_name = "BYTES", hide = true)]
+    pub spill_in_flight_max: Option<usize>,
+
     /// Group commit for --store maildir: make a batch durable with one syncfs of the Maildir's
     /// file system instead of one fsync per message file. Far fewer disk writes per message,
     /// but syncfs writes back every dirty file of that file system, so give the Maildir a file
@@ -331,6 +339,7 @@ struct FileConfig {
     batch_messages_max: Option<usize>,
     batch_delay_us_max: Option<u64>,
     line_bytes_max: Option<usize>,
+    spill_in_flight_max: Option<usize>,
     batch_syncfs: Option<bool>,
     log_flush_ms: Option<u64>,
 }
@@ -380,7 +389,7 @@ impl FileConfig {
 }
 
 /// Every key the config file accepts, for suggestions.
-const FILE_KEYS: [&str; 22] = [
+const FILE_KEYS: [&str; 23] = [
     "listen",
     "workers",
     "hostname",
@@ -401,6 +410,7 @@ const FILE_KEYS: [&str; 22] = [
     "batch-messages-max",
     "batch-delay-us-max",
     "line-bytes-max",
+    "spill-in-flight-max",
     "batch-syncfs",
     "log-flush-ms",
 ];
@@ -441,6 +451,7 @@ pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 pub const DEFAULT_MAX_CONNECTIONS_PER_IP: usize = 50;
 pub const DEFAULT_IPV4_CLIENT_PREFIX: u8 = 32;
 pub const DEFAULT_IPV6_CLIENT_PREFIX: u8 = 64;
+pub const DEFAULT_SPILL_IN_FLIGHT_MAX: usize = 32 * 1024 * 1024;
 pub const DEFAULT_MAX_ERRORS: u32 = 10;
 pub const DEFAULT_SHUTDOWN_GRACE_SECS: u64 = 30;
 /// See `logging`: a busy worker writes its log lines at most this often.
@@ -762,6 +773,15 @@ impl Config {
             65_536,
             " (RFC 5321 requires at least 512)",
         )?;
+        let spill_in_flight_max = in_range(
+            "spill-in-flight-max",
+            args.spill_in_flight_max
+                .or(file.spill_in_flight_max)
+                .unwrap_or(DEFAULT_SPILL_IN_FLIGHT_MAX),
+            64 * 1024,
+            1 << 32,
+            " bytes",
+        )?;
         let log_level = args.log_level.or(file.log_level);
         if let Some(l) = &log_level {
             if tracing_subscriber::EnvFilter::try_new(l).is_err() {
@@ -794,6 +814,7 @@ impl Config {
             batch_syncfs: args.batch_syncfs || file.batch_syncfs.unwrap_or(false),
             log_flush: Duration::from_millis(log_flush_ms),
             line_bytes_max,
+            spill_in_flight_max,
             log_level,
         })
     }
@@ -857,6 +878,7 @@ mod tests {
         assert_eq!(c.connections_max, 10_000);
         assert_eq!(c.connections_per_ip_max, 50);
         assert_eq!((c.per_ip_prefix_v4, c.per_ip_prefix_v6), (32, 64));
+        assert_eq!(c.spill_in_flight_max, 32 << 20);
         assert_eq!(c.shutdown_grace, Duration::from_secs(30));
         assert_eq!(c.log_flush, Duration::from_millis(20));
         assert_eq!(
@@ -1063,6 +1085,7 @@ mod tests {
             ("--batch-messages-max", "0"),
             ("--batch-delay-us-max", "5000000"),
             ("--line-bytes-max", "100"),
+            ("--spill-in-flight-max", "65535"),
         ] {
             let e = err(&["--hostname", "mx", flag, bad]);
             assert!(
@@ -1130,6 +1153,7 @@ mod tests {
             batch-messages-max = 16
             batch-delay-us-max = 100
             line-bytes-max = 1000
+            spill-in-flight-max = 1048576
         "#;
         let c = with_file(file, &[]).unwrap();
         assert_eq!(c.listen.len(), 2);
@@ -1153,6 +1177,7 @@ mod tests {
             (c.batch_messages_max, c.batch_delay_us_max, c.line_bytes_max),
             (16, 100, 1000)
         );
+        assert_eq!(c.spill_in_flight_max, 1 << 20);
 
         let c = with_file(
             file,

@@ -43,6 +43,11 @@ pub struct Metrics {
     /// published few in cache (ring/bufs.rs); each costs a re-armed receive, and the worker's
     /// next turn publishes at least twice as many buffers.
     pub recv_short: u64,
+    /// Times a large body's next write waited because the worker already had its most bytes
+    /// in such writes (`Config::spill_in_flight_max`): the disk slower than the clients.
+    pub spill_waits: u64,
+    /// The most bytes one worker had in writes of bodies being received.
+    pub spill_in_flight_peak: u64,
 }
 
 impl Metrics {
@@ -71,6 +76,8 @@ impl Metrics {
         self.store_errors += other.store_errors;
         self.recv_starved += other.recv_starved;
         self.recv_short += other.recv_short;
+        self.spill_waits += other.spill_waits;
+        self.spill_in_flight_peak = self.spill_in_flight_peak.max(other.spill_in_flight_peak);
     }
 
     /// Merges a set of per-worker metrics.
@@ -103,7 +110,8 @@ impl Metrics {
             "connections {} accepted, {} refused; sessions {} ended ({} timed out); commands {}, \
              client errors {}; messages {} accepted ({} bytes, {rate:.1}/s over {secs:.1}s), {} rejected; \
              store: {} batches (mean {:.1}, max {} messages), {} fsyncs, {} errors; \
-             bytes {} in, {} out; receives that waited for a buffer {} (and {} for one held back)",
+             bytes {} in, {} out; receives that waited for a buffer {} (and {} for one held back); \
+             large bodies: peak {} bytes in writes, {} waits for the worker's limit",
             self.connections_accepted,
             self.connections_refused,
             self.sessions_ended,
@@ -122,6 +130,8 @@ impl Metrics {
             self.bytes_sent,
             self.recv_starved,
             self.recv_short,
+            self.spill_in_flight_peak,
+            self.spill_waits,
         )
     }
 
