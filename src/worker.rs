@@ -3178,7 +3178,12 @@ mod tests {
             file_error_pct: 4,
             ..Default::default()
         };
-        let mut w = TestWorker::start_with(false, Some(faults), |a| a.batch_syncfs = batch_syncfs);
+        // The smallest limit on large-body writes, so that large bodies also wait their turn
+        // (`Spills::waiting`) while writes fail and come back short.
+        let mut w = TestWorker::start_with(false, Some(faults), |a| {
+            a.batch_syncfs = batch_syncfs;
+            a.spill_in_flight_max = Some(64 * 1024);
+        });
         let (clients, per) = (6, 20);
         let threads: Vec<_> = (0..clients)
             .map(|c| {
@@ -3219,6 +3224,10 @@ mod tests {
             .flat_map(|t| t.join().unwrap())
             .collect();
         let report = w.stop();
+        println!(
+            "large-body writes: {} waits, peak {} bytes",
+            report.metrics.spill_waits, report.metrics.spill_in_flight_peak
+        );
         let new_dir = w.dir.path().join("md").join("new");
         let mut stored: HashMap<String, usize> = HashMap::new();
         for e in std::fs::read_dir(&new_dir).unwrap() {
