@@ -383,7 +383,13 @@ impl Ring {
             what: "a socket pair for the probe",
             cause: e.to_string(),
         })?;
-        ring.push(Token(1), Op::RecvMulti { fd: a.as_raw_fd() });
+        ring.push(
+            Token(1),
+            Op::RecvMulti {
+                fd: a.as_raw_fd(),
+                cap: 0,
+            },
+        );
         use std::io::Write;
         let _ = (&b).write_all(b"x");
         let deadline = std::time::Instant::now() + Duration::from_secs(2);
@@ -398,7 +404,12 @@ impl Ring {
             }
         }
         match got {
-            Some((1, true, Some(_))) => Ok(()),
+            Some((1, true, Some(_))) => {
+                if probe_recv_cap(&mut ring) {
+                    RECV_CAP_SUPPORTED.store(RECV_MULTI_CAP, std::sync::atomic::Ordering::Relaxed);
+                }
+                Ok(())
+            }
             Some((res, more, _)) => Err(SetupError::Missing {
                 what: "multishot RECV with provided buffers",
                 cause: format!(
@@ -412,7 +423,43 @@ impl Ring {
             }),
         }
     }
+}
 
+/// Does a multishot receive with a byte cap end by itself at the cap (Linux 6.17)? An older
+/// kernel refuses the field with EINVAL. Tried on a socket pair of its own with a cap of 2
+/// bytes and 3 bytes waiting: a kernel that knows the cap reads what one buffer takes (all 3)
+/// and ends the receive there, since it has its 2; without the cap the receive goes on.
+fn probe_recv_cap(ring: &mut Ring) -> bool {
+    let Ok((a, b)) = std::os::unix::net::UnixStream::pair() else {
+        return false;
+    };
+    ring.push(
+        Token(2),
+        Op::RecvMulti {
+            fd: a.as_raw_fd(),
+            cap: 2,
+        },
+    );
+    use std::io::Write;
+    let _ = (&b).write_all(b"xyz");
+    // The first completion tells: data and the end with the cap, data and more to come
+    // without it, EINVAL where the kernel refuses the field.
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    while std::time::Instant::now() < deadline {
+        let _ = ring.wait(Some(Duration::from_millis(100)));
+        while let Some(c) = ring.next_completion() {
+            if let Some(bid) = c.bid {
+                ring.recycle(bid);
+            }
+            if c.token == Token(2) {
+                return c.res > 0 && !c.more();
+            }
+        }
+    }
+    false
+}
+
+impl Ring {
     /// Turns on seeded fault injection (tests): see `Faults`.
     pub fn inject_faults(&mut self, faults: Faults) {
         self.faults = Some(FaultPlan {
@@ -717,6 +764,40 @@ impl Ring {
     }
 }
 
+/// Bytes after which a multishot receive ends by itself and the worker arms another (the
+/// kernel ends it in the read that reaches the cap, so it may take up to one buffer more):
+/// bounds the input that arrives after the worker decided to stop one (a body that starts
+/// being written to disk, a connection that is paused) and before its cancel lands. Large
+/// enough that the re-arms cost nothing that shows: one per 512 KiB received.
+pub const RECV_MULTI_CAP: u32 = 512 * 1024;
+
+/// `RECV_MULTI_CAP` once `Ring::probe` found the kernel supports it (Linux 6.17), else 0.
+static RECV_CAP_SUPPORTED: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+/// The cap new multishot receives get (`Op::recv_multi`): 0 until `Ring::probe` ran and
+/// found the kernel supports it.
+pub fn recv_multi_cap() -> u32 {
+    RECV_CAP_SUPPORTED.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Sets the byte cap of a multishot receive (`sqe->optlen`, Linux 6.17); 0 leaves it unset.
+fn with_recv_cap(entry: squeue::Entry, cap: u32) -> squeue::Entry {
+    if cap == 0 {
+        return entry;
+    }
+    // The io-uring crate has no setter for it. `optlen` shares the 4 bytes at offset 44 of the
+    // 64-byte SQE (kernel ABI, include/uapi/linux/io_uring.h) with `file_index` and
+    // `splice_fd_in`, which a receive does not use.
+    const OPTLEN_AT: usize = 44;
+    // SAFETY: `squeue::Entry` is `#[repr(C)]` around the kernel's 64-byte `io_uring_sqe` and
+    // holds no pointers of its own that the bytes could invalidate; `transmute` checks the
+    // sizes at compile time. Only the 4 bytes of `optlen` change.
+    let mut raw: [u8; 64] = unsafe { std::mem::transmute::<squeue::Entry, [u8; 64]>(entry) };
+    raw[OPTLEN_AT..OPTLEN_AT + 4].copy_from_slice(&cap.to_ne_bytes());
+    // SAFETY: the same 64 bytes back, a valid SQE with `optlen` set.
+    unsafe { std::mem::transmute::<[u8; 64], squeue::Entry>(raw) }
+}
+
 /// Builds the submission entry for `op`, pointing into the op's own buffers. `limit` caps the
 /// bytes of a send or write (fault injection: a real short send or write); `usize::MAX` for none.
 fn build_entry(op: &mut Op, limit: usize) -> squeue::Entry {
@@ -724,7 +805,9 @@ fn build_entry(op: &mut Op, limit: usize) -> squeue::Entry {
         Op::AcceptMulti { fd } => opcode::AcceptMulti::new(types::Fd(*fd))
             .flags(libc::SOCK_CLOEXEC)
             .build(),
-        Op::RecvMulti { fd } => opcode::RecvMulti::new(types::Fd(*fd), BGID).build(),
+        Op::RecvMulti { fd, cap } => {
+            with_recv_cap(opcode::RecvMulti::new(types::Fd(*fd), BGID).build(), *cap)
+        }
         // Length 0 with a provided buffer: up to the whole buffer.
         Op::RecvOnce { fd } => opcode::Recv::new(types::Fd(*fd), std::ptr::null_mut(), 0)
             .buf_group(BGID)
@@ -892,10 +975,57 @@ mod tests {
     }
 
     #[test]
+    fn a_capped_multishot_recv_ends_at_its_cap() {
+        Ring::probe().unwrap();
+        if recv_multi_cap() == 0 {
+            eprintln!(
+                "SKIP: kernel {} has no cap for multishot receives (Linux 6.17)",
+                kernel_release()
+            );
+            return;
+        }
+        let mut ring = Ring::new(8, 8, 64).unwrap();
+        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        (&b).write_all(&[b'x'; 300]).unwrap();
+        ring.push(
+            Token(7),
+            Op::RecvMulti {
+                fd: a.as_raw_fd(),
+                cap: 100,
+            },
+        );
+        let (mut taken, mut ended) = (0, false);
+        let deadline = std::time::Instant::now() + Duration::from_secs(2);
+        while !ended && std::time::Instant::now() < deadline {
+            ring.wait(Some(Duration::from_millis(50))).unwrap();
+            while let Some(c) = ring.next_completion() {
+                if let RecvOutcome::Data { bid, len } = RecvOutcome::from_result(c.res, c.bid) {
+                    taken += len;
+                    ring.recycle(bid);
+                }
+                ended |= c.op.is_some();
+            }
+        }
+        // 300 bytes were waiting, read a buffer (64 bytes) at a time: the receive ended by
+        // itself once it had its 100, in the read that crossed them.
+        assert!(ended, "the capped receive did not end");
+        assert_eq!(taken, 128);
+        let mut rest = [0u8; 300];
+        a.set_nonblocking(true).unwrap();
+        assert_eq!((&a).read(&mut rest).unwrap(), 300 - taken);
+    }
+
+    #[test]
     fn multishot_recv_hands_over_and_recycles_provided_buffers() {
         let mut ring = Ring::new(8, 4, 16).unwrap();
         let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
-        ring.push(Token(42), Op::RecvMulti { fd: a.as_raw_fd() });
+        ring.push(
+            Token(42),
+            Op::RecvMulti {
+                fd: a.as_raw_fd(),
+                cap: 0,
+            },
+        );
         let mut got = Vec::new();
         // More reads than buffers: works only if recycled buffers come back into use.
         for i in 0..10u8 {
@@ -941,7 +1071,13 @@ mod tests {
         // One steady connection: the kernel takes one buffer a turn, so after some turns only
         // the floor of warm buffers stays published.
         let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
-        ring.push(Token(1), Op::RecvMulti { fd: a.as_raw_fd() });
+        ring.push(
+            Token(1),
+            Op::RecvMulti {
+                fd: a.as_raw_fd(),
+                cap: 0,
+            },
+        );
         for _ in 0..200 {
             (&b).write_all(b"x").unwrap();
             let mut got = false;
@@ -972,7 +1108,13 @@ mod tests {
             w.write_all(format!("conn {i:02}").as_bytes()).unwrap();
         }
         for (i, (r, _)) in pairs.iter().enumerate() {
-            ring.push(Token(100 + i as u64), Op::RecvMulti { fd: r.as_raw_fd() });
+            ring.push(
+                Token(100 + i as u64),
+                Op::RecvMulti {
+                    fd: r.as_raw_fd(),
+                    cap: 0,
+                },
+            );
         }
         let mut got = vec![Vec::new(); N];
         let mut shorts = 0;
@@ -1001,6 +1143,7 @@ mod tests {
                     Token(100 + i as u64),
                     Op::RecvMulti {
                         fd: pairs[i].0.as_raw_fd(),
+                        cap: 0,
                     },
                 );
             }

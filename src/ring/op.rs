@@ -12,8 +12,11 @@ use std::os::fd::RawFd;
 pub enum Op {
     /// Multishot accept on a listening socket: one completion per connection.
     AcceptMulti { fd: RawFd },
-    /// Multishot receive into the provided-buffer ring: one completion per read.
-    RecvMulti { fd: RawFd },
+    /// Multishot receive into the provided-buffer ring: one completion per read. With `cap`
+    /// (Linux 6.17; 0 for none) it ends by itself once it has taken that many bytes, so
+    /// that what it reads between a decision to stop it and its cancel landing is bounded;
+    /// `Op::recv_multi` sets the cap this kernel supports (see `Ring::probe`).
+    RecvMulti { fd: RawFd, cap: u32 },
     /// One receive into the provided-buffer ring: for a connection whose input must be taken
     /// one buffer at a time (a multishot one reads all the socket holds before a cancel lands).
     RecvOnce { fd: RawFd },
@@ -64,6 +67,14 @@ pub enum Op {
 }
 
 impl Op {
+    /// A multishot receive with the cap on its bytes this kernel supports (none before 6.17).
+    pub fn recv_multi(fd: RawFd) -> Op {
+        Op::RecvMulti {
+            fd,
+            cap: super::recv_multi_cap(),
+        }
+    }
+
     /// The op's name for log lines ("unexpected errno 22 from send").
     pub fn name(&self) -> &'static str {
         match self {
