@@ -383,28 +383,8 @@ impl Ring {
             what: "a socket pair for the probe",
             cause: e.to_string(),
         })?;
-        ring.push(
-            Token(1),
-            Op::RecvMulti {
-                fd: a.as_raw_fd(),
-                cap: 0,
-            },
-        );
-        use std::io::Write;
-        let _ = (&b).write_all(b"x");
-        let deadline = std::time::Instant::now() + Duration::from_secs(2);
-        let mut got = None;
-        while got.is_none() && std::time::Instant::now() < deadline {
-            let _ = ring.wait(Some(Duration::from_millis(100)));
-            while let Some(c) = ring.next_completion() {
-                got = Some((c.res, c.more(), c.bid));
-                if let Some(bid) = c.bid {
-                    ring.recycle(bid);
-                }
-            }
-        }
-        match got {
-            Some((1, true, Some(_))) => {
+        match probe_recv(&mut ring, Token(1), a.as_raw_fd(), 0, &b, b"x") {
+            Some((1, true, true)) => {
                 if probe_recv_cap(&mut ring) {
                     RECV_CAP_SUPPORTED.store(RECV_MULTI_CAP, std::sync::atomic::Ordering::Relaxed);
                 }
@@ -433,17 +413,27 @@ fn probe_recv_cap(ring: &mut Ring) -> bool {
     let Ok((a, b)) = std::os::unix::net::UnixStream::pair() else {
         return false;
     };
-    ring.push(
-        Token(2),
-        Op::RecvMulti {
-            fd: a.as_raw_fd(),
-            cap: 2,
-        },
-    );
-    use std::io::Write;
-    let _ = (&b).write_all(b"xyz");
     // The first completion tells: data and the end with the cap, data and more to come
     // without it, EINVAL where the kernel refuses the field.
+    matches!(
+        probe_recv(ring, Token(2), a.as_raw_fd(), 2, &b, b"xyz"),
+        Some((res, false, _)) if res > 0
+    )
+}
+
+/// Arms a multishot receive (`cap` as in `Op::RecvMulti`) on `fd`, writes `bytes` to its peer
+/// and returns the receive's first completion within 2 s: result, more to come, a buffer used.
+fn probe_recv(
+    ring: &mut Ring,
+    token: Token,
+    fd: RawFd,
+    cap: u32,
+    peer: &std::os::unix::net::UnixStream,
+    bytes: &[u8],
+) -> Option<(i32, bool, bool)> {
+    ring.push(token, Op::RecvMulti { fd, cap });
+    use std::io::Write;
+    let _ = (&*peer).write_all(bytes);
     let deadline = std::time::Instant::now() + Duration::from_secs(2);
     while std::time::Instant::now() < deadline {
         let _ = ring.wait(Some(Duration::from_millis(100)));
@@ -451,12 +441,12 @@ fn probe_recv_cap(ring: &mut Ring) -> bool {
             if let Some(bid) = c.bid {
                 ring.recycle(bid);
             }
-            if c.token == Token(2) {
-                return c.res > 0 && !c.more();
+            if c.token == token {
+                return Some((c.res, c.more(), c.bid.is_some()));
             }
         }
     }
-    false
+    None
 }
 
 impl Ring {
