@@ -9,6 +9,10 @@
 //! inside the reap (STYLE habit 4). An interrupted single-shot op (EINTR) is pushed again here
 //! and never reaches the caller; a full submission queue is flushed and the push retried.
 //!
+//! Where the kernel can (Linux 6.17, found by `Ring::probe`), a multishot receive ends by itself
+//! after `RECV_MULTI_CAP` bytes and the caller arms another; the field has no setter in the
+//! io-uring crate and is set on the raw entry (`with_recv_cap`).
+//!
 //! One op has no io_uring opcode: `Op::SyncFs`. A ring runs it on a helper thread of its own,
 //! started at first use, and learns of its end through an eventfd that it reads like any other
 //! op, so the caller pushes it and reaps its completion exactly as for the rest.
