@@ -1676,25 +1676,17 @@ impl Worker {
                     entry.fd = fd;
                     entry.step = Step::Write;
                 }
-                (
-                    Step::Write,
-                    FileOutcome::Done(n),
-                    Op::Write2 {
-                        fd,
-                        head,
-                        body,
-                        at,
-                        done,
-                        ..
-                    },
-                ) if n > 0 && done + (n as usize) < head.len() + body.len() => {
-                    let done = done + n as usize;
-                    self.ring
-                        .push(token, Op::write_at(fd, head, body, at, done));
-                    return;
-                }
-                (Step::Write, FileOutcome::Done(n), Op::Write2 { head, body, .. }) if n > 0 => {
-                    s.write_done(head.len() + body.len(), &mut self.spills);
+                (Step::Write, FileOutcome::Done(n), op @ Op::Write2 { .. }) if n > 0 => {
+                    match op.write_rest(n as usize) {
+                        Ok(rest) => {
+                            self.ring.push(token, rest);
+                            return;
+                        }
+                        Err(Op::Write2 { head, body, .. }) => {
+                            s.write_done(head.len() + body.len(), &mut self.spills);
+                        }
+                        Err(op) => unreachable_op(&op),
+                    }
                 }
                 (step, outcome, op) => {
                     // Failed, or a write that wrote nothing: no more writes; the end of data
@@ -1735,24 +1727,17 @@ impl Worker {
                 self.ring.push(token, Op::write2(fd, head, body, 0));
             }
             (Step::Write, FileOutcome::Done(n)) => {
-                let Op::Write2 {
-                    fd,
-                    head,
-                    body,
-                    done,
-                    ..
-                } = op
-                else {
+                let Op::Write2 { fd, done, .. } = op else {
                     unreachable_op(&op)
                 };
                 tracing::debug!(fd, done, n, total = entry.total, "write completed");
-                let done = done + n as usize;
-                if done < entry.total && n > 0 {
-                    self.ring.push(token, Op::write2(fd, head, body, done));
-                } else if n == 0 && done < entry.total {
-                    self.fail_commit(e, libc::EIO);
-                } else {
-                    self.file_written(e, generation);
+                match op.write_rest(n as usize) {
+                    Ok(rest) => {
+                        self.ring.push(token, rest);
+                    }
+                    // No progress, with bytes left (a write is pushed only while some are).
+                    Err(_) if n == 0 => self.fail_commit(e, libc::EIO),
+                    Err(_) => self.file_written(e, generation),
                 }
             }
             (Step::Fsync, FileOutcome::Done(_)) => {

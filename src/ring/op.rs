@@ -93,6 +93,25 @@ impl Op {
         }
     }
 
+    /// A `Write2` that completed with `n` more bytes written: `Ok` with the write of what is
+    /// left of `head` + `body` (a short write, resumed at the right file offset), or `Err`
+    /// with the op itself when nothing is left or `n` is 0 (no progress), or for any other op.
+    pub fn write_rest(self, n: usize) -> Result<Op, Op> {
+        match self {
+            Op::Write2 {
+                fd,
+                head,
+                body,
+                at,
+                done,
+                ..
+            } if n > 0 && done + n < head.len() + body.len() => {
+                Ok(Op::write_at(fd, head, body, at, done + n))
+            }
+            op => Err(op),
+        }
+    }
+
     /// A Write2 op for `head` + `body` from the start of the file, after `done` bytes.
     pub fn write2(fd: RawFd, head: Vec<u8>, body: Vec<u8>, done: usize) -> Op {
         Op::write_at(fd, head, body, 0, done)
