@@ -2127,7 +2127,8 @@ fn join_batch(
 /// After feeding a connection in DATA: once its body passes `SPILL_BYTES`, opens the tmp file
 /// and queues what the session holds (the first write goes once the open completes, in
 /// `Worker::spill_step`); each time as much more has come, queues it and writes it at once
-/// unless `SPILL_IN_FLIGHT` bytes are in writes, when the connection's input waits. A body that
+/// unless `SPILL_IN_FLIGHT` bytes of it or the worker's `Spills::max` are in writes, when the
+/// connection's input waits (as it does for the open once that much is queued). A body that
 /// will not be stored after all (rejected, or the session left DATA without handing it over)
 /// abandons what was written.
 fn spill(
