@@ -48,6 +48,9 @@ pub struct Metrics {
     pub spill_waits: u64,
     /// The most bytes one worker had in writes of bodies being received.
     pub spill_in_flight_peak: u64,
+    /// Times a large body's client paused and what it had sent since the last write was
+    /// written then, not held until more came.
+    pub spill_idle_writes: u64,
 }
 
 impl Metrics {
@@ -78,6 +81,7 @@ impl Metrics {
         self.recv_short += other.recv_short;
         self.spill_waits += other.spill_waits;
         self.spill_in_flight_peak = self.spill_in_flight_peak.max(other.spill_in_flight_peak);
+        self.spill_idle_writes += other.spill_idle_writes;
     }
 
     /// Merges a set of per-worker metrics.
@@ -111,7 +115,8 @@ impl Metrics {
              client errors {}; messages {} accepted ({} bytes, {rate:.1}/s over {secs:.1}s), {} rejected; \
              store: {} batches (mean {:.1}, max {} messages), {} fsyncs, {} errors; \
              bytes {} in, {} out; receives that waited for a buffer {} (and {} for one held back); \
-             large bodies: peak {} bytes in writes, {} waits for the worker's limit",
+             large bodies: peak {} bytes in writes, {} waits for the worker's limit, {} writes \
+             when the client paused",
             self.connections_accepted,
             self.connections_refused,
             self.sessions_ended,
@@ -132,6 +137,7 @@ impl Metrics {
             self.recv_short,
             self.spill_in_flight_peak,
             self.spill_waits,
+            self.spill_idle_writes,
         )
     }
 

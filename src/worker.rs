@@ -37,10 +37,12 @@
 //! and the message goes on as any other (fsync or the batch's syncfs, rename, batch). A body
 //! that will not be stored after all (too big, bare CR/LF, client gone, shutdown) has its tmp
 //! file closed and unlinked. So a connection holds a bounded part of any body, not up to
-//! --max-message-size. The worker bounds the sum too: past `Config::spill_in_flight_max` bytes
-//! in such writes, a body's next write waits its turn (`Spills::waiting`), and so does its
-//! client's input, so that a disk slower than the clients does not cost `SPILL_IN_FLIGHT` per
-//! connection.
+//! --max-message-size; and once its client has sent nothing for `SPILL_IDLE_WRITE`, what it
+//! sent since the last write is written too, so that a client pausing in a body holds at most
+//! `SPILL_IDLE_WRITE_MIN` of it. The worker bounds the sum too: past
+//! `Config::spill_in_flight_max` bytes in such writes, a body's next write waits its turn
+//! (`Spills::waiting`), and so does its client's input, so that a disk slower than the clients
+//! does not cost `SPILL_IN_FLIGHT` per connection.
 //!
 //! With `--batch-syncfs` a message's file is opened and written but not fsync'd: once every
 //! message of a closed batch is written (or failed), one syncfs of the Maildir's file system
@@ -101,9 +103,15 @@ const KEEP_BUF_BYTES: usize = 4096;
 /// bodies just under --max-message-size without their final dot held that much memory each.
 /// Most mail is smaller and keeps the one-write commit.
 const SPILL_BYTES: usize = 128 * 1024;
-/// The capacity of a body buffer once spilling: `SPILL_BYTES` and one more receive fit, so it
-/// never has to grow.
-const SPILL_BUF: usize = SPILL_BYTES + RECV_BUF_LEN as usize;
+/// A connection whose large body is being written while it arrives and that has sent nothing
+/// for this long has what it sent since the last write written too (`Worker::tick`), once that
+/// is at least `SPILL_IDLE_WRITE_MIN`: a client that stops in the middle of a large body then
+/// holds at most that much of it in memory. 1,000 clients that each sent 2 MB of a body and
+/// stopped held 127 KiB each without this, 54-71 KiB with it (HARDENING.md).
+const SPILL_IDLE_WRITE: Duration = Duration::from_secs(1);
+/// Fewer held bytes are not worth an early write: a client sending a byte now and then would
+/// cost the server a write for each.
+const SPILL_IDLE_WRITE_MIN: usize = 4096;
 /// Bytes of one body in writes at once. Past it (a disk slower than the client), the
 /// connection's input waits (`Conn::spill_wait`).
 const SPILL_IN_FLIGHT: usize = 4 * SPILL_BYTES;
@@ -1353,6 +1361,7 @@ impl Worker {
         }
         let idle = self.cfg.idle_timeout;
         let mut touched = Vec::new();
+        let mut paused_bodies = Vec::new();
         for (slot, _, conn) in self.conns.iter_mut() {
             if conn.closing {
                 let stuck = conn
@@ -1377,6 +1386,12 @@ impl Worker {
                 // Waiting for the disk, not for the client.
                 continue;
             }
+            if conn.spill.is_some()
+                && conn.session.body_held() >= SPILL_IDLE_WRITE_MIN
+                && now.duration_since(conn.last_active) >= SPILL_IDLE_WRITE
+            {
+                paused_bodies.push((slot, conn.generation));
+            }
             let expired = if now.duration_since(conn.started) >= self.cfg.session_time_max {
                 conn.session.on_session_time_limit(&mut conn.out);
                 true
@@ -1392,6 +1407,26 @@ impl Worker {
             }
         }
         self.dirty.extend(touched);
+        for (slot, generation) in paused_bodies {
+            let Some(conn) = self.conns.get_mut(slot, generation) else {
+                continue;
+            };
+            if conn.closing {
+                continue;
+            }
+            let mut writes = Vec::new();
+            queue_held_body(
+                conn,
+                &mut self.commits,
+                &mut writes,
+                &mut self.spills,
+                &mut self.report.metrics,
+            );
+            self.report.metrics.spill_idle_writes += 1;
+            for (token, op) in writes {
+                self.ring.push(token, op);
+            }
+        }
     }
 
     // ---- group commit -------------------------------------------------------------------
@@ -2154,34 +2189,20 @@ fn spill(
     if conn.session.body_held() < SPILL_BYTES {
         return;
     }
-    if let Some((e, generation)) = conn.spill {
-        let Some(entry) = commits.get_mut(e, generation) else {
-            return;
-        };
-        let Some(s) = entry.spill.as_mut() else {
-            return;
-        };
-        let body = conn.session.take_body(Vec::with_capacity(SPILL_BUF));
-        if s.queue.is_empty() {
-            s.queue = body;
-        } else {
-            s.queue.extend_from_slice(&body);
-        }
-        let token = Token::new(K_COMMIT, e, generation);
-        let drained = s.push_writes(entry.fd, token, spills, metrics, to_push);
-        // Input waits for writes in flight and, once `SPILL_IN_FLIGHT` bytes are queued, for
-        // the open too (which can take long when io-wq is busy with other writes). Where the
-        // kernel cannot cap a multishot receive, its last burst before the cancel lands can
-        // be megabytes: then input waits only for writes, so that the burst is queued here
-        // instead of sitting in `pending`, which would copy it again at each wait of the feed.
-        let queue_full = s.queue.len() >= SPILL_IN_FLIGHT && crate::ring::recv_multi_cap() > 0;
-        conn.spill_wait = !drained && (entry.fd >= 0 || queue_full);
+    if conn.spill.is_some() {
+        queue_held_body(conn, commits, to_push, spills, metrics);
         return;
     }
     let Some(envelope) = conn.session.data_envelope() else {
         return;
     };
-    let body = conn.session.take_body(Vec::with_capacity(SPILL_BUF));
+    // The session's buffer for what comes next starts empty (here and in `queue_held_body`)
+    // and grows with what arrives. Made with room for a whole part at once, it cost every
+    // connection that stopped in the middle of a large body more than 200 KiB: 1,000 clients
+    // that each sent 140 KB of a body and stopped held 239 KiB each, against 41 KiB. A client
+    // that keeps sending pays for the growth: about 1.4% more CPU per 1 MB message on a tmpfs
+    // (HARDENING.md).
+    let body = conn.session.take_body(Vec::new());
     let prepared = m.prepare(&envelope, SystemTime::now());
     let (e, generation) = commits.vacant();
     let path = prepared.tmp_path.clone();
@@ -2223,6 +2244,41 @@ fn spill(
             Op::Cancel { target: id },
         ));
     }
+}
+
+/// Queues what the session holds of a body that is being written while it arrives (see
+/// `spill`), and writes it unless the limits say wait: then the connection's input waits.
+fn queue_held_body(
+    conn: &mut Conn,
+    commits: &mut Slab<CommitEntry>,
+    to_push: &mut Vec<(Token, Op)>,
+    spills: &mut Spills,
+    metrics: &mut Metrics,
+) {
+    let Some((e, generation)) = conn.spill else {
+        return;
+    };
+    let Some(entry) = commits.get_mut(e, generation) else {
+        return;
+    };
+    let Some(s) = entry.spill.as_mut() else {
+        return;
+    };
+    let body = conn.session.take_body(Vec::new());
+    if s.queue.is_empty() {
+        s.queue = body;
+    } else {
+        s.queue.extend_from_slice(&body);
+    }
+    let token = Token::new(K_COMMIT, e, generation);
+    let drained = s.push_writes(entry.fd, token, spills, metrics, to_push);
+    // Input waits for writes in flight and, once `SPILL_IN_FLIGHT` bytes are queued, for the
+    // open too (which can take long when io-wq is busy with other writes). Where the kernel
+    // cannot cap a multishot receive, its last burst before the cancel lands can be megabytes:
+    // then input waits only for writes, so that the burst is queued here instead of sitting in
+    // `pending`, which would copy it again at each wait of the feed.
+    let queue_full = s.queue.len() >= SPILL_IN_FLIGHT && crate::ring::recv_multi_cap() > 0;
+    conn.spill_wait = !drained && (entry.fd >= 0 || queue_full);
 }
 
 /// Marks a body being written while it arrived as not to be stored; `Worker::spill_step`
@@ -3101,6 +3157,78 @@ mod tests {
                 "every body stored whole, once"
             );
         }
+    }
+
+    #[test]
+    fn a_large_body_whose_client_pauses_is_written_out_not_held() {
+        let mut w = TestWorker::start(false, |_| {});
+        let mut body = b"Subject: paused\r\n\r\n".to_vec();
+        for i in 0..4_000 {
+            body.extend_from_slice(format!("{i:06} {}\r\n", "p".repeat(70)).as_bytes());
+        }
+        let (mut s, mut r) = greeted(w.addr);
+        start_data(&mut s, &mut r);
+        let tmp = w.dir.path().join("md").join("tmp");
+        let file = || {
+            std::fs::read_dir(&tmp)
+                .unwrap()
+                .next()
+                .and_then(|e| std::fs::read(e.unwrap().path()).ok())
+                .unwrap_or_default()
+        };
+        // Past 128 KiB: the body's first write.
+        s.write_all(&body[..SPILL_BYTES + 1_000]).unwrap();
+        let until = Instant::now() + Duration::from_secs(5);
+        while file().len() < SPILL_BYTES && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(
+            file().len() >= SPILL_BYTES,
+            "no first write of a large body"
+        );
+        // Then 50 KB, which alone would wait in memory for the next 128 KiB (cut in the middle
+        // of a line), and the client pauses: within about SPILL_IDLE_WRITE, all it sent is in
+        // the file.
+        let cut = SPILL_BYTES + 51_000;
+        assert!(body.len() > cut + 10_000);
+        s.write_all(&body[SPILL_BYTES + 1_000..cut]).unwrap();
+        let until =
+            Instant::now() + SPILL_IDLE_WRITE.min(Duration::from_secs(10)) + Duration::from_secs(5);
+        let on_disk = loop {
+            let f = file();
+            if f.ends_with(&body[..cut]) || Instant::now() > until {
+                break f;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert!(
+            on_disk.ends_with(&body[..cut]),
+            "a paused client's {cut} bytes of body: {} bytes in its file",
+            on_disk.len()
+        );
+        // Then the rest comes, and the message is stored whole.
+        s.write_all(&body[cut..]).unwrap();
+        s.write_all(b".\r\n").unwrap();
+        assert_eq!(reply(&mut r), 250);
+        s.write_all(b"QUIT\r\n").unwrap();
+        assert_eq!(reply(&mut r), 221);
+        let report = w.stop();
+        assert!(
+            report.metrics.spill_idle_writes >= 1,
+            "{:?}",
+            report.metrics
+        );
+        assert_eq!(w.files("tmp"), 0);
+        let new_dir = w.dir.path().join("md").join("new");
+        let stored: Vec<Vec<u8>> = std::fs::read_dir(&new_dir)
+            .unwrap()
+            .map(|e| std::fs::read(e.unwrap().path()).unwrap())
+            .collect();
+        assert_eq!(stored.len(), 1);
+        assert!(
+            stored[0].ends_with(&body),
+            "the body stored whole and in order"
+        );
     }
 
     #[test]
