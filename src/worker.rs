@@ -2371,6 +2371,14 @@ mod tests {
                 .map(|d| d.count())
                 .unwrap_or(0)
         }
+
+        /// The contents of every file in the maildir's new/.
+        fn stored(&self) -> Vec<Vec<u8>> {
+            std::fs::read_dir(self.dir.path().join("md").join("new"))
+                .unwrap()
+                .map(|e| std::fs::read(e.unwrap().path()).unwrap())
+                .collect()
+        }
     }
 
     fn free_addr() -> SocketAddr {
@@ -3040,11 +3048,7 @@ mod tests {
         let report = w.stop();
         assert_eq!(report.metrics.messages_accepted, 3);
         assert_eq!(w.files("tmp"), 0);
-        let new_dir = w.dir.path().join("md").join("new");
-        let mut stored: Vec<Vec<u8>> = std::fs::read_dir(&new_dir)
-            .unwrap()
-            .map(|e| std::fs::read(e.unwrap().path()).unwrap())
-            .collect();
+        let mut stored = w.stored();
         assert_eq!(stored.len(), 3);
         for body in &sent {
             let i = stored
@@ -3144,11 +3148,7 @@ mod tests {
             report.metrics
         );
         assert_eq!(w.files("tmp"), 0);
-        let new_dir = w.dir.path().join("md").join("new");
-        let stored: Vec<Vec<u8>> = std::fs::read_dir(&new_dir)
-            .unwrap()
-            .map(|e| std::fs::read(e.unwrap().path()).unwrap())
-            .collect();
+        let stored = w.stored();
         assert_eq!(stored.len(), 8);
         for body in &sent {
             assert_eq!(
@@ -3219,11 +3219,7 @@ mod tests {
             report.metrics
         );
         assert_eq!(w.files("tmp"), 0);
-        let new_dir = w.dir.path().join("md").join("new");
-        let stored: Vec<Vec<u8>> = std::fs::read_dir(&new_dir)
-            .unwrap()
-            .map(|e| std::fs::read(e.unwrap().path()).unwrap())
-            .collect();
+        let stored = w.stored();
         assert_eq!(stored.len(), 1);
         assert!(
             stored[0].ends_with(&body),
@@ -3303,11 +3299,9 @@ mod tests {
         let report = w.stop();
         assert_eq!(report.metrics.messages_accepted, 1);
         assert_eq!(w.files("tmp"), 0, "the unfinished body's file is gone");
-        let new_dir = w.dir.path().join("md").join("new");
-        let files: Vec<_> = std::fs::read_dir(new_dir).unwrap().collect();
+        let files = w.stored();
         assert_eq!(files.len(), 1);
-        let data = std::fs::read(files[0].as_ref().unwrap().path()).unwrap();
-        assert!(data.ends_with(&stored));
+        assert!(files[0].ends_with(&stored));
     }
 
     fn seeded_faults_check(batch_syncfs: bool) {
