@@ -811,6 +811,27 @@ fn garbage_random_binary() {
     });
 }
 
+/// `clients` sessions, each greeted as `{tag}.example` and answered 354 to DATA (sender
+/// `{tag}{i}@example.org`), ready for a body.
+fn sessions_in_data(server: &Server, clients: usize, tag: &str) -> Vec<Smtp> {
+    (0..clients)
+        .map(|i| {
+            let (mut c, _) = Smtp::connect(server.addr).unwrap();
+            assert!(c
+                .cmd(&format!("EHLO {tag}.example"))
+                .unwrap()
+                .starts_with("250"));
+            assert!(c
+                .cmd(&format!("MAIL FROM:<{tag}{i}@example.org>"))
+                .unwrap()
+                .starts_with("250"));
+            assert!(c.cmd("RCPT TO:<r@example.com>").unwrap().starts_with("250"));
+            assert!(c.cmd("DATA").unwrap().starts_with("354"));
+            c
+        })
+        .collect()
+}
+
 /// A 20 MB body over a 1 MiB --max-message-size: 552 after the end of data, nothing stored,
 /// memory stays flat while the excess is read and dropped, the session and server go on.
 /// `clients` sessions send `body` bytes of a message each (under the size limit) and never the
@@ -818,18 +839,7 @@ fn garbage_random_binary() {
 /// arrives). Then they leave, and their files must go.
 fn hold_bodies_open(server: &Server, clients: usize, body: usize) {
     let stored_before = server.new_files().len();
-    let mut held = Vec::new();
-    for i in 0..clients {
-        let (mut c, _) = Smtp::connect(server.addr).unwrap();
-        assert!(c.cmd("EHLO hold.example").unwrap().starts_with("250"));
-        assert!(c
-            .cmd(&format!("MAIL FROM:<h{i}@example.org>"))
-            .unwrap()
-            .starts_with("250"));
-        assert!(c.cmd("RCPT TO:<r@example.com>").unwrap().starts_with("250"));
-        assert!(c.cmd("DATA").unwrap().starts_with("354"));
-        held.push(c);
-    }
+    let mut held = sessions_in_data(server, clients, "hold");
     let line = b"held open, never finished: 0123456789abcdefghijklmnopqrstuvwxyz\r\n";
     let mut chunk = Vec::new();
     while chunk.len() < 64 * 1024 {
@@ -915,18 +925,7 @@ fn large_bodies_paused_in_the_middle_are_on_disk_not_in_memory() {
     let server = Server::start(&["--workers", "1", "--max-connections-per-ip", "1000"]);
     warm_up(&server);
     let before = rss_kib(server.pid());
-    let mut held = Vec::new();
-    for i in 0..clients {
-        let (mut c, _) = Smtp::connect(server.addr).unwrap();
-        assert!(c.cmd("EHLO pause.example").unwrap().starts_with("250"));
-        assert!(c
-            .cmd(&format!("MAIL FROM:<p{i}@example.org>"))
-            .unwrap()
-            .starts_with("250"));
-        assert!(c.cmd("RCPT TO:<r@example.com>").unwrap().starts_with("250"));
-        assert!(c.cmd("DATA").unwrap().starts_with("354"));
-        held.push(c);
-    }
+    let mut held = sessions_in_data(&server, clients, "pause");
     let line = b"paused in the middle: 0123456789abcdefghijklmnopqrstuvwxyz0123456789\r\n";
     let mut body = Vec::new();
     while body.len() < body_len {
