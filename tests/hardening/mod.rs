@@ -832,8 +832,6 @@ fn sessions_in_data(server: &Server, clients: usize, tag: &str) -> Vec<Smtp> {
         .collect()
 }
 
-/// A 20 MB body over a 1 MiB --max-message-size: 552 after the end of data, nothing stored,
-/// memory stays flat while the excess is read and dropped, the session and server go on.
 /// `clients` sessions send `body` bytes of a message each (under the size limit) and never the
 /// final dot; the server must go on reading (it writes each body to its tmp/ file while it
 /// arrives). Then they leave, and their files must go.
@@ -976,6 +974,8 @@ fn large_bodies_paused_in_the_middle_are_on_disk_not_in_memory() {
     still_serving(&server, "after paused bodies");
 }
 
+/// A 20 MB body over a 1 MiB --max-message-size: 552 after the end of data, nothing stored,
+/// memory stays flat while the excess is read and dropped, the session and server go on.
 #[test]
 fn garbage_20mb_body_over_the_size_limit() {
     attack_twice(
