@@ -3,8 +3,8 @@
 //!
 //! Start-up order, so that every failure is one clear line before any worker runs: probe
 //! io_uring, recover and open the store, bind every listener (all workers' SO_REUSEPORT
-//! sockets), block SIGTERM/SIGINT, then spawn the workers. A signal thread waits for
-//! SIGTERM/SIGINT, marks the shutdown in the workers' shared state (so that no worker greets a
+//! sockets), block SIGTERM/SIGINT/SIGHUP, then spawn the workers. A signal thread waits for
+//! SIGTERM/SIGINT (logging and ignoring SIGHUP, see `wait_for_stop`), marks the shutdown in the workers' shared state (so that no worker greets a
 //! connection accepted after the signal) and wakes every worker through its eventfd (read through
 //! the worker's ring);
 //! each worker then closes its listeners, says 421 to idle sessions, lets sessions in DATA finish
@@ -188,6 +188,24 @@ fn pin_to(cpu: usize) {
     }
 }
 
+/// Waits for SIGTERM or SIGINT among `signals`. A SIGHUP in between is logged and otherwise
+/// ignored: daemons take it as "reload your settings" (or "reopen your log files"), and ringmx
+/// reads its settings only at start-up and logs to stderr, so there is nothing to do but say
+/// so; the server keeps running. (Were it left at its default action, the kernel would end the
+/// process at once.)
+fn wait_for_stop(signals: &SigSet) -> nix::Result<Signal> {
+    loop {
+        match signals.wait() {
+            Ok(Signal::SIGHUP) => tracing::warn!(
+                "SIGHUP received and ignored: ringmx reads its settings only at start-up, so \
+                 there is nothing to reload; restart it (SIGTERM, then start) to apply new \
+                 settings. Still running"
+            ),
+            other => return other,
+        }
+    }
+}
+
 /// Runs the server until SIGTERM/SIGINT and a finished shutdown.
 pub fn run(cfg: Config) -> Result<(), ServerError> {
     Ring::probe().map_err(ServerError::Ring)?;
@@ -209,10 +227,13 @@ pub fn run(cfg: Config) -> Result<(), ServerError> {
     }
 
     // Block the shutdown signals before any thread starts, so every thread inherits the mask and
-    // only the signal thread ever takes them.
+    // only the signal thread ever takes them. SIGHUP too: its default action would end the
+    // process on the spot, dropping every session without a 421, when an operator sent it to
+    // ask for a reload (see `wait_for_stop`).
     let mut signals = SigSet::empty();
     signals.add(Signal::SIGTERM);
     signals.add(Signal::SIGINT);
+    signals.add(Signal::SIGHUP);
     signals
         .thread_block()
         .map_err(|e| ServerError::Other(format!("cannot block signals: {e}")))?;
@@ -290,7 +311,7 @@ pub fn run(cfg: Config) -> Result<(), ServerError> {
     std::thread::Builder::new()
         .name("ringmx-signals".into())
         .spawn(move || {
-            let sig = signals.wait();
+            let sig = wait_for_stop(&signals);
             signal_shared.begin_shutdown();
             if let Ok(sig) = sig {
                 tracing::info!("{sig:?} received: shutting down");
@@ -299,7 +320,7 @@ pub fn run(cfg: Config) -> Result<(), ServerError> {
                 w.notify();
             }
             // A second signal means "now": leave without waiting for the grace period.
-            if let Ok(sig) = signals.wait() {
+            if let Ok(sig) = wait_for_stop(&signals) {
                 tracing::warn!("{sig:?} received again: exiting at once");
                 std::process::exit(1);
             }

@@ -1617,6 +1617,51 @@ fn restart_on_the_same_port_right_after_shutdown() {
     assert!(greeting.unwrap().starts_with("220"));
 }
 
+/// SIGHUP asks a daemon to reload; ringmx has nothing to reload, so it says so in its log and
+/// goes on: a session open at the time finishes its transaction, new clients are served, and
+/// SIGTERM still shuts down cleanly. (The signal's default action would end the process at once,
+/// every session dropped without a 421.)
+#[test]
+fn sighup_is_logged_and_the_server_keeps_serving() {
+    let mut server = Server::start(&[]);
+    let mut open = server.connect();
+    open.ehlo("client.example");
+    open.expect("MAIL FROM:<a@client.example>", 250);
+    server.signal(libc::SIGHUP);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !server.log_text().contains("SIGHUP received and ignored") {
+        assert!(
+            Instant::now() < deadline,
+            "no log line for SIGHUP: {}",
+            server.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    open.expect("RCPT TO:<b@dest.example>", 250);
+    open.expect("DATA", 354);
+    open.send(b"Subject: after SIGHUP\r\n\r\nstill here\r\n.\r\n");
+    assert!(
+        open.reply().starts_with("250"),
+        "the open session's message"
+    );
+    let reply = lettre_send(
+        server.addr,
+        "c@client.example",
+        &["d@dest.example"],
+        b"Subject: new session\r\n\r\nhello\r\n",
+    );
+    assert!(reply.contains("queued as"), "{reply}");
+    assert_eq!(server.new_files().len(), 2);
+    // A second SIGHUP changes nothing either; SIGTERM then shuts down as usual.
+    server.signal(libc::SIGHUP);
+    open.expect("NOOP", 250);
+    server.signal(libc::SIGTERM);
+    let st = server
+        .wait_exit(Duration::from_secs(10))
+        .expect("exits after SIGTERM");
+    assert!(st.success(), "exit status {st}");
+}
+
 #[test]
 fn sigterm_with_no_sessions_exits_0_promptly() {
     let mut server = Server::start(&[]);
