@@ -59,7 +59,8 @@
 //! Limits: --max-connections (one atomic counter shared by the workers) and
 //! --max-connections-per-ip (a sharded map keyed by client network: the address for IPv4, its
 //! /64 for IPv6, see --ipv4/6-client-prefix), both touched only at accept and when a connection
-//! starts closing; over either, `421 4.7.0 <host> Too many connections` and close.
+//! starts closing; over either, a `421 4.7.0` that says which (`Error: too many connections; try
+//! again later`, or `... from <network>`) and close.
 //!
 //! Shutdown (the server's eventfd, read through the ring): the listeners' accepts are cancelled
 //! and the sockets closed; sessions between commands get 421 4.3.2 and close; sessions in DATA
@@ -873,21 +874,28 @@ impl Worker {
             conn.closing = true;
         } else if let Err(full) = self.shared.admit(peer.ip()) {
             self.report.metrics.connections_refused += 1;
-            match full {
-                Full::Total => tracing::info!(
-                    client = %peer.ip(),
-                    limit = self.cfg.connections_max,
-                    "refused: too many connections (--max-connections)"
-                ),
-                Full::Client(net) => tracing::info!(
-                    client = %peer.ip(),
-                    network = %net,
-                    limit = self.cfg.connections_per_ip_max,
-                    "refused: too many connections from this client (--max-connections-per-ip)"
-                ),
-            }
-            conn.out
-                .extend_from_slice(format!("421 4.7.0 {host} Too many connections\r\n").as_bytes());
+            // The reply says which limit, as Postfix's does, so that whoever drives a load
+            // test from one address sees why (the log also names the flag).
+            let reply = match full {
+                Full::Total => {
+                    tracing::info!(
+                        client = %peer.ip(),
+                        limit = self.cfg.connections_max,
+                        "refused: too many connections (--max-connections)"
+                    );
+                    format!("421 4.7.0 {host} Error: too many connections; try again later\r\n")
+                }
+                Full::Client(net) => {
+                    tracing::info!(
+                        client = %peer.ip(),
+                        network = %net,
+                        limit = self.cfg.connections_per_ip_max,
+                        "refused: too many connections from this client (--max-connections-per-ip)"
+                    );
+                    format!("421 4.7.0 {host} Error: too many connections from {net}\r\n")
+                }
+            };
+            conn.out.extend_from_slice(reply.as_bytes());
             conn.reason = EndReason::TooMany;
             conn.closing = true;
         } else {

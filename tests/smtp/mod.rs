@@ -889,21 +889,30 @@ fn connect_220(addr: SocketAddr) -> Client {
     }
 }
 
-fn assert_refused_421(addr: SocketAddr) {
+/// One more connection gets `expected` (a 421 that names the limit) and is closed.
+fn assert_refused_421(addr: SocketAddr, expected: &str) {
     let mut c = Client::connect(addr);
     assert!(
-        c.greeting.starts_with("421"),
-        "one connection over the limit must get 421, got {:?}",
+        c.greeting.starts_with(expected),
+        "one connection over the limit must get {expected:?}, got {:?}",
         c.greeting
     );
     assert!(c.closed());
+}
+
+fn too_many_in_all() -> String {
+    format!("421 4.7.0 {HOSTNAME} Error: too many connections; try again later")
+}
+
+fn too_many_from(network: &str) -> String {
+    format!("421 4.7.0 {HOSTNAME} Error: too many connections from {network}")
 }
 
 #[test]
 fn max_connections_across_workers() {
     let server = Server::start(&["--max-connections", "3", "--workers", "2"]);
     let mut held: Vec<Client> = (0..3).map(|_| connect_220(server.addr)).collect();
-    assert_refused_421(server.addr);
+    assert_refused_421(server.addr, &too_many_in_all());
     // The held sessions still work.
     for c in &mut held {
         c.expect("NOOP", 250);
@@ -911,7 +920,7 @@ fn max_connections_across_workers() {
     // A client that leaves gives its slot back (QUIT or just a dropped connection).
     held.pop().unwrap().expect("QUIT", 221);
     held.push(connect_220(server.addr));
-    assert_refused_421(server.addr);
+    assert_refused_421(server.addr, &too_many_in_all());
     drop(held.pop());
     held.push(connect_220(server.addr));
 }
@@ -920,7 +929,7 @@ fn max_connections_across_workers() {
 fn max_connections_per_ip() {
     let server = Server::start(&["--max-connections-per-ip", "2"]);
     let mut held: Vec<Client> = (0..2).map(|_| connect_220(server.addr)).collect();
-    assert_refused_421(server.addr);
+    assert_refused_421(server.addr, &too_many_from("127.0.0.1"));
     // Another address of the loopback range is counted on its own.
     let other = connect_from("127.0.0.2", server.addr);
     match other {
@@ -936,7 +945,7 @@ fn max_connections_per_ip() {
     }
     held.pop().unwrap().expect("QUIT", 221);
     held.push(connect_220(server.addr));
-    assert_refused_421(server.addr);
+    assert_refused_421(server.addr, &too_many_from("127.0.0.1"));
 }
 
 #[test]
@@ -958,8 +967,9 @@ fn max_connections_per_ip_counts_a_client_network() {
         assert!(c.greeting.starts_with("220"), "{:?}", c.greeting);
     }
     let mut third = connect_from("127.0.5.3", server.addr).unwrap();
-    assert!(
-        third.greeting.starts_with("421 4.7.0"),
+    assert_eq!(
+        third.greeting,
+        too_many_from("127.0.5.0/24"),
         "a third address of the same /24 must be refused: {:?}",
         third.greeting
     );
