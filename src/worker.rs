@@ -1302,6 +1302,7 @@ impl Worker {
                 rejected = stats.messages_rejected,
                 commands = stats.commands,
                 errors = stats.errors,
+                phase = conn.session.phase_at_end().name(),
                 result = conn.reason.as_str(),
                 "session end"
             );

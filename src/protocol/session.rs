@@ -32,8 +32,8 @@
 //! - A bare LF ends a command line; in DATA only CRLF counts (see `data`).
 //! - Bytes that arrive after an accepted DATA in the same read are message data; after a refused
 //!   DATA they are commands.
-//! - Rejected transactions (bare CR/LF, too big, declared SIZE too big) are logged here with
-//!   `tracing::info!`; accepted messages and session ends are logged by the worker, which knows
+//! - Rejected transactions (bare CR/LF, too big, declared SIZE too big) and refused recipients
+//!   are logged here with `tracing::info!`; accepted messages and session ends are logged by the worker, which knows
 //!   the queue id (`take_message`'s envelope, `stats`, `helo`, `improper_pipelining`).
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -96,6 +96,20 @@ pub enum Phase {
     Committing,
     /// The session has ended (QUIT, error limit, timeout, shutdown).
     Closed,
+}
+
+impl Phase {
+    /// The phase's name in the session's log line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Phase::Connected => "greeting",
+            Phase::Ready => "ready",
+            Phase::Transaction => "transaction",
+            Phase::Data => "data",
+            Phase::Committing => "commit",
+            Phase::Closed => "closed",
+        }
+    }
 }
 
 /// The envelope of one accepted message.
@@ -172,6 +186,8 @@ pub struct Session {
     keep_body: bool,
     /// The session ended with the client's QUIT (not an error limit, timeout or shutdown).
     quit: bool,
+    /// The phase the session was in when it closed (see `phase_at_end`).
+    closed_in: Phase,
 }
 
 /// MAIL ... end of data.
@@ -185,6 +201,8 @@ struct Transaction {
     /// Body bytes already handed out by `take_body` (spilled to the store before the end of
     /// data); `body` holds only what came after them.
     spilled: usize,
+    /// A recipient over `--max-recipients` has been logged (see `Session::rcpt`).
+    too_many_logged: bool,
 }
 
 impl Session {
@@ -205,6 +223,7 @@ impl Session {
             line_max: LINE_BYTES_MAX as u32,
             keep_body: true,
             quit: false,
+            closed_in: Phase::Connected,
         }
     }
 
@@ -416,6 +435,7 @@ impl Session {
                         data: None,
                         body: Vec::new(),
                         spilled: 0,
+                        too_many_logged: false,
                     }));
                     self.phase = Phase::Transaction;
                     out.extend_from_slice(reply::MAIL_OK);
@@ -459,6 +479,7 @@ impl Session {
             Command::Quit => {
                 out.extend_from_slice(reply::BYE);
                 self.tx = None;
+                self.closed_in = self.phase;
                 self.phase = Phase::Closed;
                 self.quit = true;
             }
@@ -473,6 +494,7 @@ impl Session {
             return;
         };
         if to.is_non_ascii() && !tx.params.smtputf8 {
+            self.log_refused_rcpt(&to, "non-ASCII address without SMTPUTF8");
             self.refuse(Some(verb), out, reply::NEEDS_SMTPUTF8);
             return;
         }
@@ -484,10 +506,20 @@ impl Session {
                     .any(|d| d.as_bytes().eq_ignore_ascii_case(to.domain)),
             };
         if !domain_ok {
+            self.log_refused_rcpt(&to, "domain not accepted here (--accept-domain)");
             self.refuse(Some(verb), out, reply::DOMAIN_DENIED);
             return;
         }
         if tx.rcpts.len() >= self.cfg.max_recipients {
+            // Once per transaction: these are not counted as errors, so a client could send
+            // any number of them, and the first says all the operator needs.
+            if !tx.too_many_logged {
+                tx.too_many_logged = true;
+                self.log_refused_rcpt(
+                    &to,
+                    "too many recipients (--max-recipients; logged once a transaction)",
+                );
+            }
             // Not counted as an error: RFC 5321 4.5.3.1.10 tells the client to send the message
             // to the recipients accepted so far and retry the rest, which a legitimate client with
             // a long list will do; closing it for that would lose the whole message.
@@ -524,6 +556,9 @@ impl Session {
     }
 
     fn close(&mut self) {
+        if self.phase != Phase::Closed {
+            self.closed_in = self.phase;
+        }
         self.phase = Phase::Closed;
         self.tx = None;
         self.line = Vec::new();
@@ -534,6 +569,19 @@ impl Session {
             reply::shutting_down(out, &self.cfg.hostname);
             self.close();
         }
+    }
+
+    /// A refused recipient's log line (`recipient client=... from=... to=... result=...`), as
+    /// Postfix logs each refused RCPT: a transaction whose recipients were all refused ends
+    /// without a message line, and the operator should still see who was turned away and why.
+    fn log_refused_rcpt(&self, to: &Path<'_>, reason: &str) {
+        tracing::info!(
+            client = %self.peer.ip(),
+            from = %self.tx.as_ref().map_or("", |tx| tx.from.as_str()),
+            to = %String::from_utf8_lossy(to.mailbox),
+            result = format!("rejected: {reason}").as_str(),
+            "recipient"
+        );
     }
 
     /// The transaction's log line, with the same event name and fields as the worker's line for
@@ -632,6 +680,17 @@ impl Session {
     /// Where the session is.
     pub fn phase(&self) -> Phase {
         self.phase
+    }
+
+    /// Where the session was when it closed, or is if it has not: for the session's log line,
+    /// where a client that vanished in the middle of a message (Postfix's "lost connection
+    /// after DATA") is worth telling from one that left between transactions.
+    pub fn phase_at_end(&self) -> Phase {
+        if self.phase == Phase::Closed {
+            self.closed_in
+        } else {
+            self.phase
+        }
     }
 
     /// In DATA, with a body that is being kept (not known to be rejected): the body bytes held
@@ -1584,6 +1643,44 @@ mod tests {
         assert_eq!(s.phase(), Phase::Closed);
         // Only the HELO name is left, kept for the session-end log line.
         assert_eq!(s.heap_bytes(), 1);
+    }
+
+    /// The session's log line says where a session was when it ended: the phase it was in, not
+    /// `closed`, whatever closed it.
+    #[test]
+    fn phase_at_end_is_where_the_session_was_when_it_closed() {
+        let new = || Session::new(Arc::new(cfg()), PEER.parse().unwrap());
+        let mut out = Vec::new();
+        // Still open (the peer went away): the current phase.
+        let mut s = new();
+        s.feed(
+            b"EHLO x\r\nMAIL FROM:<a@b>\r\nRCPT TO:<x@y>\r\nDATA\r\npart of a bo",
+            &mut out,
+        );
+        assert_eq!(s.phase_at_end(), Phase::Data);
+        // Closed by the idle timer in the middle of a message.
+        s.on_idle_timeout(&mut out);
+        assert_eq!((s.phase(), s.phase_at_end()), (Phase::Closed, Phase::Data));
+        // QUIT between transactions, and QUIT before any greeting.
+        let mut s = new();
+        s.feed(b"EHLO x\r\nQUIT\r\n", &mut out);
+        assert_eq!((s.phase(), s.phase_at_end()), (Phase::Closed, Phase::Ready));
+        let mut s = new();
+        s.feed(b"QUIT\r\n", &mut out);
+        assert_eq!(s.phase_at_end(), Phase::Connected);
+        // The error limit inside a transaction; a later close changes nothing.
+        let mut s = new();
+        s.feed(b"EHLO x\r\nMAIL FROM:<a@b>\r\n", &mut out);
+        for _ in 0..10 {
+            s.feed(b"BOGUS\r\n", &mut out);
+        }
+        assert_eq!(
+            (s.phase(), s.phase_at_end()),
+            (Phase::Closed, Phase::Transaction)
+        );
+        s.on_idle_timeout(&mut out);
+        assert!(s.on_shutdown(&mut out, true));
+        assert_eq!(s.phase_at_end(), Phase::Transaction);
     }
 
     #[test]

@@ -2222,6 +2222,72 @@ fn max_session_time_ends_even_a_busy_session() {
     );
 }
 
+/// The `INFO` lines of one event (`message`, `recipient`, `session end`) in a server's log.
+fn log_lines<'a>(log: &'a str, event: &str) -> Vec<&'a str> {
+    let tag = format!(" INFO {event} ");
+    log.lines().filter(|l| l.contains(&tag)).collect()
+}
+
+/// A refused recipient gets a line of its own (a transaction whose recipients were all refused
+/// has no message line), the 452s past `--max-recipients` one line a transaction, and the
+/// session end says in which phase a client vanished.
+#[test]
+fn refused_recipients_and_the_phase_of_a_lost_session_are_logged() {
+    let mut server = Server::start(&["--accept-domain", "example.com", "--max-recipients", "2"]);
+    let mut c = server.connect();
+    c.expect(&format!("EHLO {HELO}"), 250);
+    c.expect("MAIL FROM:<alice@example.org>", 250);
+    c.expect("RCPT TO:<bob@elsewhere.example>", 550);
+    c.expect("RCPT TO:<a@example.com>", 250);
+    c.expect("RCPT TO:<b@example.com>", 250);
+    c.expect("RCPT TO:<c@example.com>", 452);
+    c.expect("RCPT TO:<d@example.com>", 452);
+    c.expect("DATA", 354);
+    c.send(b"Subject: two of four\r\n\r\nhello\r\n.\r\n");
+    assert!(c.reply().starts_with("250"));
+    c.expect("QUIT", 221);
+    let mut lost = server.connect();
+    lost.expect(&format!("EHLO {HELO}"), 250);
+    open_data(&mut lost, "mallory@example.org", &["a@example.com"]);
+    lost.send(b"Subject: cut off\r\n\r\nhalf a li");
+    drop(lost);
+    std::thread::sleep(Duration::from_millis(200));
+    server.signal(libc::SIGTERM);
+    assert!(server.wait_exit(Duration::from_secs(10)).is_some());
+    let log = server.log_text();
+    let refused = log_lines(&log, "recipient");
+    assert_eq!(refused.len(), 2, "{log}");
+    assert!(
+        refused[0].ends_with(
+            "client=127.0.0.1 from=alice@example.org to=bob@elsewhere.example \
+             result=\"rejected: domain not accepted here (--accept-domain)\""
+        ),
+        "{}",
+        refused[0]
+    );
+    assert!(
+        refused[1].contains(" from=alice@example.org to=c@example.com ")
+            && refused[1].contains("rejected: too many recipients"),
+        "{}",
+        refused[1]
+    );
+    let ends = log_lines(&log, "session end");
+    // The harness's readiness probe, ours, the lost one (in any order of workers).
+    assert_eq!(ends.len(), 3, "{log}");
+    assert_eq!(
+        ends.iter()
+            .filter(|l| l.ends_with("phase=\"data\" result=\"peer closed\""))
+            .count(),
+        1,
+        "{log}"
+    );
+    assert!(
+        ends.iter().any(|l| l.contains(" messages=1 ")
+            && l.ends_with("phase=\"ready\" result=\"closed\"")),
+        "{log}"
+    );
+}
+
 /// Operators read one line per transaction, accepted or refused, with the same event name and
 /// fields (queue id where there is one, client, sender, recipients, size, result), and one line
 /// per session end.
@@ -2246,10 +2312,7 @@ fn every_transaction_and_session_end_gets_one_log_line_with_the_same_fields() {
     server.signal(libc::SIGTERM);
     assert!(server.wait_exit(Duration::from_secs(10)).is_some());
     let log = server.log_text();
-    let lines: Vec<&str> = log
-        .lines()
-        .filter(|l| l.contains(" INFO message "))
-        .collect();
+    let lines = log_lines(&log, "message");
     assert_eq!(lines.len(), 3, "one line per transaction:\n{log}");
     let stored = format!(
         "queue_id={qid} client=127.0.0.1 from=alice@example.org to=[\"bob@example.com\"] \
@@ -2274,10 +2337,7 @@ fn every_transaction_and_session_end_gets_one_log_line_with_the_same_fields() {
         lines[2]
     );
     // Two sessions: the harness's readiness probe (it waits for a greeting), then ours.
-    let ends: Vec<&str> = log
-        .lines()
-        .filter(|l| l.contains(" INFO session end "))
-        .collect();
+    let ends = log_lines(&log, "session end");
     assert_eq!(ends.len(), 2, "{log}");
     assert!(
         ends[1].contains("client=127.0.0.1 ")
