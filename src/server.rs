@@ -4,9 +4,9 @@
 //! Start-up order, so that every failure is one clear line before any worker runs: probe
 //! io_uring, recover and open the store, bind every listener (all workers' SO_REUSEPORT
 //! sockets), block SIGTERM/SIGINT/SIGHUP, then spawn the workers. A signal thread waits for
-//! SIGTERM/SIGINT (logging and ignoring SIGHUP, see `wait_for_stop`), marks the shutdown in the workers' shared state (so that no worker greets a
-//! connection accepted after the signal) and wakes every worker through its eventfd (read through
-//! the worker's ring);
+//! SIGTERM/SIGINT (logging and ignoring SIGHUP, see `wait_for_stop`), marks the shutdown in the
+//! workers' shared state (so that no worker greets a connection accepted after the signal) and
+//! wakes every worker through its eventfd (read through the worker's ring);
 //! each worker then closes its listeners, says 421 to idle sessions, lets sessions in DATA finish
 //! within --shutdown-grace, and exits once its last connection is closed. `run` returns when all
 //! workers have.

@@ -33,8 +33,9 @@
 //! - Bytes that arrive after an accepted DATA in the same read are message data; after a refused
 //!   DATA they are commands.
 //! - Rejected transactions (bare CR/LF, too big, declared SIZE too big) and refused recipients
-//!   are logged here with `tracing::info!`; accepted messages and session ends are logged by the worker, which knows
-//!   the queue id (`take_message`'s envelope, `stats`, `helo`, `improper_pipelining`).
+//!   are logged here with `tracing::info!`; accepted messages and session ends are logged by the
+//!   worker, which knows the queue id (`take_message`'s envelope, `stats`, `helo`,
+//!   `improper_pipelining`, `phase_at_end`).
 use std::net::SocketAddr;
 use std::sync::Arc;
 
