@@ -1423,17 +1423,15 @@ impl Worker {
             if conn.closing {
                 continue;
             }
-            let mut writes = Vec::new();
-            queue_held_body(
+            // The writes go to the ring with every other op in `flush_dirty`, right after.
+            if queue_held_body(
                 conn,
                 &mut self.commits,
-                &mut writes,
+                &mut self.to_push,
                 &mut self.spills,
                 &mut self.report.metrics,
-            );
-            self.report.metrics.spill_idle_writes += 1;
-            for (token, op) in writes {
-                self.ring.push(token, op);
+            ) {
+                self.report.metrics.spill_idle_writes += 1;
             }
         }
     }
@@ -2257,21 +2255,22 @@ fn spill(
 
 /// Queues what the session holds of a body that is being written while it arrives (see
 /// `spill`), and writes it unless the limits say wait: then the connection's input waits.
+/// False when the body has no file entry to queue to (nothing was taken).
 fn queue_held_body(
     conn: &mut Conn,
     commits: &mut Slab<CommitEntry>,
     to_push: &mut Vec<(Token, Op)>,
     spills: &mut Spills,
     metrics: &mut Metrics,
-) {
+) -> bool {
     let Some((e, generation)) = conn.spill else {
-        return;
+        return false;
     };
     let Some(entry) = commits.get_mut(e, generation) else {
-        return;
+        return false;
     };
     let Some(s) = entry.spill.as_mut() else {
-        return;
+        return false;
     };
     let body = conn.session.take_body(Vec::new());
     if s.queue.is_empty() {
@@ -2288,6 +2287,7 @@ fn queue_held_body(
     // `pending`, which would copy it again at each wait of the feed.
     let queue_full = s.queue.len() >= SPILL_IN_FLIGHT && crate::ring::recv_multi_cap() > 0;
     conn.spill_wait = !drained && (entry.fd >= 0 || queue_full);
+    true
 }
 
 /// Marks a body being written while it arrived as not to be stored; `Worker::spill_step`
