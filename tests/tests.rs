@@ -5,6 +5,7 @@ mod common;
 mod fuzz_corpus;
 mod hardening;
 mod hardening_long;
+mod interop;
 mod prop;
 mod smtp;
 mod transcripts;
