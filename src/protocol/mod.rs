@@ -6,6 +6,8 @@
 //! - [`data`]: the DATA scanner (end of data, dot-unstuffing, size, bare CR/LF policy).
 //! - [`reply`]: reply codes and prebuilt lines.
 //! - [`session`]: the state machine the worker drives.
+//! - [`proxy`]: the PROXY protocol header a load balancer in front sends first
+//!   (`--proxy-protocol`).
 //!
 //! Implemented:
 //! - RFC 5321 (SMTP) sections 3 and 4: EHLO, HELO, MAIL, RCPT, DATA, RSET, NOOP, QUIT, HELP;
@@ -31,6 +33,7 @@
 
 pub mod data;
 pub mod parse;
+pub mod proxy;
 pub mod reply;
 pub mod session;
 

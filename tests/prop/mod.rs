@@ -597,3 +597,53 @@ proptest! {
         }
     }
 }
+
+/// A version 1 PROXY header for a random TCP4 or TCP6 client, and that client.
+fn proxy_v1_case() -> impl Strategy<Value = (String, std::net::SocketAddr)> {
+    (any::<bool>(), any::<[u8; 16]>(), any::<u16>()).prop_map(|(six, bytes, port)| {
+        let ip: std::net::IpAddr = if six {
+            std::net::Ipv6Addr::from(bytes).into()
+        } else {
+            std::net::Ipv4Addr::new(bytes[0], bytes[1], bytes[2], bytes[3]).into()
+        };
+        let (proto, dst) = if six {
+            ("TCP6", "2001:db8::25")
+        } else {
+            ("TCP4", "10.0.0.25")
+        };
+        (
+            format!("PROXY {proto} {ip} {dst} {port} 25\r\n"),
+            std::net::SocketAddr::new(ip, port),
+        )
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 512, failure_persistence: None, ..ProptestConfig::default() })]
+
+    /// Whatever a connection sends first, the PROXY header parser answers without panicking,
+    /// never claims more bytes than it was given, and never waits past its limit.
+    #[test]
+    fn proxy_header_any_bytes(input in prop::collection::vec(any::<u8>(), 0..1200), sig in any::<bool>()) {
+        use ringmx::protocol::proxy::{parse, Header, HEADER_BYTES_MAX};
+        // Half the cases start like a version 2 header, so the binary parser gets exercised.
+        let input = if sig { [&b"\r\n\r\n\0\r\nQUIT\n"[..], &input].concat() } else { input };
+        match parse(&input) {
+            Header::Done { len, .. } => prop_assert!(len <= input.len()),
+            Header::Incomplete => prop_assert!(input.len() < HEADER_BYTES_MAX),
+            Header::Invalid(why) => prop_assert!(!why.is_empty()),
+        }
+    }
+
+    /// A version 1 header followed by anything names its client and ends where it ends; every
+    /// cut of it waits for more.
+    #[test]
+    fn proxy_header_v1_round_trip((header, client) in proxy_v1_case(), rest in prop::collection::vec(any::<u8>(), 0..64)) {
+        use ringmx::protocol::proxy::{parse, Header, Origin};
+        let input = [header.as_bytes(), &rest].concat();
+        prop_assert_eq!(parse(&input), Header::Done { origin: Origin::Client(client), len: header.len() });
+        for cut in 0..header.len() {
+            prop_assert_eq!(parse(&input[..cut]), Header::Incomplete, "cut at {}", cut);
+        }
+    }
+}
