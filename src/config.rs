@@ -73,6 +73,9 @@ pub struct Config {
     /// Group commit: one syncfs of the Maildir's file system per batch instead of one fsync
     /// per message file (see `--batch-syncfs`).
     pub batch_syncfs: bool,
+    /// Every connection begins with a PROXY protocol header naming the client
+    /// (`--proxy-protocol`).
+    pub proxy_protocol: bool,
     /// Longest a busy worker holds its log lines before writing them (0: every loop turn).
     pub log_flush: Duration,
     /// Longest command line, CRLF included (RFC 5321 4.5.3.1.4: 512).
@@ -149,6 +152,8 @@ Flags of `ringmx serve` (details: `ringmx serve --help`):
   --shutdown-grace SECS       default 30; time for messages in progress at SIGTERM/SIGINT
   --batch-syncfs              one syncfs per commit batch instead of one fsync per message
                               (fewer disk writes; give the Maildir its own file system)
+  --proxy-protocol            connections begin with a PROXY header (v1/v2) from a load
+                              balancer, which names the client; only behind one
   --log-flush-ms MS           default 20; longest a busy worker holds log lines (0: every turn)
   --log-level FILTER          e.g. info, debug, ringmx=trace; default: RUST_LOG, else info";
 
@@ -309,6 +314,14 @@ pub struct ServeArgs {
     #[arg(long)]
     pub batch_syncfs: bool,
 
+    /// Every connection begins with a PROXY protocol header (HAProxy's, version 1 or 2) from a
+    /// load balancer in front of ringmx: the client it names is the one greeted, logged, written
+    /// into Received: and counted against --max-connections-per-ip. A connection without a
+    /// valid header within 5 s is closed without a reply. Only for listen addresses that nothing
+    /// but the load balancer can reach: whoever connects can claim any address. Default: off.
+    #[arg(long)]
+    pub proxy_protocol: bool,
+
     /// Longest a busy worker holds its log lines before writing them, in milliseconds; 0 writes
     /// them at the end of every loop turn. Default: 20.
     #[arg(long, value_name = "MS")]
@@ -341,6 +354,7 @@ struct FileConfig {
     line_bytes_max: Option<usize>,
     spill_in_flight_max: Option<usize>,
     batch_syncfs: Option<bool>,
+    proxy_protocol: Option<bool>,
     log_flush_ms: Option<u64>,
 }
 
@@ -389,7 +403,7 @@ impl FileConfig {
 }
 
 /// Every key the config file accepts, for suggestions.
-const FILE_KEYS: [&str; 23] = [
+const FILE_KEYS: [&str; 24] = [
     "listen",
     "workers",
     "hostname",
@@ -412,6 +426,7 @@ const FILE_KEYS: [&str; 23] = [
     "line-bytes-max",
     "spill-in-flight-max",
     "batch-syncfs",
+    "proxy-protocol",
     "log-flush-ms",
 ];
 
@@ -812,6 +827,7 @@ impl Config {
             batch_messages_max,
             batch_delay_us_max,
             batch_syncfs: args.batch_syncfs || file.batch_syncfs.unwrap_or(false),
+            proxy_protocol: args.proxy_protocol || file.proxy_protocol.unwrap_or(false),
             log_flush: Duration::from_millis(log_flush_ms),
             line_bytes_max,
             spill_in_flight_max,

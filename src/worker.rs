@@ -81,6 +81,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use crate::config::Config;
 use crate::metrics::Metrics;
+use crate::protocol::proxy::{self, Origin};
 use crate::protocol::{CommitResult, Envelope, Feed, Phase, Session};
 use crate::ring::slab::Slab;
 use crate::ring::{
@@ -132,6 +133,9 @@ const STARVED_WARN_EVERY: Duration = Duration::from_secs(60);
 const TICK: Duration = Duration::from_millis(250);
 /// A closing connection whose last send does not finish in this time is cut.
 const CLOSE_LINGER: Duration = Duration::from_secs(10);
+/// `--proxy-protocol`: how long a new connection has to send its PROXY header (Postfix's
+/// `smtpd_upstream_proxy_timeout` is the same).
+const PROXY_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 
 // Token kinds.
 const K_ACCEPT: u8 = 1;
@@ -378,6 +382,9 @@ struct Conn {
     fin_with_reply: bool,
     closing_since: Option<Instant>,
     close_pushed: bool,
+    /// `--proxy-protocol`: the header naming the client has not come yet. Its bytes gather in
+    /// `pending`; the session is not greeted, admitted or counted until it is whole.
+    proxy_wait: bool,
     /// Got a session (passed the connection limits): logged and counted at its end.
     admitted: bool,
     /// Still holds its place in the global and per-IP counts. Given back as soon as the
@@ -833,15 +840,11 @@ impl Worker {
         }
         let now = Instant::now();
         let (slot, generation) = self.conns.vacant();
-        let mut session = Session::new(self.cfg.session.clone(), peer);
-        session.set_line_bytes_max(self.cfg.line_bytes_max);
-        // The discard store only counts bodies: scan them in place, never copy them.
-        session.set_keep_body(!matches!(self.store, Store::Discard(_)));
         let mut conn = Conn {
             fd,
             generation,
             peer,
-            session,
+            session: new_session(&self.cfg, &self.store, peer),
             out: Vec::new(),
             spare: Vec::new(),
             send_id: None,
@@ -856,6 +859,7 @@ impl Worker {
             fin_with_reply: false,
             closing_since: None,
             close_pushed: false,
+            proxy_wait: false,
             admitted: false,
             holds_slot: false,
             reason: EndReason::Quit,
@@ -865,44 +869,22 @@ impl Worker {
             spill: None,
             spill_wait: false,
         };
-        let host = &self.cfg.session.hostname;
-        if self.shutting_down {
+        let wants_input = if self.shutting_down {
+            let host = &self.cfg.session.hostname;
             conn.out.extend_from_slice(
                 format!("421 4.3.2 {host} Service shutting down\r\n").as_bytes(),
             );
             conn.reason = EndReason::Shutdown;
             conn.closing = true;
-        } else if let Err(full) = self.shared.admit(peer.ip()) {
-            self.report.metrics.connections_refused += 1;
-            // The reply says which limit, as Postfix's does, so that whoever drives a load
-            // test from one address sees why (the log also names the flag).
-            let reply = match full {
-                Full::Total => {
-                    tracing::info!(
-                        client = %peer.ip(),
-                        limit = self.cfg.connections_max,
-                        "refused: too many connections (--max-connections)"
-                    );
-                    format!("421 4.7.0 {host} Error: too many connections; try again later\r\n")
-                }
-                Full::Client(net) => {
-                    tracing::info!(
-                        client = %peer.ip(),
-                        network = %net,
-                        limit = self.cfg.connections_per_ip_max,
-                        "refused: too many connections from this client (--max-connections-per-ip)"
-                    );
-                    format!("421 4.7.0 {host} Error: too many connections from {net}\r\n")
-                }
-            };
-            conn.out.extend_from_slice(reply.as_bytes());
-            conn.reason = EndReason::TooMany;
-            conn.closing = true;
+            false
+        } else if self.cfg.proxy_protocol {
+            // Who the client is comes first, in the header (`take_proxy_header`).
+            conn.proxy_wait = true;
+            true
         } else {
-            conn.admitted = true;
-            conn.holds_slot = true;
-            self.report.metrics.connections_accepted += 1;
-            conn.session.greet(&mut conn.out);
+            admit_session(&mut conn, &self.shared, &self.cfg, &mut self.report.metrics)
+        };
+        if wants_input {
             conn.recv_id = Some(
                 self.ring
                     .push(Token::new(K_RECV, slot, generation), Op::recv_multi(fd)),
@@ -947,7 +929,8 @@ impl Worker {
                 } else {
                     let data = self.ring.buf(bid, len);
                     let replies_before = conn.out.len();
-                    if conn.committing
+                    if conn.proxy_wait
+                        || conn.committing
                         || conn.spill_wait
                         || !conn.pending.is_empty()
                         || conn.out.len() > OUT_CAP
@@ -984,6 +967,10 @@ impl Worker {
             }
             RecvOutcome::Eof => {
                 conn.eof = true;
+                if conn.proxy_wait {
+                    // Gone before its header was whole: there is no session to answer.
+                    conn.end_session(EndReason::PeerClosed);
+                }
                 conn.close_if_eof_answered();
             }
             // Out of buffers: re-armed in turn by `rearm_starved`. Interrupted, or cancelled
@@ -1023,7 +1010,51 @@ impl Worker {
                 );
             }
         }
+        let header_came = conn.proxy_wait && !conn.closing && !conn.pending.is_empty();
         self.dirty.push((slot, generation));
+        if header_came {
+            self.take_proxy_header(slot, generation);
+        }
+    }
+
+    /// `--proxy-protocol`: looks for the PROXY header in what the connection has sent so far.
+    /// Once it is whole, the session starts as for a direct connection from the client it
+    /// names (limits, greeting), and whatever came after the header is that client's input. A
+    /// connection that sends anything else is closed without a reply, as Postfix's smtpd does,
+    /// and a line names the proxy and what was wrong.
+    fn take_proxy_header(&mut self, slot: u32, generation: u32) {
+        let Some(conn) = self.conns.get_mut(slot, generation) else {
+            return;
+        };
+        match proxy::parse(&conn.pending) {
+            proxy::Header::Incomplete => return,
+            proxy::Header::Invalid(why) => {
+                self.report.metrics.connections_refused += 1;
+                tracing::info!(
+                    proxy = %conn.peer,
+                    reason = why.as_str(),
+                    "refused: no valid PROXY protocol header (--proxy-protocol)"
+                );
+                conn.end_session(EndReason::Error);
+            }
+            proxy::Header::Done { origin, len } => {
+                conn.pending.drain(..len);
+                conn.proxy_wait = false;
+                if let Origin::Client(client) = origin {
+                    conn.peer = client;
+                    conn.session = new_session(&self.cfg, &self.store, client);
+                }
+                if self.shutting_down {
+                    // The header came after the shutdown began: the 421 alone.
+                    conn.session.on_shutdown(&mut conn.out, true);
+                    conn.end_session(EndReason::Shutdown);
+                } else {
+                    admit_session(conn, &self.shared, &self.cfg, &mut self.report.metrics);
+                }
+            }
+        }
+        // Input that followed the header (a client that spoke before the greeting).
+        self.pump(slot, generation);
     }
 
     /// Re-arms the receives that ended on ENOBUFS, oldest first, at most `STARVED_REARM` per
@@ -1090,6 +1121,7 @@ impl Worker {
             return;
         };
         if !conn.closing
+            && !conn.proxy_wait
             && !conn.committing
             && !conn.spill_wait
             && !conn.pending.is_empty()
@@ -1388,6 +1420,19 @@ impl Worker {
                             Op::Cancel { target: id },
                         );
                     }
+                }
+                continue;
+            }
+            if conn.proxy_wait {
+                if now.duration_since(conn.started) >= PROXY_HEADER_TIMEOUT {
+                    self.report.metrics.connections_refused += 1;
+                    tracing::info!(
+                        proxy = %conn.peer,
+                        "refused: no PROXY protocol header within {} s (--proxy-protocol)",
+                        PROXY_HEADER_TIMEOUT.as_secs()
+                    );
+                    conn.end_session(EndReason::Timeout);
+                    touched.push((slot, conn.generation));
                 }
                 continue;
             }
@@ -1966,6 +2011,60 @@ impl Worker {
         let path = entry.tmp_path.clone();
         self.ring
             .push(Token::new(K_COMMIT, e, generation), Op::UnlinkAt { path });
+    }
+}
+
+/// A session for a connection from `peer`, set up as the config and the store want it.
+fn new_session(cfg: &Config, store: &Store, peer: SocketAddr) -> Session {
+    let mut session = Session::new(cfg.session.clone(), peer);
+    session.set_line_bytes_max(cfg.line_bytes_max);
+    // The discard store only counts bodies: scan them in place, never copy them.
+    session.set_keep_body(!matches!(store, Store::Discard(_)));
+    session
+}
+
+/// Counts a new connection against `--max-connections` and `--max-connections-per-ip`: within
+/// them, greets it and says true (it is to be read from); over one, queues the 421 naming the
+/// limit and marks it closing.
+fn admit_session(conn: &mut Conn, shared: &Shared, cfg: &Config, metrics: &mut Metrics) -> bool {
+    let host = &cfg.session.hostname;
+    let peer = conn.peer;
+    match shared.admit(peer.ip()) {
+        Ok(()) => {
+            conn.admitted = true;
+            conn.holds_slot = true;
+            metrics.connections_accepted += 1;
+            conn.session.greet(&mut conn.out);
+            true
+        }
+        Err(full) => {
+            metrics.connections_refused += 1;
+            // The reply says which limit, as Postfix's does, so that whoever drives a load
+            // test from one address sees why (the log also names the flag).
+            let reply = match full {
+                Full::Total => {
+                    tracing::info!(
+                        client = %peer.ip(),
+                        limit = cfg.connections_max,
+                        "refused: too many connections (--max-connections)"
+                    );
+                    format!("421 4.7.0 {host} Error: too many connections; try again later\r\n")
+                }
+                Full::Client(net) => {
+                    tracing::info!(
+                        client = %peer.ip(),
+                        network = %net,
+                        limit = cfg.connections_per_ip_max,
+                        "refused: too many connections from this client (--max-connections-per-ip)"
+                    );
+                    format!("421 4.7.0 {host} Error: too many connections from {net}\r\n")
+                }
+            };
+            conn.out.extend_from_slice(reply.as_bytes());
+            conn.reason = EndReason::TooMany;
+            conn.closing = true;
+            false
+        }
     }
 }
 

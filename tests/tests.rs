@@ -7,5 +7,6 @@ mod hardening;
 mod hardening_long;
 mod interop;
 mod prop;
+mod proxy;
 mod smtp;
 mod transcripts;

@@ -87,6 +87,10 @@ impl Server {
             }
             if let Ok(mut s) = TcpStream::connect(addr) {
                 s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                if extra.contains(&"--proxy-protocol") {
+                    // The greeting waits for the load balancer's header.
+                    let _ = s.write_all(b"PROXY UNKNOWN\r\n");
+                }
                 let mut buf = [0u8; 512];
                 if let Ok(n) = s.read(&mut buf) {
                     if n > 0 && buf.starts_with(b"220") {
@@ -185,10 +189,17 @@ pub struct Client {
 
 impl Client {
     pub fn connect(addr: SocketAddr) -> Client {
-        let stream = TcpStream::connect(addr).unwrap();
+        Client::connect_sending(addr, b"")
+    }
+
+    /// Connects, sends `first` before anything else (a load balancer's PROXY header), then
+    /// reads the greeting.
+    pub fn connect_sending(addr: SocketAddr, first: &[u8]) -> Client {
+        let mut stream = TcpStream::connect(addr).unwrap();
         stream
             .set_read_timeout(Some(Duration::from_secs(10)))
             .unwrap();
+        stream.write_all(first).unwrap();
         let reader = BufReader::new(stream.try_clone().unwrap());
         let mut c = Client {
             reader,
