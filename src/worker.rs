@@ -184,20 +184,35 @@ impl Shared {
 
     /// Takes a connection slot for `ip`, or says which limit is full.
     fn admit(&self, ip: IpAddr) -> Result<(), Full> {
+        self.admit_total()?;
+        self.admit_client(ip).inspect_err(|_| self.release_total())
+    }
+
+    /// Takes a place in the count of all connections (`--max-connections`) only.
+    fn admit_total(&self) -> Result<(), Full> {
         let n = self.connections.fetch_add(1, Ordering::Relaxed) + 1;
         if n > self.cfg.connections_max {
             self.connections.fetch_sub(1, Ordering::Relaxed);
             return Err(Full::Total);
         }
-        if !self.per_ip.acquire(ip, self.cfg.connections_per_ip_max) {
-            self.connections.fetch_sub(1, Ordering::Relaxed);
-            return Err(Full::Client(self.per_ip.network(ip)));
-        }
         Ok(())
+    }
+
+    /// Takes a place in the count of `ip`'s network (`--max-connections-per-ip`) only.
+    fn admit_client(&self, ip: IpAddr) -> Result<(), Full> {
+        if self.per_ip.acquire(ip, self.cfg.connections_per_ip_max) {
+            Ok(())
+        } else {
+            Err(Full::Client(self.per_ip.network(ip)))
+        }
     }
 
     fn release(&self, ip: IpAddr) {
         self.per_ip.release(ip);
+        self.release_total();
+    }
+
+    fn release_total(&self) {
         self.connections.fetch_sub(1, Ordering::Relaxed);
     }
 }
@@ -383,7 +398,8 @@ struct Conn {
     closing_since: Option<Instant>,
     close_pushed: bool,
     /// `--proxy-protocol`: the header naming the client has not come yet. Its bytes gather in
-    /// `pending`; the session is not greeted, admitted or counted until it is whole.
+    /// `pending`; until it is whole the session is not greeted or admitted, and the connection
+    /// counts only against `--max-connections` (`holds_total`).
     proxy_wait: bool,
     /// Got a session (passed the connection limits): logged and counted at its end.
     admitted: bool,
@@ -391,6 +407,9 @@ struct Conn {
     /// connection starts closing, before its last reply goes out: a client that reconnects the
     /// moment it reads 221 must not find its own old connection still counted.
     holds_slot: bool,
+    /// Holds a place in the count of all connections only: a `--proxy-protocol` connection
+    /// waiting for its header, before the client it names is counted too.
+    holds_total: bool,
     reason: EndReason,
     /// When the client last made progress (see `TRICKLE_BYTES`); the idle timer runs from here.
     last_active: Instant,
@@ -862,6 +881,7 @@ impl Worker {
             proxy_wait: false,
             admitted: false,
             holds_slot: false,
+            holds_total: false,
             reason: EndReason::Quit,
             last_active: now,
             trickle: 0,
@@ -878,9 +898,19 @@ impl Worker {
             conn.closing = true;
             false
         } else if self.cfg.proxy_protocol {
-            // Who the client is comes first, in the header (`take_proxy_header`).
-            conn.proxy_wait = true;
-            true
+            // Who the client is comes first, in the header (`take_proxy_header`); meanwhile
+            // the connection counts against --max-connections.
+            match self.shared.admit_total() {
+                Ok(()) => {
+                    conn.holds_total = true;
+                    conn.proxy_wait = true;
+                    true
+                }
+                Err(full) => {
+                    refuse(&mut conn, full, &self.cfg, &mut self.report.metrics);
+                    false
+                }
+            }
         } else {
             admit_session(&mut conn, &self.shared, &self.cfg, &mut self.report.metrics)
         };
@@ -1200,6 +1230,10 @@ impl Worker {
             conn.holds_slot = false;
             self.shared.release(conn.peer.ip());
         }
+        if conn.closing && conn.holds_total {
+            conn.holds_total = false;
+            self.shared.release_total();
+        }
         if conn.send_id.is_none() && !conn.out.is_empty() && conn.reason != EndReason::Reset {
             let mut buf = std::mem::take(&mut conn.spare);
             std::mem::swap(&mut buf, &mut conn.out);
@@ -1318,6 +1352,9 @@ impl Worker {
         }
         if conn.holds_slot {
             self.shared.release(conn.peer.ip());
+        }
+        if conn.holds_total {
+            self.shared.release_total();
         }
         if conn.admitted {
             let stats = conn.session.stats();
@@ -2027,9 +2064,17 @@ fn new_session(cfg: &Config, store: &Store, peer: SocketAddr) -> Session {
 /// them, greets it and says true (it is to be read from); over one, queues the 421 naming the
 /// limit and marks it closing.
 fn admit_session(conn: &mut Conn, shared: &Shared, cfg: &Config, metrics: &mut Metrics) -> bool {
-    let host = &cfg.session.hostname;
-    let peer = conn.peer;
-    match shared.admit(peer.ip()) {
+    let ip = conn.peer.ip();
+    let admitted = if conn.holds_total {
+        // A proxied connection, counted in the total since its accept.
+        conn.holds_total = false;
+        shared
+            .admit_client(ip)
+            .inspect_err(|_| shared.release_total())
+    } else {
+        shared.admit(ip)
+    };
+    match admitted {
         Ok(()) => {
             conn.admitted = true;
             conn.holds_slot = true;
@@ -2038,34 +2083,41 @@ fn admit_session(conn: &mut Conn, shared: &Shared, cfg: &Config, metrics: &mut M
             true
         }
         Err(full) => {
-            metrics.connections_refused += 1;
-            // The reply says which limit, as Postfix's does, so that whoever drives a load
-            // test from one address sees why (the log also names the flag).
-            let reply = match full {
-                Full::Total => {
-                    tracing::info!(
-                        client = %peer.ip(),
-                        limit = cfg.connections_max,
-                        "refused: too many connections (--max-connections)"
-                    );
-                    format!("421 4.7.0 {host} Error: too many connections; try again later\r\n")
-                }
-                Full::Client(net) => {
-                    tracing::info!(
-                        client = %peer.ip(),
-                        network = %net,
-                        limit = cfg.connections_per_ip_max,
-                        "refused: too many connections from this client (--max-connections-per-ip)"
-                    );
-                    format!("421 4.7.0 {host} Error: too many connections from {net}\r\n")
-                }
-            };
-            conn.out.extend_from_slice(reply.as_bytes());
-            conn.reason = EndReason::TooMany;
-            conn.closing = true;
+            refuse(conn, full, cfg, metrics);
             false
         }
     }
+}
+
+/// Queues the 421 that names the connection limit `full` and marks the connection closing.
+fn refuse(conn: &mut Conn, full: Full, cfg: &Config, metrics: &mut Metrics) {
+    let host = &cfg.session.hostname;
+    let client = conn.peer.ip();
+    metrics.connections_refused += 1;
+    // The reply says which limit, as Postfix's does, so that whoever drives a load test from
+    // one address sees why (the log also names the flag).
+    let reply = match full {
+        Full::Total => {
+            tracing::info!(
+                client = %client,
+                limit = cfg.connections_max,
+                "refused: too many connections (--max-connections)"
+            );
+            format!("421 4.7.0 {host} Error: too many connections; try again later\r\n")
+        }
+        Full::Client(net) => {
+            tracing::info!(
+                client = %client,
+                network = %net,
+                limit = cfg.connections_per_ip_max,
+                "refused: too many connections from this client (--max-connections-per-ip)"
+            );
+            format!("421 4.7.0 {host} Error: too many connections from {net}\r\n")
+        }
+    };
+    conn.out.extend_from_slice(reply.as_bytes());
+    conn.reason = EndReason::TooMany;
+    conn.closing = true;
 }
 
 fn unreachable_op(op: &Op) -> ! {

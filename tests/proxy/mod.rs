@@ -188,3 +188,32 @@ fn a_connection_without_a_valid_header_gets_no_reply_and_is_closed() {
         "{log}"
     );
 }
+
+#[test]
+fn connections_waiting_for_a_header_count_against_max_connections() {
+    let server = Server::start(&["--proxy-protocol", "--max-connections", "2"]);
+    // Two connections that say nothing take both places.
+    let mut silent: Vec<TcpStream> = (0..2)
+        .map(|_| TcpStream::connect(server.addr).unwrap())
+        .collect();
+    // Let the server accept them before the third arrives.
+    std::thread::sleep(Duration::from_millis(300));
+    let mut third = TcpStream::connect(server.addr).unwrap();
+    let reply = read_until_closed(&mut third, Duration::from_secs(5));
+    assert!(
+        String::from_utf8_lossy(&reply).starts_with("421 4.7.0 ")
+            && String::from_utf8_lossy(&reply).contains("too many connections; try again later"),
+        "{reply:?}"
+    );
+    // One of them leaves: its place is free again for a proxied client.
+    drop(silent.pop());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let c = through_proxy(server.addr, b"PROXY TCP4 192.0.2.7 10.0.0.25 40000 25\r\n");
+        if c.greeting.starts_with("220 ") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "still refused: {}", c.greeting);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
