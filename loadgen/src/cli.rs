@@ -50,6 +50,11 @@ pub struct Cli {
     /// Send MAIL, the RCPTs and DATA in one write when the server offers PIPELINING.
     #[arg(long)]
     pub pipelining: bool,
+    /// Begin every connection with a PROXY protocol header (HAProxy's, version 1 text or 2
+    /// binary) naming the connection's own address as the client, as a load balancer in front
+    /// of the server would; for a server that expects one (ringmx serve --proxy-protocol).
+    #[arg(long, value_name = "VERSION", value_parser = ["v1", "v2"])]
+    pub proxy_protocol: Option<String>,
     /// EHLO name. Placeholders in braces, as in the defaults below: n = session number.
     #[arg(long, value_name = "NAME", default_value = "loadgen.example")]
     pub helo: String,
@@ -131,6 +136,15 @@ pub struct Config {
     pub open_slots: usize,
     pub batch_pct: f64,
     pub spin: bool,
+    /// Send a PROXY protocol header of this version first on every connection.
+    pub proxy: Option<ProxyVersion>,
+}
+
+/// The version of the PROXY protocol header sent with `--proxy-protocol`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProxyVersion {
+    V1,
+    V2,
 }
 
 fn secs(flag: &str, v: f64, allow_zero: bool) -> Result<Duration> {
@@ -239,6 +253,10 @@ impl Config {
             // A spinning thread sees every completion at once: there is no wait to batch.
             batch_pct: if cli.spin { 0.0 } else { cli.batch },
             spin: cli.spin,
+            proxy: cli.proxy_protocol.as_deref().map(|v| match v {
+                "v1" => ProxyVersion::V1,
+                _ => ProxyVersion::V2,
+            }),
         })
     }
 }

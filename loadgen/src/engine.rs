@@ -53,6 +53,8 @@ pub struct RunConfig {
     pub batch_pct: f64,
     /// Busy-poll the ring instead of sleeping (`--spin`).
     pub spin: bool,
+    /// Send a PROXY protocol header of this version first on every connection.
+    pub proxy: Option<crate::cli::ProxyVersion>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -424,6 +426,26 @@ impl Engine {
                     if let Some(iv) = &mut self.interval {
                         iv.phases.record(Phase::Connect, us(now - conn.start));
                     }
+                }
+                if let Some(version) = self.cfg.proxy {
+                    // As a load balancer would: the client's address first, then its session.
+                    let client = match crate::uring::local_addr(fd) {
+                        Ok(a) => a,
+                        Err(e) => {
+                            self.broken(
+                                slot,
+                                ErrorKind::from_errno(e.raw_os_error().unwrap_or(0)),
+                                now,
+                            );
+                            return Ok(());
+                        }
+                    };
+                    let cmd = self.ring.cmd_mut(slot);
+                    cmd.clear();
+                    crate::proxy::header(version, client, self.cfg.target, cmd);
+                    conn.cmd_len = cmd.len();
+                    conn.cmd_done = 0;
+                    self.ring.send_cmd(slot, gen, fd, 0)?;
                 }
                 self.ring.recv(slot, gen, fd)?;
             }

@@ -19,6 +19,7 @@ pub mod engine;
 pub mod errors;
 pub mod message;
 pub mod plot;
+pub mod proxy;
 pub mod reply;
 pub mod report;
 pub mod run;

@@ -56,11 +56,22 @@ fn preflight(cfg: &Config) -> Result<()> {
         )
     })?;
     s.set_read_timeout(Some(cfg.timeout))?;
+    // A server behind a load balancer greets only after the balancer's header.
+    let hint = match cfg.proxy {
+        Some(version) => {
+            let mut header = Vec::new();
+            crate::proxy::header(version, s.local_addr()?, cfg.target, &mut header);
+            s.write_all(&header)
+                .with_context(|| format!("{t}: sending the PROXY protocol header"))?;
+            ""
+        }
+        None => "; if it expects a PROXY protocol header first, add --proxy-protocol v1 or v2",
+    };
     let mut parser = ReplyParser::new();
     let mut buf = [0u8; 1024];
     let reply = loop {
         let n = match s.read(&mut buf) {
-            Ok(0) => bail!("{t} closed the connection without sending a greeting"),
+            Ok(0) => bail!("{t} closed the connection without sending a greeting{hint}"),
             Ok(n) => n,
             Err(e)
                 if matches!(
@@ -69,7 +80,7 @@ fn preflight(cfg: &Config) -> Result<()> {
                 ) =>
             {
                 bail!(
-                    "{t} accepted the connection but sent no greeting within {:?} (--timeout)",
+                    "{t} accepted the connection but sent no greeting within {:?} (--timeout){hint}",
                     cfg.timeout
                 )
             }
@@ -159,6 +170,7 @@ pub fn run(cfg: Config) -> Result<ExitCode> {
         open_slots: cfg.open_slots,
         batch_pct: cfg.batch_pct,
         spin: cfg.spin,
+        proxy: cfg.proxy,
     });
 
     let mut log_out = match &cfg.hdr_log {

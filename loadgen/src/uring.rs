@@ -177,6 +177,16 @@ impl Ring {
         Ok(())
     }
 
+    /// The command buffer of `slot`, to be filled before a `send_cmd` (none may be in flight).
+    pub fn cmd_mut(&mut self, slot: u32) -> &mut Vec<u8> {
+        let s = &mut self.slots[slot as usize];
+        assert!(
+            s.busy & OpKind::SendCmd.busy_bit() == 0,
+            "command buffer of slot {slot} is in flight"
+        );
+        &mut s.cmd
+    }
+
     pub fn connect(&mut self, slot: u32, gen: u16, fd: RawFd) -> io::Result<()> {
         let e = opcode::Connect::new(types::Fd(fd), self.addr.as_ptr().cast(), self.addr.len())
             .build()
@@ -409,6 +419,18 @@ pub fn reserve_fd_table(n: u64) {
             libc::close(fd);
         }
     }
+}
+
+/// The local address of the connected socket `fd`.
+pub fn local_addr(fd: RawFd) -> io::Result<std::net::SocketAddr> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: `fd` is an open socket the caller owns for the whole call; `ManuallyDrop` keeps
+    // this temporary `Socket` from closing it.
+    let socket = std::mem::ManuallyDrop::new(unsafe { socket2::Socket::from_raw_fd(fd) });
+    socket
+        .local_addr()?
+        .as_socket()
+        .ok_or_else(|| io::Error::other("the socket has no IP address"))
 }
 
 /// CPU time (user + system) used by this process so far.

@@ -541,6 +541,11 @@ impl Drop for Ringmx {
 }
 
 fn start_ringmx() -> Ringmx {
+    start_ringmx_with(&[])
+}
+
+/// Like `start_ringmx`, with `extra` flags after the usual ones.
+fn start_ringmx_with(extra: &[&str]) -> Ringmx {
     let bin = ringmx_binary();
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
@@ -558,6 +563,7 @@ fn start_ringmx() -> Ringmx {
             "--store",
         ])
         .arg(format!("maildir:{}", dir.path().join("maildir").display()))
+        .args(extra)
         .stdin(Stdio::null())
         .stdout(log.try_clone().unwrap())
         .stderr(log)
@@ -623,4 +629,49 @@ fn closed_run_against_ringmx_maildir_stores_exactly_what_was_reported_accepted()
         0,
         "nothing left half-written"
     );
+}
+
+/// Against `ringmx serve --proxy-protocol`, every session starts with the header, as behind a
+/// load balancer: all are served and stored, and the server refuses none (it would refuse every
+/// one without a header). Without the flag the generator says what to add.
+#[test]
+fn proxy_protocol_headers_are_sent_first_and_the_server_serves_every_session() {
+    let server = start_ringmx_with(&["--proxy-protocol"]);
+    for version in ["v1", "v2"] {
+        let (stdout, j) = run_report(
+            &server.addr,
+            &[
+                "--proxy-protocol",
+                version,
+                "--connections",
+                "4",
+                "--threads",
+                "1",
+                "--sessions",
+                "40",
+            ],
+        );
+        assert_eq!(
+            j["counts"]["messages_accepted"].as_u64(),
+            Some(40),
+            "{version}\n{stdout}"
+        );
+    }
+    let maildir = server.dir.path().join("maildir").join("new");
+    assert_eq!(count_files(&maildir), 80);
+
+    let o = loadgen(&[
+        "--target",
+        &server.addr,
+        "--sessions",
+        "1",
+        "--timeout",
+        "8",
+    ]);
+    let (stdout, stderr) = text(&o);
+    assert_eq!(o.status.code(), Some(1), "{stdout}\n{stderr}");
+    assert!(stderr.contains("add --proxy-protocol v1 or v2"), "{stderr}");
+    let log = std::fs::read_to_string(server.dir.path().join("server.log")).unwrap();
+    // Only the run without headers was refused (its preflight connection).
+    assert_eq!(log.matches("refused: no").count(), 1, "{log}");
 }
