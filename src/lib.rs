@@ -29,7 +29,8 @@
 //! - [`protocol`]: command parser (borrowed slices), DATA scanner (end of data, dot-unstuffing,
 //!   the bare CR/LF policy), reply texts and the [`protocol::Session`] state machine: bytes in,
 //!   replies and messages out. No I/O, no clocks; every protocol rule is tested there by
-//!   feeding bytes in arbitrary chunks.
+//!   feeding bytes in arbitrary chunks. Also the PROXY protocol header a load balancer sends
+//!   first (`--proxy-protocol`).
 //! - [`store`]: where an accepted message goes: [`store::maildir`] plans durable writes,
 //!   [`store::discard`] counts and forgets (benchmarks). Never parses SMTP.
 //! - [`ring`]: io_uring set-up, the start-up feature probe, the provided-buffer ring, ops and
