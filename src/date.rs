@@ -2,7 +2,7 @@
 //! Received: dates of stored messages (`store::maildir`): days since the epoch to a civil date.
 
 /// (year, month 1-12, day 1-31) of a day count since 1970-01-01, proleptic Gregorian.
-/// Howard Hinnant's `civil_from_days` (http://howardhinnant.github.io/date_algorithms.html).
+/// Howard Hinnant's `civil_from_days` (<http://howardhinnant.github.io/date_algorithms.html>).
 pub fn civil_from_days(days: i64) -> (i64, u32, u32) {
     let z = days + 719_468;
     let era = if z >= 0 { z } else { z - 146_096 } / 146_097;
