@@ -318,7 +318,8 @@ pub struct ServeArgs {
     /// load balancer in front of ringmx: the client it names is the one greeted, logged, written
     /// into Received: and counted against --max-connections-per-ip. A connection without a
     /// valid header within 5 s is closed without a reply. Only for listen addresses that nothing
-    /// but the load balancer can reach: whoever connects can claim any address. Default: off.
+    /// but the load balancer can reach: whoever connects can claim any address. Needs
+    /// --accept-domain or --accept-any-recipient, even on a loopback address. Default: off.
     #[arg(long)]
     pub proxy_protocol: bool,
 
@@ -621,6 +622,7 @@ impl Config {
             },
         };
 
+        let proxy_protocol = args.proxy_protocol || file.proxy_protocol.unwrap_or(false);
         // The recipient policy is one setting spread over two keys, so "flags win" applies to
         // the pair: a policy given on the command line replaces the file's whole policy.
         let (raw_domains, accept_any) =
@@ -649,6 +651,14 @@ impl Config {
             Some(domains)
         } else if accept_any {
             None
+        } else if proxy_protocol {
+            // Behind a load balancer even a loopback address takes mail from anywhere.
+            return Err(ConfigError::new(
+                "--proxy-protocol passes on clients from anywhere the load balancer takes them \
+                 from, and no --accept-domain is given: name the domains you receive mail for \
+                 with --accept-domain DOMAIN, or pass --accept-any-recipient to accept every \
+                 domain",
+            ));
         } else if let Some(open) = listen.iter().find(|a| !is_loopback(a)) {
             return Err(ConfigError::new(format!(
                 "listen address {open} is not loopback and no --accept-domain is given: name the \
@@ -827,7 +837,7 @@ impl Config {
             batch_messages_max,
             batch_delay_us_max,
             batch_syncfs: args.batch_syncfs || file.batch_syncfs.unwrap_or(false),
-            proxy_protocol: args.proxy_protocol || file.proxy_protocol.unwrap_or(false),
+            proxy_protocol,
             log_flush: Duration::from_millis(log_flush_ms),
             line_bytes_max,
             spill_in_flight_max,
@@ -1006,6 +1016,25 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("maildir:DIR or discard"), "{e}");
+    }
+
+    #[test]
+    fn proxy_protocol_needs_a_recipient_policy_even_on_loopback() {
+        let e = err(&["--hostname", "mx", "--proxy-protocol"]);
+        assert!(
+            e.contains("--proxy-protocol")
+                && e.contains("--accept-domain")
+                && e.contains("--accept-any-recipient"),
+            "{e}"
+        );
+        for policy in [
+            &["--accept-domain", "example.com"][..],
+            &["--accept-any-recipient"],
+        ] {
+            let mut args = vec!["--hostname", "mx", "--proxy-protocol"];
+            args.extend_from_slice(policy);
+            assert!(parse(&args).unwrap().proxy_protocol, "{args:?}");
+        }
     }
 
     #[test]

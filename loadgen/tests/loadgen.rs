@@ -636,7 +636,7 @@ fn closed_run_against_ringmx_maildir_stores_exactly_what_was_reported_accepted()
 /// one without a header). Without the flag the generator says what to add.
 #[test]
 fn proxy_protocol_headers_are_sent_first_and_the_server_serves_every_session() {
-    let server = start_ringmx_with(&["--proxy-protocol"]);
+    let server = start_ringmx_with(&["--proxy-protocol", "--accept-any-recipient"]);
     for version in ["v1", "v2"] {
         let (stdout, j) = run_report(
             &server.addr,

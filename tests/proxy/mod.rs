@@ -9,6 +9,18 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
+/// `ringmx serve --proxy-protocol` for example.com (behind a balancer a recipient policy is
+/// required, even on loopback), plus `extra`.
+fn behind_balancer(extra: &[&str]) -> Server {
+    Server::start(
+        &[
+            &["--proxy-protocol", "--accept-domain", "example.com"],
+            extra,
+        ]
+        .concat(),
+    )
+}
+
 /// Connects as the load balancer would: the header (and whatever the client sent with it)
 /// first, then the greeting is read.
 fn through_proxy(addr: SocketAddr, first: &[u8]) -> Client {
@@ -63,7 +75,7 @@ fn read_until_closed(s: &mut TcpStream, wait: Duration) -> Vec<u8> {
 
 #[test]
 fn the_client_named_by_the_header_is_greeted_logged_and_written_into_received() {
-    let server = Server::start(&["--proxy-protocol"]);
+    let server = behind_balancer(&[]);
 
     // Version 1, the header alone, then a usual session.
     let mut c = through_proxy(server.addr, b"PROXY TCP4 192.0.2.7 10.0.0.25 40000 25\r\n");
@@ -122,7 +134,7 @@ fn the_client_named_by_the_header_is_greeted_logged_and_written_into_received() 
 
 #[test]
 fn per_client_limits_count_the_client_named_by_the_header() {
-    let server = Server::start(&["--proxy-protocol", "--max-connections-per-ip", "2"]);
+    let server = behind_balancer(&["--max-connections-per-ip", "2"]);
     let header = b"PROXY TCP4 192.0.2.7 10.0.0.25 40000 25\r\n";
     // Every connection comes from 127.0.0.1; the limit counts 192.0.2.7.
     let held: Vec<Client> = (0..2).map(|_| through_proxy(server.addr, header)).collect();
@@ -143,7 +155,7 @@ fn per_client_limits_count_the_client_named_by_the_header() {
 
 #[test]
 fn a_connection_without_a_valid_header_gets_no_reply_and_is_closed() {
-    let server = Server::start(&["--proxy-protocol"]);
+    let server = behind_balancer(&[]);
 
     // A client talking SMTP straight to the port behind the balancer.
     let mut s = TcpStream::connect(server.addr).unwrap();
@@ -191,7 +203,7 @@ fn a_connection_without_a_valid_header_gets_no_reply_and_is_closed() {
 
 #[test]
 fn connections_waiting_for_a_header_count_against_max_connections() {
-    let server = Server::start(&["--proxy-protocol", "--max-connections", "2"]);
+    let server = behind_balancer(&["--max-connections", "2"]);
     // Two connections that say nothing take both places.
     let mut silent: Vec<TcpStream> = (0..2)
         .map(|_| TcpStream::connect(server.addr).unwrap())
