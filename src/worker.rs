@@ -399,17 +399,14 @@ struct Conn {
     close_pushed: bool,
     /// `--proxy-protocol`: the header naming the client has not come yet. Its bytes gather in
     /// `pending`; until it is whole the session is not greeted or admitted, and the connection
-    /// counts only against `--max-connections` (`holds_total`).
+    /// counts only against `--max-connections` (`Counted::Total`).
     proxy_wait: bool,
     /// Got a session (passed the connection limits): logged and counted at its end.
     admitted: bool,
-    /// Still holds its place in the global and per-IP counts. Given back as soon as the
-    /// connection starts closing, before its last reply goes out: a client that reconnects the
-    /// moment it reads 221 must not find its own old connection still counted.
-    holds_slot: bool,
-    /// Holds a place in the count of all connections only: a `--proxy-protocol` connection
-    /// waiting for its header, before the client it names is counted too.
-    holds_total: bool,
+    /// The connection counts it still holds. Given back as soon as the connection starts
+    /// closing, before its last reply goes out: a client that reconnects the moment it reads 221
+    /// must not find its own old connection still counted.
+    counted: Counted,
     reason: EndReason,
     /// When the client last made progress (see `TRICKLE_BYTES`); the idle timer runs from here.
     last_active: Instant,
@@ -426,7 +423,27 @@ struct Conn {
     spill_wait: bool,
 }
 
+/// Which connection limits a connection is counted against (see `Shared`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Counted {
+    No,
+    /// `--max-connections` only: a `--proxy-protocol` connection waiting for its header,
+    /// before the client it names is counted too.
+    Total,
+    /// `--max-connections` and `--max-connections-per-ip` for its client.
+    TotalAndClient,
+}
+
 impl Conn {
+    /// Gives back the places it holds in the connection counts, once.
+    fn give_back_counts(&mut self, shared: &Shared) {
+        match std::mem::replace(&mut self.counted, Counted::No) {
+            Counted::No => {}
+            Counted::Total => shared.release_total(),
+            Counted::TotalAndClient => shared.release(self.peer.ip()),
+        }
+    }
+
     /// The peer reset the connection: nothing can be sent to it or answered any more.
     fn reset_by_peer(&mut self) {
         self.closing = true;
@@ -880,8 +897,7 @@ impl Worker {
             close_pushed: false,
             proxy_wait: false,
             admitted: false,
-            holds_slot: false,
-            holds_total: false,
+            counted: Counted::No,
             reason: EndReason::Quit,
             last_active: now,
             trickle: 0,
@@ -902,7 +918,7 @@ impl Worker {
             // the connection counts against --max-connections.
             match self.shared.admit_total() {
                 Ok(()) => {
-                    conn.holds_total = true;
+                    conn.counted = Counted::Total;
                     conn.proxy_wait = true;
                     true
                 }
@@ -1226,13 +1242,8 @@ impl Worker {
         if conn.closing && conn.closing_since.is_none() {
             conn.closing_since = Some(Instant::now());
         }
-        if conn.closing && conn.holds_slot {
-            conn.holds_slot = false;
-            self.shared.release(conn.peer.ip());
-        }
-        if conn.closing && conn.holds_total {
-            conn.holds_total = false;
-            self.shared.release_total();
+        if conn.closing {
+            conn.give_back_counts(&self.shared);
         }
         if conn.send_id.is_none() && !conn.out.is_empty() && conn.reason != EndReason::Reset {
             let mut buf = std::mem::take(&mut conn.spare);
@@ -1346,16 +1357,11 @@ impl Worker {
         if self.conns.get_mut(slot, generation).is_none() {
             return;
         }
-        let conn = self.conns.remove(slot).expect("checked");
+        let mut conn = self.conns.remove(slot).expect("checked");
         if let Some((e, generation)) = conn.spill {
             abandon_spill(&mut self.commits, e, generation, &mut self.spills.kicks);
         }
-        if conn.holds_slot {
-            self.shared.release(conn.peer.ip());
-        }
-        if conn.holds_total {
-            self.shared.release_total();
-        }
+        conn.give_back_counts(&self.shared);
         if conn.admitted {
             let stats = conn.session.stats();
             let m = &mut self.report.metrics;
@@ -2065,9 +2071,9 @@ fn new_session(cfg: &Config, store: &Store, peer: SocketAddr) -> Session {
 /// limit and marks it closing.
 fn admit_session(conn: &mut Conn, shared: &Shared, cfg: &Config, metrics: &mut Metrics) -> bool {
     let ip = conn.peer.ip();
-    let admitted = if conn.holds_total {
+    let admitted = if conn.counted == Counted::Total {
         // A proxied connection, counted in the total since its accept.
-        conn.holds_total = false;
+        conn.counted = Counted::No;
         shared
             .admit_client(ip)
             .inspect_err(|_| shared.release_total())
@@ -2077,7 +2083,7 @@ fn admit_session(conn: &mut Conn, shared: &Shared, cfg: &Config, metrics: &mut M
     match admitted {
         Ok(()) => {
             conn.admitted = true;
-            conn.holds_slot = true;
+            conn.counted = Counted::TotalAndClient;
             metrics.connections_accepted += 1;
             conn.session.greet(&mut conn.out);
             true
