@@ -906,12 +906,8 @@ impl Worker {
             spill_wait: false,
         };
         let wants_input = if self.shutting_down {
-            let host = &self.cfg.session.hostname;
-            conn.out.extend_from_slice(
-                format!("421 4.3.2 {host} Service shutting down\r\n").as_bytes(),
-            );
-            conn.reason = EndReason::Shutdown;
-            conn.closing = true;
+            conn.session.on_shutdown(&mut conn.out, true);
+            conn.end_session(EndReason::Shutdown);
             false
         } else if self.cfg.proxy_protocol {
             // Who the client is comes first, in the header (`take_proxy_header`); meanwhile
