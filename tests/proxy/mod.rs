@@ -203,13 +203,19 @@ fn a_connection_without_a_valid_header_gets_no_reply_and_is_closed() {
 
 #[test]
 fn connections_waiting_for_a_header_count_against_max_connections() {
-    let server = behind_balancer(&["--max-connections", "2"]);
+    // One worker: its listener accepts in the order the connections arrived, so the two silent
+    // ones are counted before the third whatever the timing.
+    let server = behind_balancer(&["--max-connections", "2", "--workers", "1"]);
+    // The start-up probe's place is given back before its session's line is logged.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !server.log_text().contains(" INFO session end ") {
+        assert!(Instant::now() < deadline, "{}", server.log_text());
+        std::thread::sleep(Duration::from_millis(20));
+    }
     // Two connections that say nothing take both places.
     let mut silent: Vec<TcpStream> = (0..2)
         .map(|_| TcpStream::connect(server.addr).unwrap())
         .collect();
-    // Let the server accept them before the third arrives.
-    std::thread::sleep(Duration::from_millis(300));
     let mut third = TcpStream::connect(server.addr).unwrap();
     let reply = read_until_closed(&mut third, Duration::from_secs(5));
     assert!(
