@@ -53,8 +53,8 @@ pub struct Cli {
     /// Begin every connection with a PROXY protocol header (HAProxy's, version 1 text or 2
     /// binary) naming the connection's own address as the client, as a load balancer in front
     /// of the server would; for a server that expects one (ringmx serve --proxy-protocol).
-    #[arg(long, value_name = "VERSION", value_parser = ["v1", "v2"])]
-    pub proxy_protocol: Option<String>,
+    #[arg(long, value_name = "VERSION", value_enum)]
+    pub proxy_protocol: Option<ProxyVersion>,
     /// EHLO name. Placeholders in braces, as in the defaults below: n = session number.
     #[arg(long, value_name = "NAME", default_value = "loadgen.example")]
     pub helo: String,
@@ -140,8 +140,8 @@ pub struct Config {
     pub proxy: Option<ProxyVersion>,
 }
 
-/// The version of the PROXY protocol header sent with `--proxy-protocol`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// The version of the PROXY protocol header sent with `--proxy-protocol` (`v1` or `v2`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum ProxyVersion {
     V1,
     V2,
@@ -253,10 +253,7 @@ impl Config {
             // A spinning thread sees every completion at once: there is no wait to batch.
             batch_pct: if cli.spin { 0.0 } else { cli.batch },
             spin: cli.spin,
-            proxy: cli.proxy_protocol.as_deref().map(|v| match v {
-                "v1" => ProxyVersion::V1,
-                _ => ProxyVersion::V2,
-            }),
+            proxy: cli.proxy_protocol,
         })
     }
 }
