@@ -338,6 +338,30 @@ pub struct Stored {
     pub body: Vec<u8>,
 }
 
+impl Stored {
+    /// The queue id in the Received: header (`... with ESMTP id <id> ...`).
+    pub fn queue_id(&self) -> &str {
+        self.received
+            .split(" id ")
+            .nth(1)
+            .and_then(|s| s.split([' ', ';']).next())
+            .unwrap_or_else(|| panic!("no id in Received: {}", self.received))
+    }
+}
+
+/// The queue id after `queued as ` in a 250 reply (`250 2.0.0 Ok: queued as <id>`), or in a
+/// line that quotes one (Postfix's log: `... (250 2.0.0 Ok: queued as <id>)`).
+pub fn queue_id(reply: &str) -> String {
+    let at = reply
+        .find("queued as ")
+        .unwrap_or_else(|| panic!("no 'queued as' in {reply:?}"));
+    reply[at + "queued as ".len()..]
+        .split(|c: char| c.is_whitespace() || c == ')')
+        .next()
+        .unwrap()
+        .to_string()
+}
+
 /// Splits a stored file; panics with the file's start when it does not have the promised shape
 /// (`Return-Path:` line, `X-Envelope-To:` lines, one folded `Received:` header, each CRLF-ended).
 pub fn parse_stored(bytes: &[u8]) -> Stored {

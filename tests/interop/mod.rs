@@ -11,7 +11,7 @@
 //! Needs root and the Debian package `postfix` (`.ci/run` installs it). Where either is missing
 //! the test prints SKIP and passes.
 
-use crate::common::{parse_stored, Server, Stored, HOSTNAME};
+use crate::common::{parse_stored, queue_id, Server, Stored, HOSTNAME};
 use std::collections::{BTreeSet, HashMap};
 use std::io::Write;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -245,12 +245,6 @@ fn deliveries<'a>(maillog: &'a str, status: &str) -> Vec<&'a str> {
         .collect()
 }
 
-/// The queue id ringmx gave in its 250 (`... Ok: queued as ID)` in Postfix's line).
-fn queued_as(line: &str) -> &str {
-    let rest = &line[line.find("queued as ").expect("queued as") + "queued as ".len()..];
-    rest.trim_end_matches(')')
-}
-
 #[test]
 fn postfix_relays_to_ringmx_and_every_acknowledged_message_is_stored() {
     if let Some(why) = postfix_missing() {
@@ -346,7 +340,7 @@ fn postfix_relays_to_ringmx_and_every_acknowledged_message_is_stored() {
     }
     let maillog = postfix.maillog();
     let sent = deliveries(&maillog, "sent");
-    let ids: BTreeSet<&str> = sent.iter().map(|l| queued_as(l)).collect();
+    let ids: BTreeSet<String> = sent.iter().map(|l| queue_id(l)).collect();
     // A worker may hold its log lines for up to a timer tick (250 ms) after its replies.
     let stored_line = |log: &str, id: &str| {
         let tag = format!("queue_id={id} ");
@@ -384,13 +378,7 @@ fn postfix_relays_to_ringmx_and_every_acknowledged_message_is_stored() {
     let mut by_id: HashMap<String, Stored> = HashMap::new();
     for f in &files {
         let stored = parse_stored(&std::fs::read(f).unwrap());
-        let id = stored
-            .received
-            .split(" id ")
-            .nth(1)
-            .and_then(|s| s.split([' ', ';']).next())
-            .expect("an id in Received:")
-            .to_string();
+        let id = stored.queue_id().to_string();
         assert!(
             stored.received.contains(&format!("by {HOSTNAME} ")),
             "{}",
@@ -400,7 +388,7 @@ fn postfix_relays_to_ringmx_and_every_acknowledged_message_is_stored() {
     }
     assert_eq!(ids.len(), by_id.len(), "{context}");
     for id in &ids {
-        assert!(by_id.contains_key(*id), "no file for {id}\n{context}");
+        assert!(by_id.contains_key(id), "no file for {id}\n{context}");
         assert!(stored_line(&log, id), "no stored line for {id}\n{context}");
     }
 

@@ -4,7 +4,7 @@
 //! it names is the one counted, logged and written into Received:, and that a connection without
 //! a header gets nothing.
 
-use crate::common::{parse_stored, Client, Server};
+use crate::common::{parse_stored, queue_id, Client, Server};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
@@ -60,7 +60,7 @@ fn send_one(c: &mut Client, token: &str) -> String {
     c.send(format!("Subject: {token}\r\n\r\n{token}\r\n.\r\n").as_bytes());
     let r = c.reply();
     assert!(r.starts_with("250"), "{r}");
-    r.rsplit(' ').next().unwrap().to_string()
+    queue_id(&r)
 }
 
 /// Reads until the server closes; returns what it sent. Panics if it is still open after `wait`.
@@ -105,9 +105,7 @@ fn the_client_named_by_the_header_is_greeted_logged_and_written_into_received() 
     let mut received = std::collections::HashMap::new();
     for f in server.new_files() {
         let m = parse_stored(&std::fs::read(f).unwrap());
-        let id = m.received.split(" id ").nth(1).unwrap();
-        let id = id.split([' ', ';']).next().unwrap().to_string();
-        received.insert(id, m.received);
+        received.insert(m.queue_id().to_string(), m.received);
     }
     assert!(received[&v1_id].starts_with("from client.example ([192.0.2.7])"));
     assert!(received[&v2_id].starts_with("from six.example ([IPv6:2001:db8::9])"));

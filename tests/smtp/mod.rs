@@ -11,7 +11,7 @@ use lettre::address::Envelope;
 use lettre::transport::smtp::extension::ClientId;
 use lettre::{SmtpTransport, Transport};
 
-use crate::common::{list_dir, parse_stored, run_bin, Client, Server, Stored, HOSTNAME};
+use crate::common::{list_dir, parse_stored, queue_id, run_bin, Client, Server, Stored, HOSTNAME};
 
 const HELO: &str = "client.example";
 
@@ -35,18 +35,6 @@ fn lettre_send(addr: SocketAddr, from: &str, to: &[&str], raw: &[u8]) -> String 
         .unwrap_or_else(|e| panic!("lettre send: {e}"));
     assert_eq!(resp.code().to_string(), "250", "{resp:?}");
     resp.message().collect::<Vec<_>>().join(" ")
-}
-
-/// The queue id from `250 2.0.0 Ok: queued as <id>`.
-fn queue_id(reply: &str) -> String {
-    let at = reply
-        .find("queued as ")
-        .unwrap_or_else(|| panic!("no 'queued as' in {reply:?}"));
-    reply[at + "queued as ".len()..]
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_string()
 }
 
 /// The one file in new/ (asserting there is exactly one and tmp/ is empty).
@@ -345,15 +333,7 @@ fn concurrent_clients_all_stored_once() {
         .iter()
         .map(|f| {
             let st = parse_stored(&std::fs::read(f).unwrap());
-            let qid = st
-                .received
-                .split(" id ")
-                .nth(1)
-                .unwrap()
-                .split([' ', ';'])
-                .next()
-                .unwrap()
-                .to_string();
+            let qid = st.queue_id().to_string();
             (qid, String::from_utf8(st.body).unwrap())
         })
         .collect();
@@ -1790,15 +1770,7 @@ fn sigterm_under_load_loses_no_acknowledged_message() {
     let mut stored = std::collections::HashMap::new();
     for f in server.new_files() {
         let st = parse_stored(&std::fs::read(&f).unwrap());
-        let qid = st
-            .received
-            .split(" id ")
-            .nth(1)
-            .unwrap()
-            .split([' ', ';'])
-            .next()
-            .unwrap()
-            .to_string();
+        let qid = st.queue_id().to_string();
         let body = String::from_utf8(st.body).unwrap();
         assert!(
             body.starts_with("thread ") && body.ends_with("\r\n"),
