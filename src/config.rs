@@ -57,8 +57,11 @@ pub struct Config {
     pub idle_timeout: Duration,
     /// Longest any session may last, however active.
     pub session_time_max: Duration,
-    /// Across all workers.
+    /// Across all workers: --max-connections, or less when the limit on open files leaves
+    /// room for fewer (set at start-up, see `server::run`).
     pub connections_max: usize,
+    /// `connections_max` was lowered to fit the limit on open files.
+    pub connections_max_by_fd_limit: bool,
     /// Per client network: IPv4 clients are counted by their first `per_ip_prefix_v4` bits,
     /// IPv6 clients by their first `per_ip_prefix_v6` bits (one host commonly holds a whole
     /// /64, so counting single IPv6 addresses would not limit it at all).
@@ -257,7 +260,8 @@ pub struct ServeArgs {
     #[arg(long, value_name = "SECS")]
     pub max_session_time: Option<u64>,
 
-    /// Open connections across all workers; one more gets 421 and is closed. Default: 10000.
+    /// Open connections across all workers; one more gets 421 and is closed. Lowered at start-up,
+    /// with a warning, when the limit on open files (ulimit -Hn) has room for fewer. Default: 10000.
     #[arg(long, value_name = "N")]
     pub max_connections: Option<usize>,
 
@@ -830,6 +834,7 @@ impl Config {
             idle_timeout: Duration::from_secs(idle_timeout),
             session_time_max: Duration::from_secs(session_time_max),
             connections_max,
+            connections_max_by_fd_limit: false,
             connections_per_ip_max,
             per_ip_prefix_v4,
             per_ip_prefix_v6,

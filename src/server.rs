@@ -121,10 +121,18 @@ pub(crate) fn bind_all(
     Ok(per_worker)
 }
 
+/// Descriptors a worker keeps besides its connections and listeners: its ring, its wake-up
+/// eventfd, `new/` of its Maildir, and the message files it holds open from their open to their
+/// close (a group commit's batch, bodies written while they arrive).
+const FDS_PER_WORKER: usize = 64;
+/// Descriptors of the process outside the workers: stdio, the signal thread, what the
+/// allocator and the runtime open.
+const FDS_FIXED: usize = 16;
+
 /// Raises the soft limit on open files to the hard limit: every connection is a descriptor,
 /// and --max-connections should be what limits them, not a default `ulimit -n` of 1024.
 /// Returns the soft limit now in force (0 if it cannot be read).
-pub(crate) fn raise_fd_limit(wanted: usize) -> usize {
+pub(crate) fn raise_fd_limit() -> usize {
     use nix::sys::resource::{getrlimit, setrlimit, Resource};
     let Ok((mut soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
         return 0;
@@ -132,13 +140,31 @@ pub(crate) fn raise_fd_limit(wanted: usize) -> usize {
     if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() {
         soft = hard;
     }
-    if (hard as usize) < wanted {
-        tracing::warn!(
-            "the open-file limit ({hard}) is below --max-connections plus what the workers need \
-             ({wanted}); connections beyond it wait in the backlog (raise `ulimit -Hn`)"
-        );
-    }
     usize::try_from(soft).unwrap_or(usize::MAX)
+}
+
+/// How many connections the limit on open files leaves room for, keeping `reserved`
+/// descriptors for the workers' own use, so that a flood of connections can never take the
+/// descriptors a message needs for its file (it would get a 451 instead of being stored).
+/// `Ok(None)`: --max-connections fits (or the limit is unknown, `fd_limit` 0).
+fn connections_within_fd_limit(
+    connections_max: usize,
+    fd_limit: usize,
+    reserved: usize,
+) -> Result<Option<usize>, String> {
+    if fd_limit == 0 || connections_max + reserved <= fd_limit {
+        return Ok(None);
+    }
+    match fd_limit.checked_sub(reserved) {
+        Some(room) if room > 0 => Ok(Some(room)),
+        _ => Err(format!(
+            "the open-file limit ({fd_limit}) leaves no descriptors for connections: the workers \
+             keep {reserved} for their rings, listeners and message files; raise `ulimit -n` \
+             (at least {}; {} for --max-connections {connections_max}) or run fewer --workers",
+            reserved + 1,
+            reserved + connections_max
+        )),
+    }
 }
 
 /// Grows the process's descriptor table to `n` slots now, at start-up, by asking for a
@@ -207,7 +233,7 @@ fn wait_for_stop(signals: &SigSet) -> nix::Result<Signal> {
 }
 
 /// Runs the server until SIGTERM/SIGINT and a finished shutdown.
-pub fn run(cfg: Config) -> Result<(), ServerError> {
+pub fn run(mut cfg: Config) -> Result<(), ServerError> {
     Ring::probe().map_err(ServerError::Ring)?;
     let recovered = Store::recover(&cfg.store).map_err(ServerError::Store)?;
     if recovered > 0 {
@@ -219,8 +245,21 @@ pub fn run(cfg: Config) -> Result<(), ServerError> {
         stores.push(Store::open(&cfg.store, i, &cfg.session.hostname).map_err(ServerError::Store)?);
     }
     let listeners = bind_all(&cfg.listen, workers)?;
-    let fds_wanted = cfg.connections_max + 64 * workers;
-    let fd_limit = raise_fd_limit(fds_wanted);
+    let reserved = FDS_FIXED + workers * (FDS_PER_WORKER + cfg.listen.len());
+    let fds_wanted = cfg.connections_max + reserved;
+    let fd_limit = raise_fd_limit();
+    if let Some(room) = connections_within_fd_limit(cfg.connections_max, fd_limit, reserved)
+        .map_err(ServerError::Other)?
+    {
+        tracing::warn!(
+            "the open-file limit ({fd_limit}) is below --max-connections plus what the workers \
+             keep for their rings, listeners and message files ({fds_wanted}): taking at most \
+             {room} connections at once, the next ones get 421 (raise `ulimit -Hn` to \
+             {fds_wanted})"
+        );
+        cfg.connections_max = room;
+        cfg.connections_max_by_fd_limit = true;
+    }
     if let Some(s) = listeners.iter().flatten().next() {
         use std::os::fd::AsRawFd;
         reserve_fd_table(s.as_raw_fd(), fds_wanted.min(fd_limit));
@@ -362,6 +401,32 @@ fn block_sigpipe() -> nix::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn connections_are_capped_to_leave_the_workers_their_descriptors() {
+        // Enough room: --max-connections stands. Unknown limit (0): likewise.
+        assert_eq!(connections_within_fd_limit(10_000, 1 << 20, 146), Ok(None));
+        assert_eq!(connections_within_fd_limit(10_000, 10_146, 146), Ok(None));
+        assert_eq!(connections_within_fd_limit(10_000, 0, 146), Ok(None));
+        // A hard limit of 1024 with two workers: the rest after their 146.
+        assert_eq!(
+            connections_within_fd_limit(10_000, 1024, 146),
+            Ok(Some(878))
+        );
+        assert_eq!(
+            connections_within_fd_limit(10_000, 10_145, 146),
+            Ok(Some(9_999))
+        );
+        // No room at all: a start-up error that says what to raise, and to what.
+        for limit in [146, 40] {
+            let e = connections_within_fd_limit(10_000, limit, 146).unwrap_err();
+            assert!(e.contains(&format!("open-file limit ({limit})")), "{e}");
+            assert!(
+                e.contains("at least 147; 10146 for --max-connections 10000"),
+                "{e}"
+            );
+        }
+    }
 
     #[test]
     fn accepted_sockets_inherit_nodelay_from_the_listener() {

@@ -2100,10 +2100,15 @@ fn refuse(conn: &mut Conn, full: Full, cfg: &Config, metrics: &mut Metrics) {
     // one address sees why (the log also names the flag).
     let reply = match full {
         Full::Total => {
+            let flag = if cfg.connections_max_by_fd_limit {
+                "the open-file limit, see the start-up warning"
+            } else {
+                "--max-connections"
+            };
             tracing::info!(
                 client = %client,
                 limit = cfg.connections_max,
-                "refused: too many connections (--max-connections)"
+                "refused: too many connections ({flag})"
             );
             format!("421 4.7.0 {host} Error: too many connections; try again later\r\n")
         }
@@ -2854,7 +2859,7 @@ mod tests {
         // again for all but RECV_BUFS per round (about N^2 / 256 failures, 1,100 for 600
         // connections), and under a steady load that busy loop is what the worker spends itself on.
         const N: usize = 600;
-        crate::server::raise_fd_limit(3 * N);
+        crate::server::raise_fd_limit();
         let (soft, _) =
             nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).unwrap();
         assert!(soft >= 3 * N as u64, "this test needs {} open files", 3 * N);

@@ -42,6 +42,21 @@ impl Server {
 
     /// Like `start`, reusing a directory (restart on the same Maildir).
     pub fn start_in(dir: tempfile::TempDir, extra: &[&str]) -> Result<Server, String> {
+        Server::spawn(dir, extra, None)
+    }
+
+    /// Like `try_start`, with the limit on open files (soft and hard) set to `nofile` for the
+    /// server (through util-linux's `prlimit`, which sets it and then executes the server in
+    /// its own place, so `pid()` is still the server's).
+    pub fn try_start_with_fd_limit(extra: &[&str], nofile: u64) -> Result<Server, String> {
+        Server::spawn(tempfile::tempdir().unwrap(), extra, Some(nofile))
+    }
+
+    fn spawn(
+        dir: tempfile::TempDir,
+        extra: &[&str],
+        nofile: Option<u64>,
+    ) -> Result<Server, String> {
         let port = free_port();
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
         let log = dir.path().join(format!("server-{port}.log"));
@@ -61,7 +76,15 @@ impl Server {
         }
         args.extend(extra.iter().map(|s| s.to_string()));
         let logf = std::fs::File::create(&log).unwrap();
-        let child = Command::new(BIN)
+        let mut cmd = match nofile {
+            None => Command::new(BIN),
+            Some(n) => {
+                let mut c = Command::new("prlimit");
+                c.arg(format!("--nofile={n}:{n}")).arg(BIN);
+                c
+            }
+        };
+        let child = cmd
             .args(&args)
             .current_dir(dir.path())
             .env(

@@ -1558,3 +1558,86 @@ fn the_descriptor_table_is_sized_for_max_connections_at_start() {
     let want = 5000.min(soft as usize);
     assert!(fd_size >= want, "FDSize {fd_size}, want at least {want}");
 }
+
+/// A host whose limit on open files is below --max-connections (a hard `ulimit -n` of 1024 in a
+/// container, a systemd unit's LimitNOFILE): a flood of connections must not take the
+/// descriptors that messages need for their files. Without the cap the flood fills the table,
+/// and the session already in DATA gets a 451 for its message instead of a 250.
+#[test]
+fn a_flood_of_connections_cannot_take_the_descriptors_messages_need() {
+    // One worker and one listener keep 16 + 64 + 1 = 81 descriptors: 40 are left to connections.
+    let extra = ["--workers", "1", "--max-connections-per-ip", "1000"];
+    let server = match Server::try_start_with_fd_limit(&extra, 121) {
+        Ok(s) => s,
+        Err(e) if e.starts_with("spawn") => {
+            println!("SKIP a_flood_of_connections_cannot_take_the_descriptors_messages_need: {e}");
+            return;
+        }
+        Err(e) => panic!("server did not start: {e}"),
+    };
+    let log = server.log_text();
+    assert!(
+        log.contains("the open-file limit (121) is below --max-connections")
+            && log.contains("taking at most 40 connections at once"),
+        "{log}"
+    );
+    // The start-up probe's place is given back before its session's line is logged.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !server.log_text().contains(" INFO session end ") {
+        assert!(Instant::now() < deadline, "{}", server.log_text());
+        thread::sleep(Duration::from_millis(20));
+    }
+
+    let (mut sender, _) = Smtp::connect(server.addr).unwrap();
+    assert!(sender
+        .cmd("EHLO sender.example")
+        .unwrap()
+        .starts_with("250"));
+    assert!(sender
+        .cmd("MAIL FROM:<a@example.org>")
+        .unwrap()
+        .starts_with("250"));
+    assert!(sender
+        .cmd("RCPT TO:<b@example.com>")
+        .unwrap()
+        .starts_with("250"));
+    assert!(sender.cmd("DATA").unwrap().starts_with("354"));
+
+    let flood: Vec<TcpStream> = (0..150)
+        .map(|_| TcpStream::connect(server.addr).unwrap())
+        .collect();
+    let (mut greeted, mut refused) = (0, 0);
+    for mut s in flood.iter() {
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut buf = [0u8; 256];
+        let n = s.read(&mut buf).unwrap_or(0);
+        let line = String::from_utf8_lossy(&buf[..n]);
+        if line.starts_with("220 ") {
+            greeted += 1;
+        } else if line.starts_with("421 4.7.0 ") && line.contains("too many connections") {
+            refused += 1;
+        } else {
+            panic!("a flooding connection got {line:?}");
+        }
+    }
+    assert_eq!(
+        (greeted, refused),
+        (39, 111),
+        "the sender holds the 40th place"
+    );
+
+    sender
+        .send(b"Subject: under a flood\r\n\r\nstill stored\r\n.\r\n")
+        .unwrap();
+    let r = sender.reply().unwrap();
+    assert!(r.starts_with("250 2.0.0"), "the message in DATA got {r:?}");
+    let files = server.new_files();
+    assert_eq!(files.len(), 1, "{files:?}");
+    assert!(std::fs::read_to_string(&files[0])
+        .unwrap()
+        .ends_with("still stored\r\n"));
+    assert!(server
+        .log_text()
+        .contains("refused: too many connections (the open-file limit, see the start-up warning)"));
+    drop(flood);
+}
