@@ -121,10 +121,9 @@ pub(crate) fn bind_all(
     Ok(per_worker)
 }
 
-/// Descriptors a worker keeps besides its connections and listeners: its ring, its wake-up
-/// eventfd, `new/` of its Maildir, and the message files it holds open from their open to their
-/// close (a group commit's batch, bodies written while they arrive).
-const FDS_PER_WORKER: usize = 64;
+/// Descriptors a worker keeps for itself besides its connections, its listeners and its message
+/// files: its ring, its wake-up eventfd, `new/` of its Maildir, with room to spare.
+const FDS_PER_WORKER: usize = 16;
 /// Descriptors of the process outside the workers: stdio, the signal thread, what the
 /// allocator and the runtime open.
 const FDS_FIXED: usize = 16;
@@ -245,7 +244,10 @@ pub fn run(mut cfg: Config) -> Result<(), ServerError> {
         stores.push(Store::open(&cfg.store, i, &cfg.session.hostname).map_err(ServerError::Store)?);
     }
     let listeners = bind_all(&cfg.listen, workers)?;
-    let reserved = FDS_FIXED + workers * (FDS_PER_WORKER + cfg.listen.len());
+    // A worker holds a message's file open from its open to its close after the fsync (or the
+    // batch's syncfs): keep room for one full batch of them per worker.
+    let reserved =
+        FDS_FIXED + workers * (FDS_PER_WORKER + cfg.listen.len() + cfg.batch_messages_max);
     let fds_wanted = cfg.connections_max + reserved;
     let fd_limit = raise_fd_limit();
     if let Some(room) = connections_within_fd_limit(cfg.connections_max, fd_limit, reserved)
@@ -405,24 +407,25 @@ mod tests {
     #[test]
     fn connections_are_capped_to_leave_the_workers_their_descriptors() {
         // Enough room: --max-connections stands. Unknown limit (0): likewise.
-        assert_eq!(connections_within_fd_limit(10_000, 1 << 20, 146), Ok(None));
-        assert_eq!(connections_within_fd_limit(10_000, 10_146, 146), Ok(None));
-        assert_eq!(connections_within_fd_limit(10_000, 0, 146), Ok(None));
-        // A hard limit of 1024 with two workers: the rest after their 146.
+        assert_eq!(connections_within_fd_limit(10_000, 1 << 20, 178), Ok(None));
+        assert_eq!(connections_within_fd_limit(10_000, 10_178, 178), Ok(None));
+        assert_eq!(connections_within_fd_limit(10_000, 0, 178), Ok(None));
+        // A hard limit of 1024 with two workers and one listener: the rest after their 178
+        // (16, and 16 + 1 + 64 per worker).
         assert_eq!(
-            connections_within_fd_limit(10_000, 1024, 146),
-            Ok(Some(878))
+            connections_within_fd_limit(10_000, 1024, 178),
+            Ok(Some(846))
         );
         assert_eq!(
-            connections_within_fd_limit(10_000, 10_145, 146),
+            connections_within_fd_limit(10_000, 10_177, 178),
             Ok(Some(9_999))
         );
         // No room at all: a start-up error that says what to raise, and to what.
-        for limit in [146, 40] {
-            let e = connections_within_fd_limit(10_000, limit, 146).unwrap_err();
+        for limit in [178, 40] {
+            let e = connections_within_fd_limit(10_000, limit, 178).unwrap_err();
             assert!(e.contains(&format!("open-file limit ({limit})")), "{e}");
             assert!(
-                e.contains("at least 147; 10146 for --max-connections 10000"),
+                e.contains("at least 179; 10178 for --max-connections 10000"),
                 "{e}"
             );
         }
