@@ -337,9 +337,10 @@ fn a_server_that_closes_or_goes_silent_mid_session_shows_as_errors_by_kind() {
 #[test]
 fn unreachable_target_is_one_clear_line_and_exit_1() {
     let port = free_port();
-    let o = loadgen(&["--target", &format!("127.0.0.1:{port}"), "--sessions", "5"]);
-    let (stdout, stderr) = text(&o);
-    assert_eq!(o.status.code(), Some(1), "{stdout}\n{stderr}");
+    let (stdout, stderr) = run_exit(
+        &["--target", &format!("127.0.0.1:{port}"), "--sessions", "5"],
+        1,
+    );
     assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
     assert!(
         stderr.contains("cannot connect to 127.0.0.1:") && stderr.contains("refused"),
@@ -355,16 +356,17 @@ fn server_that_never_greets_is_a_clear_error() {
         ..Default::default()
     });
     let started = Instant::now();
-    let o = loadgen(&[
-        "--target",
-        &server.addr.to_string(),
-        "--sessions",
-        "5",
-        "--timeout",
-        "0.5",
-    ]);
-    let (stdout, stderr) = text(&o);
-    assert_eq!(o.status.code(), Some(1), "{stdout}\n{stderr}");
+    let (_, stderr) = run_exit(
+        &[
+            "--target",
+            &server.addr.to_string(),
+            "--sessions",
+            "5",
+            "--timeout",
+            "0.5",
+        ],
+        1,
+    );
     assert!(stderr.contains("sent no greeting within 500ms"), "{stderr}");
     assert!(started.elapsed() < Duration::from_secs(10));
 }
@@ -394,9 +396,7 @@ fn bad_flags_exit_2_with_a_reason() {
             "placeholder",
         ),
     ] {
-        let o = loadgen(&args);
-        let (_, stderr) = text(&o);
-        assert_eq!(o.status.code(), Some(2), "{args:?}: {stderr}");
+        let (_, stderr) = run_exit(&args, 2);
         assert!(stderr.contains(want), "{args:?}: {stderr}");
     }
 }
@@ -481,20 +481,21 @@ fn outputs_hdr_log_plot_and_baseline_regression_exit_3() {
         serde_json::json!(j["throughput"]["messages_per_s"].as_f64().unwrap() * 10.0);
     let fast_p = dir.path().join("fast.json");
     std::fs::write(&fast_p, fast.to_string()).unwrap();
-    let o = loadgen(&[
-        "--target",
-        &addr,
-        "--connections",
-        "4",
-        "--duration",
-        "1",
-        "--baseline",
-        fast_p.to_str().unwrap(),
-        "--max-regression",
-        "20",
-    ]);
-    let (stdout, stderr) = text(&o);
-    assert_eq!(o.status.code(), Some(3), "{stdout}\n{stderr}");
+    let (stdout, _) = run_exit(
+        &[
+            "--target",
+            &addr,
+            "--connections",
+            "4",
+            "--duration",
+            "1",
+            "--baseline",
+            fast_p.to_str().unwrap(),
+            "--max-regression",
+            "20",
+        ],
+        3,
+    );
     assert!(stdout.contains("REGRESSION: throughput fell"), "{stdout}");
 }
 
@@ -660,16 +661,17 @@ fn proxy_protocol_headers_are_sent_first_and_the_server_serves_every_session() {
     let maildir = server.dir.path().join("maildir").join("new");
     assert_eq!(count_files(&maildir), 80);
 
-    let o = loadgen(&[
-        "--target",
-        &server.addr,
-        "--sessions",
-        "1",
-        "--timeout",
-        "8",
-    ]);
-    let (stdout, stderr) = text(&o);
-    assert_eq!(o.status.code(), Some(1), "{stdout}\n{stderr}");
+    let (_, stderr) = run_exit(
+        &[
+            "--target",
+            &server.addr,
+            "--sessions",
+            "1",
+            "--timeout",
+            "8",
+        ],
+        1,
+    );
     assert!(stderr.contains("add --proxy-protocol v1 or v2"), "{stderr}");
     let log = std::fs::read_to_string(server.dir.path().join("server.log")).unwrap();
     // Only the run without headers was refused (its preflight connection).

@@ -188,6 +188,15 @@ pub fn run_report(target: &str, args: &[&str]) -> (String, serde_json::Value) {
     (stdout, json(&out))
 }
 
+/// Runs the generator with `args`, asserts that it exited with `code` (1 for a run that could
+/// not start, 2 for bad flags, 3 for a regression) and returns its stdout and stderr.
+pub fn run_exit(args: &[&str], code: i32) -> (String, String) {
+    let o = loadgen(args);
+    let (stdout, stderr) = text(&o);
+    assert_eq!(o.status.code(), Some(code), "{args:?}\n{stdout}\n{stderr}");
+    (stdout, stderr)
+}
+
 pub fn text(o: &Output) -> (String, String) {
     (
         String::from_utf8_lossy(&o.stdout).into_owned(),
